@@ -1,0 +1,20 @@
+"""Multi-head attention for NumPy, CuPy and every Array API library, with TabPFN's semantics."""
+
+from ._budget import get_memory_budget, set_memory_budget
+from ._namespace import BackendUnavailableError
+from .attention import scaled_dot_product_attention
+from .module import MultiHeadAttention
+from .views import broadcast_kv_across_heads
+from .weights import convert_torch_nn_multihead_attention_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "MultiHeadAttention",
+    "convert_torch_nn_multihead_attention_state_dict",
+    "broadcast_kv_across_heads",
+    "get_memory_budget",
+    "scaled_dot_product_attention",
+    "set_memory_budget",
+]

@@ -1,0 +1,134 @@
+"""Memory budgets and the chunk sizes they allow.
+
+One budget bounds the working set of one block of the attention loop: the
+score tile and its temporaries plus the per-row accumulators. Inputs, the
+output and the projections are not counted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ._validation import check_optional_positive_int
+
+__all__ = [
+    "DEFAULT_KV_CHUNK",
+    "DEFAULT_Q_CHUNK",
+    "ChunkPlan",
+    "get_memory_budget",
+    "set_memory_budget",
+    "parse_memory_budget",
+    "plan_chunks",
+]
+
+#: Largest key/value chunk the planner picks by itself (Rabe & Staats use 4096).
+DEFAULT_KV_CHUNK = 4096
+#: Largest query chunk the planner picks by itself.
+DEFAULT_Q_CHUNK = 1024
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+_default_budget = 32 * 2**20
+
+
+def parse_memory_budget(value: Any, name: str = "memory_budget") -> int:
+    """Bytes from an int or a string such as ``"256MB"`` (10**6) or ``"32MiB"`` (2**20)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        msg = f"{name} must be a number of bytes (int) or a string such as '256MB', got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    if isinstance(value, str):
+        match = _BUDGET_RE.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            msg = f"{name} must look like '256MB', '64MiB' or '1GB' (units {sorted(u for u in _UNITS if u)}), got {value!r}"
+            raise ValueError(msg)
+        nbytes = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        nbytes = value
+    if nbytes <= 0:
+        msg = f"{name} must be a positive number of bytes, got {value!r}"
+        raise ValueError(msg)
+    return nbytes
+
+
+def get_memory_budget() -> int:
+    """The default memory budget in bytes (32 MiB unless changed)."""
+    return _default_budget
+
+
+def set_memory_budget(value: int | str) -> int:
+    """Set the default memory budget for every later call; returns the previous one in bytes."""
+    global _default_budget
+    previous = _default_budget
+    _default_budget = parse_memory_budget(value)
+    return previous
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Block sizes of the attention loop: batch rows, query rows, key rows."""
+
+    batch: int
+    q: int
+    kv: int
+
+
+def plan_chunks(
+    *,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    heads: int,
+    d_k: int,
+    d_v: int,
+    compute_itemsize: int,
+    dropout: bool,
+    masked: bool,
+    memory_budget: Any = None,
+    q_chunk_size: Any = None,
+    kv_chunk_size: Any = None,
+) -> ChunkPlan:
+    """Choose block sizes whose working set fits ``memory_budget``.
+
+    Explicit ``q_chunk_size``/``kv_chunk_size`` are taken as given (and
+    clipped to the lengths); the budget then sizes what is left, down to
+    blocks of one batch row.
+    """
+    q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
+    kv_chunk = check_optional_positive_int(kv_chunk_size, "kv_chunk_size")
+    budget = get_memory_budget() if memory_budget is None else parse_memory_budget(memory_budget)
+
+    # Bytes per score element: the tile, its exponentials and two temporaries,
+    # a boolean mask, and the int64 lanes of the dropout hash.
+    per_score = 4 * compute_itemsize + (1 if masked else 0) + (48 if dropout else 0)
+    # Bytes per (batch, query, head) row outside the tile: scaled q, accumulator, its update, max and sum.
+    per_row = (d_k + 2 * d_v + 4) * compute_itemsize
+
+    q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
+    if kv_chunk is None:
+        kv_chunk = min(kv_len, DEFAULT_KV_CHUNK)
+        fit = (budget // heads - per_row) // per_score
+        if fit < kv_chunk:
+            kv_chunk = fit
+    kv_chunk = min(kv_chunk, kv_len)
+    row_bytes = heads * (kv_chunk * per_score + per_row)
+    rows = budget // row_bytes
+    if q_chunk is None:
+        if rows < 1 or kv_chunk < 1:
+            need = heads * (min(kv_len, kv_chunk_size or 1) * per_score + per_row)
+            msg = (
+                f"memory_budget of {budget} bytes is too small for one query row of {heads} heads "
+                f"(needs at least {need} bytes); raise memory_budget or pass kv_chunk_size"
+            )
+            raise ValueError(msg)
+        q_chunk = min(q_len, DEFAULT_Q_CHUNK, rows)
+    q_chunk = min(q_chunk, q_len)
+    b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1
+    return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)

@@ -1,0 +1,220 @@
+"""Comparing results: tolerances, errors, and TabPFN's reference layer built side by side with ours.
+
+The reference needs ``pip install mha_cupy[reference]`` (torch 2.13.0,
+tabpfn 2.2.1); it is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._namespace import dtype_name, load_npz, namespace_of, resolve_namespace, to_numpy
+
+__all__ = [
+    "TOLERANCE",
+    "tolerance",
+    "scaled_error",
+    "check_close",
+    "reference_layer",
+    "reference_weights",
+    "layer_like",
+    "WEIGHT_NAMES",
+]
+
+#: Max abs error allowed, relative to ``max(1, max |reference|)``, by dtype name.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
+
+
+def tolerance(dtype: Any) -> float:
+    """The parity tolerance for ``dtype`` (a dtype of any library or its name)."""
+    return TOLERANCE[dtype if isinstance(dtype, str) else dtype_name(dtype)]
+
+
+def scaled_error(actual: Any, reference: Any) -> float:
+    """``max |actual - reference| / max(1, max |reference|)``, computed in float64 on the host."""
+    np = resolve_namespace("numpy")
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    r = np.asarray(to_numpy(reference), dtype=np.float64)
+    if a.shape != r.shape:
+        msg = f"shapes differ: actual {tuple(a.shape)}, reference {tuple(r.shape)}"
+        raise ValueError(msg)
+    if r.size == 0:
+        return 0.0
+    scale = max(1.0, float(np.max(np.abs(r))))
+    return float(np.max(np.abs(a - r))) / scale
+
+
+def check_close(actual: Any, reference: Any, dtype: Any, *, what: str = "result") -> float:
+    """Raise ``AssertionError`` unless ``scaled_error(actual, reference) <= tolerance(dtype)``; return the error."""
+    err = scaled_error(actual, reference)
+    tol = tolerance(dtype)
+    if not err <= tol:
+        msg = f"{what}: scaled max abs error {err:.3e} exceeds tolerance {tol:.0e} for {dtype_name(dtype) if not isinstance(dtype, str) else dtype}"
+        raise AssertionError(msg)
+    return err
+
+
+def _reference_imports() -> tuple[Any, Any, Any]:
+    # tabpfn 2.2.1 pins scikit-learn < 1.7, whose array-API check fails when
+    # array-api-compat is installed unless SciPy's array API support is on.
+    os.environ.setdefault("SCIPY_ARRAY_API", "1")
+    import torch
+    from tabpfn.architectures.base.attention.full_attention import MultiHeadAttention as Ref
+    from tabpfn.architectures.base.config import ModelConfig
+
+    return torch, Ref, ModelConfig
+
+
+def reference_layer(
+    *,
+    emsize: int,
+    nhead: int,
+    d_k: int,
+    d_v: int,
+    share_kv_across_n_heads: int = 1,
+    dropout_p: float | None = None,
+    softmax_scale: float | None = None,
+    initialize_output_to_zero: bool = False,
+    init_gain: float = 1.0,
+    precomputed_kv: Any = None,
+    dtype: str = "float64",
+    seed: int = 0,
+) -> Any:
+    """TabPFN 2.2.1's ``MultiHeadAttention`` on the CPU, its weights initialised by itself under ``torch.manual_seed(seed)``."""
+    torch, Ref, ModelConfig = _reference_imports()
+    torch.manual_seed(seed)
+    # max_num_classes and num_buckets are required by the config but unused by attention.
+    config = ModelConfig(emsize=emsize, nhead=nhead, attention_init_gain=init_gain, max_num_classes=10, num_buckets=100)
+    return Ref(
+        d_k=d_k, d_v=d_v, device=None, dtype=getattr(torch, dtype), config=config,
+        share_kv_across_n_heads=share_kv_across_n_heads, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        initialize_output_to_zero=initialize_output_to_zero,
+        precomputed_kv=None if precomputed_kv is None else torch.as_tensor(to_numpy(precomputed_kv)),
+    )
+
+
+def reference_weights(ref: Any) -> dict[str, Any]:
+    """The reference layer's weights as NumPy arrays, by attribute name (absent ones left out)."""
+    return {n: to_numpy(getattr(ref, n)).copy() for n in WEIGHT_NAMES if getattr(ref, n) is not None}
+
+
+def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -> Any:
+    """Our ``MultiHeadAttention`` with the reference layer's configuration and weights, in namespace ``xp``."""
+    from ._namespace import convert
+    from .module import MultiHeadAttention
+
+    target = resolve_namespace(xp)
+    dtype = dtype_name(ref.w_out.dtype)
+    pre = None if ref._kv_cache is None else convert(to_numpy(ref._kv_cache), target, device)
+    layer = MultiHeadAttention(
+        emsize=ref._input_size, nhead=ref._nhead, d_k=ref._d_k, d_v=ref._d_v,
+        share_kv_across_n_heads=ref._nhead // ref._nhead_kv, dropout_p=ref.dropout_p,
+        softmax_scale=ref.softmax_scale, precomputed_kv=pre, dtype=dtype, xp=target, device=device, seed=seed,
+    )
+    weights = {n: convert(a, target, device) for n, a in reference_weights(ref).items()}
+    layer.set_parameters(precomputed_kv=pre, **weights)
+    return layer
+
+
+def same_namespace(a: Any, b: Any) -> bool:
+    """Whether two arrays come from one library (and device)."""
+    try:
+        namespace_of(a, b)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = None) -> dict[str, Any]:
+    """Recompute a fixture case with our layer from its manifest ``entry`` and npz ``data``.
+
+    Returns our arrays (in namespace ``xp``) under the case's output and cache keys.
+    """
+    from ._namespace import convert
+    from .module import MultiHeadAttention
+    from .weights import convert_torch_nn_multihead_attention_state_dict
+
+    target = resolve_namespace(xp)
+    cfg = entry["config"]
+
+    def arr(key: str) -> Any:
+        return convert(data[key], target, device)
+
+    pre = arr("precomputed_kv") if cfg.get("precomputed") == "kv" else None
+    layer = MultiHeadAttention(
+        emsize=cfg["emsize"], nhead=cfg["nhead"], d_k=cfg["d_k"], d_v=cfg["d_v"],
+        share_kv_across_n_heads=cfg["share_kv_across_n_heads"], dropout_p=cfg["dropout_p"],
+        softmax_scale=cfg.get("softmax_scale"), precomputed_kv=pre, dtype=entry["dtype"], xp=target, device=device,
+        seed=entry["seed"],
+    )
+    if cfg.get("state_dict_conversion"):
+        sd = {"in_proj_weight": arr("in_proj_weight"), "out_proj.weight": arr("out_proj_weight")}
+        weights = convert_torch_nn_multihead_attention_state_dict(sd, cfg["nhead"])
+    else:
+        weights = {k: arr(k) for k in entry["weight_keys"]}
+    layer.set_parameters(precomputed_kv=pre, **weights)
+
+    x = arr("x")
+    x_kv = arr("x_kv") if "x_kv" in data else None
+    call = {k: cfg[k] for k in ("add_input", "allow_inplace", "save_peak_mem_factor", "reuse_first_head_kv") if k in cfg}
+    scenario = cfg["cache_scenario"]
+    ours: dict[str, Any] = {}
+
+    def caches(kv_name: str) -> None:
+        if layer.kv_cache is not None:
+            ours[kv_name] = layer.kv_cache
+        else:
+            ours["k_cache"], ours["v_cache"] = layer.k_cache, layer.v_cache
+
+    if scenario == "none":
+        if pre is not None:
+            ours["output"] = layer(x, use_cached_kv=True, **call)
+        else:
+            ours["output"] = layer(target.asarray(x, copy=True), x_kv, **call)
+        if "output_torch_nn" in entry["output_keys"]:
+            ours["output_torch_nn"] = ours["output"]
+    elif scenario in ("cache_kv", "use_cached"):
+        # Self-attention caches directly here (the reference needed a copy of x as x_kv).
+        only = cfg.get("only_cache_first_head_kv", False)
+        ours["output_with_cache"] = layer(x, x_kv, cache_kv=True, only_cache_first_head_kv=only)
+        if scenario == "cache_kv":
+            caches("kv_cache")
+            ours["output"] = layer(x, x_kv)
+        else:
+            caches("kv_cache_used")
+            ours["output_with_cached_kv"] = layer(arr("x_new_query"), use_cached_kv=True)
+    elif scenario == "streaming":
+        n = 1
+        while f"x_chunk{n}" in data:
+            ours[f"output_chunk{n}"] = layer(arr(f"x_chunk{n}"), x)
+            n += 1
+        ours["output_full_reference"] = layer(x)
+    else:
+        msg = f"unknown cache_scenario {scenario!r} in case {entry['case_id']}"
+        raise ValueError(msg)
+    return ours
+
+
+def verify_fixtures(directory: Any, *, xp: Any = None, device: Any = None) -> list[dict[str, Any]]:
+    """Replay every case of ``directory/manifest.json``; one row per compared array.
+
+    Rows: ``case_id, key, dtype, error, tolerance, ok``.
+    """
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    rows = []
+    for entry in manifest["cases"]:
+        data = load_npz(directory / entry["filename"])
+        ours = replay_fixture(entry, data, xp=xp, device=device)
+        for key in entry["output_keys"] + entry["cache_keys"]:
+            err = scaled_error(ours[key], data[key])
+            tol = tolerance(entry["dtype"])
+            rows.append({"case_id": entry["case_id"], "key": key, "dtype": entry["dtype"],
+                         "error": err, "tolerance": tol, "ok": err <= tol})
+    return rows

@@ -1,0 +1,40 @@
+"""Zero-copy strided views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._namespace import namespace_of
+
+__all__ = ["broadcast_kv_across_heads"]
+
+
+def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
+    """View each key/value head as ``n`` heads, without copying.
+
+    Parameters
+    ----------
+    kv : array, shape ``[..., K, H]``
+        Keys or values with ``K`` heads of size ``H``.
+    n : int
+        How many query heads share each key/value head (``G = N // K``).
+
+    Returns
+    -------
+    array, shape ``[..., K, n, H]``
+        A broadcast view of ``kv``: the new axis has stride zero wherever the
+        library keeps broadcasts as views (NumPy, CuPy, PyTorch). Head
+        ``k * n + g`` of a flattened ``[..., K * n, H]`` layout is kv head
+        ``k``, the grouping TabPFN and ``torch`` (``enable_gqa``) use.
+        Reshaping the result to ``[..., K * n, H]`` would copy; the attention
+        core never does that, it folds the ``n`` query heads into GEMM rows.
+    """
+    xp = namespace_of(kv, names=("kv",))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        msg = f"n must be a positive int, got {n!r}"
+        raise ValueError(msg) if isinstance(n, int) and not isinstance(n, bool) else TypeError(msg)
+    if kv.ndim < 2:
+        msg = f"kv must have at least 2 dimensions [..., kv_heads, d], got shape {tuple(kv.shape)}"
+        raise ValueError(msg)
+    expanded = xp.expand_dims(kv, axis=-2)
+    return xp.broadcast_to(expanded, (*kv.shape[:-1], n, kv.shape[-1]))

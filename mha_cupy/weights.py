@@ -1,0 +1,125 @@
+"""Weight initialisation and conversion from other layouts.
+
+Layouts (E emsize, N heads, K kv heads, H d_k, V d_v):
+``w_qkv [3, N, H, E]``, ``w_q [1, N, H, E]``, ``w_kv [2, K, H, E]``,
+``w_k [K, H, E]``, ``w_v [K, V, E]``, ``w_out [N, V, E]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import dropout as _random
+from ._namespace import convert, namespace_of, resolve_namespace
+from ._validation import check_positive_int, shape_str
+
+__all__ = [
+    "STREAMS",
+    "input_weight_bound",
+    "output_weight_bound",
+    "init_uniform",
+    "convert_torch_nn_multihead_attention_state_dict",
+]
+
+#: Philox stream of each weight (and of dropout) under one module seed.
+STREAMS = {"w_qkv": 1, "w_q": 2, "w_kv": 3, "w_k": 4, "w_v": 5, "w_out": 6, "dropout": 7}
+
+
+def input_weight_bound(nhead: int, d: int, emsize: int, gain: float) -> float:
+    """TabPFN's bound for input projections: ``sqrt(3) * gain * sqrt(2 / (nhead * d + emsize))``.
+
+    ``nhead`` is the number of query heads also for key/value weights, as in the reference.
+    """
+    return math.sqrt(3.0) * math.sqrt(2.0 / float(nhead * d + emsize)) * gain
+
+
+def output_weight_bound(nhead: int, d_v: int, emsize: int) -> float:
+    """Xavier-uniform bound of ``w_out [N, V, E]`` as torch computes fans for a 3-D tensor.
+
+    ``fan_in = V * E``, ``fan_out = N * E``; bound ``sqrt(6 / (fan_in + fan_out))``.
+    """
+    return math.sqrt(6.0 / float(d_v * emsize + nhead * emsize))
+
+
+def init_uniform(shape: tuple[int, ...], bound: float, *, seed: int, name: str, dtype: Any, xp: Any, device: Any) -> Any:
+    """Uniform weights in ``[-bound, bound)`` from the Philox stream of ``name`` under ``seed``."""
+    u = _random.uniform(seed, STREAMS[name], shape, dtype, xp=xp, device=device)
+    return xp.astype((u * 2.0 - 1.0) * bound, dtype)
+
+
+def convert_torch_nn_multihead_attention_state_dict(
+    state_dict: dict,
+    nhead: int,
+    *,
+    disable_stacked_w_qkv: bool = False,
+    xp: Any = None,
+    device: Any = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``MultiHeadAttention.set_parameters`` from a ``torch.nn.MultiheadAttention`` state dict.
+
+    Parameters
+    ----------
+    state_dict : dict
+        Holds ``in_proj_weight [3 E, E]`` and ``out_proj.weight [E, E]`` as
+        arrays of any library (torch tensors included). Bias entries must be
+        absent or all zero: this attention has no biases, and dropping
+        non-zero ones would change the results silently.
+    nhead : int
+        Number of heads; must divide ``E``.
+    disable_stacked_w_qkv : bool
+        Return ``w_q [1, N, H, E]`` and ``w_kv [2, N, H, E]`` instead of
+        ``w_qkv [3, N, H, E]``.
+    xp, device : optional
+        Namespace (module or name) and device of the returned arrays; default
+        those of ``in_proj_weight``.
+
+    Returns
+    -------
+    dict
+        ``{"w_qkv", "w_out"}`` or ``{"w_q", "w_kv", "w_out"}``, with
+        ``w_out [N, H, E]``.
+    """
+    if not isinstance(state_dict, dict):
+        msg = f"state_dict must be a dict, got {type(state_dict).__name__}"
+        raise TypeError(msg)
+    nhead = check_positive_int(nhead, "nhead")
+    for key in ("in_proj_weight", "out_proj.weight"):
+        if key not in state_dict:
+            msg = f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), got keys {sorted(state_dict)}"
+            raise ValueError(msg)
+    for key in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"):
+        if state_dict.get(key) is not None:
+            msg = f"state_dict holds {key!r}, which this layout cannot represent (only in_proj_weight/out_proj.weight)"
+            raise ValueError(msg)
+    w_in, w_o = state_dict["in_proj_weight"], state_dict["out_proj.weight"]
+    src = namespace_of(w_in, w_o, names=("in_proj_weight", "out_proj.weight"))
+    if hasattr(w_in, "detach"):  # torch parameters: convert values, not the autograd graph
+        w_in, w_o = w_in.detach(), w_o.detach()
+    if w_in.ndim != 2 or w_in.shape[0] != 3 * w_in.shape[1]:
+        msg = f"in_proj_weight must have shape [3 * emsize, emsize], got {shape_str(w_in.shape)}"
+        raise ValueError(msg)
+    E = w_in.shape[1]
+    if E % nhead:
+        msg = f"emsize must be divisible by nhead: emsize {E}, got nhead {nhead}"
+        raise ValueError(msg)
+    if tuple(w_o.shape) != (E, E):
+        msg = f"out_proj.weight must have shape {shape_str((E, E))}, got {shape_str(w_o.shape)}"
+        raise ValueError(msg)
+    for key in ("in_proj_bias", "out_proj.bias"):
+        b = state_dict.get(key)
+        if b is not None:
+            b = b.detach() if hasattr(b, "detach") else b
+            if bool(src.any(b != 0)):
+                msg = f"state_dict[{key!r}] is non-zero; this attention has no biases, so converting would change results"
+                raise ValueError(msg)
+    d = E // nhead
+    w_in = src.reshape(w_in, (3, nhead, d, E))
+    w_out = src.reshape(src.matrix_transpose(w_o), (nhead, d, E))
+    if disable_stacked_w_qkv:
+        out = {"w_q": w_in[:1, ...], "w_kv": w_in[1:, ...], "w_out": w_out}
+    else:
+        out = {"w_qkv": w_in, "w_out": w_out}
+    target = src if xp is None else resolve_namespace(xp)
+    # Contiguous copies: the results become the module's own parameters.
+    return {k: src.asarray(v, copy=True) if target is src and device is None else convert(v, target, device) for k, v in out.items()}

@@ -1,0 +1,47 @@
+"""One ``backend`` fixture over every installed array library (the SciPy pattern).
+
+``backend`` gives the namespace, the device, and ``asarray`` to move NumPy test
+data onto it; ``xp`` is its namespace alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+# tabpfn 2.2.1 pins scikit-learn < 1.7, which refuses to import beside
+# array-api-compat unless SciPy's array API support is switched on first.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+import pytest  # noqa: E402
+
+from helpers import BACKEND_IDS, make_backend  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CuPy with a CUDA device")
+    config.addinivalue_line("markers", "reference: compares against tabpfn 2.2.1 / torch")
+    try:
+        import array_api_strict
+
+        # Use only what the 2023.12 standard offers.
+        array_api_strict.set_array_api_strict_flags(api_version="2023.12")
+    except ImportError:
+        pass
+
+
+def _params() -> list:
+    params = []
+    for name in BACKEND_IDS:
+        marks = [pytest.mark.gpu] if name == "cupy" else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+@pytest.fixture(params=_params())
+def backend(request: pytest.FixtureRequest):
+    return make_backend(request.param)
+
+
+@pytest.fixture
+def xp(backend):
+    return backend.xp
