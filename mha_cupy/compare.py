@@ -108,7 +108,9 @@ def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -
 
     target = resolve_namespace(xp)
     dtype = dtype_name(ref.w_out.dtype)
-    pre = None if ref._kv_cache is None else convert(to_numpy(ref._kv_cache), target, device)
+    # Only a layer without key/value weights was built on precomputed keys/values.
+    precomputed = ref._kv_cache is not None and all(getattr(ref, n) is None for n in ("w_qkv", "w_kv", "w_k"))
+    pre = convert(to_numpy(ref._kv_cache), target, device) if precomputed else None
     layer = MultiHeadAttention(
         emsize=ref._input_size, nhead=ref._nhead, d_k=ref._d_k, d_v=ref._d_v,
         share_kv_across_n_heads=ref._nhead // ref._nhead_kv, dropout_p=ref.dropout_p,

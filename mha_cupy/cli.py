@@ -1,0 +1,78 @@
+"""The ``mha-cupy`` command line: verify fixtures, compare backends.
+
+``mha-cupy verify [--fixtures DIR] [--xp NAME]``
+    Replay every reference fixture on a backend; exit 1 on any mismatch.
+``mha-cupy compare --xp NAME [--other NAME] [--dtype float32]``
+    Run one random layer on two backends and print the scaled difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ._namespace import NAMESPACE_NAMES, BackendUnavailableError, convert, resolve_namespace, to_numpy
+from .compare import scaled_error, tolerance, verify_fixtures
+
+
+def _verify(args: argparse.Namespace) -> int:
+    directory = Path(args.fixtures)
+    if not (directory / "manifest.json").is_file():
+        print(f"no manifest.json in {directory}; pass --fixtures DIR (the repository's fixtures/)", file=sys.stderr)
+        return 2
+    rows = verify_fixtures(directory, xp=args.xp)
+    width = max(len(f"{r['case_id']}:{r['key']}") for r in rows)
+    for r in rows:
+        mark = "ok" if r["ok"] else "FAIL"
+        print(f"{r['case_id'] + ':' + r['key']:<{width}}  {r['dtype']:<8} {r['error']:.2e} <= {r['tolerance']:.0e}  {mark}")
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .dropout import uniform
+    from .module import MultiHeadAttention
+
+    a = MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=args.emsize // args.nhead,
+                           d_v=args.emsize // args.nhead, dtype=args.dtype, xp=args.other, seed=args.seed)
+    b = a.to(args.xp)
+    x = uniform(args.seed, 99, (args.batch, args.length, args.emsize), a.dtype, xp=a.xp, device=a.device) - 0.5
+    ya = a(x)
+    yb = b(convert(x, b.xp))
+    err = scaled_error(to_numpy(yb), to_numpy(ya))
+    tol = tolerance(args.dtype)
+    print(f"{args.xp} vs {args.other}, {args.dtype}, x {tuple(x.shape)}: scaled max error {err:.2e} (tolerance {tol:.0e})")
+    return 0 if err <= tol else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mha-cupy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("verify", help="replay the tabpfn reference fixtures")
+    p.add_argument("--fixtures", default="fixtures", help="folder holding manifest.json (default: ./fixtures)")
+    p.add_argument("--xp", default="numpy", choices=NAMESPACE_NAMES)
+    p.set_defaults(run=_verify)
+    c = sub.add_parser("compare", help="the same random layer on two backends")
+    c.add_argument("--xp", required=True, choices=NAMESPACE_NAMES)
+    c.add_argument("--other", default="numpy", choices=NAMESPACE_NAMES)
+    c.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    c.add_argument("--emsize", type=int, default=64)
+    c.add_argument("--nhead", type=int, default=4)
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--length", type=int, default=128)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(run=_compare)
+    args = parser.parse_args(argv)
+    try:
+        resolve_namespace(args.xp)
+    except BackendUnavailableError as exc:
+        print(f"mha-cupy: {exc}", file=sys.stderr)
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

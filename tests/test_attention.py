@@ -1,0 +1,191 @@
+"""The chunked core against a direct float64 computation and PyTorch's SDPA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_close, naive_attention
+from mha_cupy import scaled_dot_product_attention as sdpa
+from mha_cupy._namespace import resolve_namespace, to_numpy
+
+
+def data(seed, B=2, T=7, S=9, N=6, K=2, H=5, V=3, dtype="float64"):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, N, H)).astype(dtype)
+    k = rng.standard_normal((B, S, K, H)).astype(dtype)
+    v = rng.standard_normal((B, S, K, V)).astype(dtype)
+    return q, k, v
+
+
+CHUNKINGS = [(None, None), (1, 1), (3, 4), (2, 100), (7, 2), (4, 9)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("chunks", CHUNKINGS, ids=str)
+def test_matches_direct_computation_at_every_chunking(backend, dtype, chunks):
+    q, k, v = data(1, dtype=dtype)
+    expected = naive_attention(q, k, v)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+    tol = 1e-12 if dtype == "float64" else 1e-6
+    assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device, tol=tol)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS[1:], ids=str)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_chunked_equals_unchunked(backend, chunks, dtype):
+    q, k, v = (backend.asarray(a) for a in data(2, B=3, T=11, S=13, dtype=dtype))
+    whole = sdpa(q, k, v, q_chunk_size=11, kv_chunk_size=13)
+    parts = sdpa(q, k, v, q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+    tol = 1e-12 if dtype == "float64" else 1e-6
+    assert_close(parts, to_numpy(whole), xp=backend.xp, dtype=backend.dtype(dtype), tol=tol)
+
+
+@pytest.mark.parametrize("T,S", [(5, 5), (3, 8), (8, 3)])
+@pytest.mark.parametrize("chunks", [(None, None), (2, 3), (1, 1)], ids=str)
+def test_causal_bottom_right(backend, T, S, chunks):
+    q, k, v = data(3, T=T, S=S)
+    expected = naive_attention(q, k, v, is_causal=True)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), is_causal=True, q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    if T > S:  # the first T - S queries see no key: zeros, never NaN
+        assert np.all(to_numpy(got)[:, : T - S] == 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 6, 9), (7, 1, 9), (1, 9), (2, 1, 1, 1), (6, 1)])
+def test_mask_and_bias_broadcast(backend, shape):
+    q, k, v = data(4)
+    rng = np.random.default_rng(5)
+    mask = rng.random(shape) > 0.3
+    bias = rng.standard_normal(shape)
+    expected = naive_attention(q, k, v, mask=mask, bias=bias)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), mask=backend.asarray(mask), bias=backend.asarray(bias),
+               q_chunk_size=3, kv_chunk_size=4)
+    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+
+
+def test_fully_masked_rows_are_zero(backend):
+    q, k, v = data(6)
+    mask = np.ones((2, 7, 6, 9), dtype=bool)
+    mask[0, 3] = False
+    mask[1, :, 2] = False
+    got = to_numpy(sdpa(*(backend.asarray(a) for a in (q, k, v)), mask=backend.asarray(mask), kv_chunk_size=2))
+    assert np.all(np.isfinite(got))
+    assert np.all(got[0, 3] == 0) and np.all(got[1, :, 2] == 0)
+    np.testing.assert_allclose(got, naive_attention(q, k, v, mask=mask), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_huge_logits_do_not_overflow(backend, dtype):
+    q, k, v = data(7, dtype=dtype)
+    q = q * 100.0  # logits of order 1e4
+    k = k * 100.0
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), kv_chunk_size=2)
+    assert np.all(np.isfinite(to_numpy(got)))
+    assert_close(got, naive_attention(q, k, v), xp=backend.xp, dtype=backend.dtype(dtype), tol=1e-3 if dtype == "float32" else 1e-9)
+
+
+def test_scale(backend):
+    q, k, v = data(8)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), scale=0.37)
+    assert_close(got, naive_attention(q, k, v, scale=0.37), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+
+
+def test_empty_key_set_gives_zeros():
+    q, k, v = data(9, S=0)
+    out = sdpa(q, k, v)
+    assert out.shape == (2, 7, 6, 3) and np.all(out == 0)
+
+
+# -- against PyTorch's own SDPA ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_torch_sdpa(seed):
+    torch = pytest.importorskip("torch", reason="needs torch")
+    from torch.nn.attention.bias import causal_lower_right
+
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(1, 4))
+    N = K * int(rng.integers(1, 4))
+    B, T, S, H, V = (int(n) for n in rng.integers(1, 9, size=5))
+    q, k, v = data(seed, B=B, T=T, S=S, N=N, K=K, H=H, V=V)
+    tq, tk, tv = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))
+    kind = seed % 3
+    kwargs, theirs = {}, {}
+    if kind == 1:
+        mask = rng.random((B, T, N, S)) > 0.2
+        mask[..., 0] = True  # torch returns NaN on fully masked rows
+        kwargs["mask"] = mask
+        theirs["attn_mask"] = torch.from_numpy(mask).transpose(1, 2)
+    elif kind == 2 and T <= S:
+        kwargs["is_causal"] = True
+        theirs["attn_mask"] = causal_lower_right(T, S)
+    expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **theirs)
+    got = sdpa(q, k, v, q_chunk_size=int(rng.integers(1, 5)), kv_chunk_size=int(rng.integers(1, 5)), **kwargs)
+    assert_close(got, expected.transpose(1, 2).numpy(), xp=resolve_namespace("numpy"), dtype=np.float64)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 4 dimensions"),
+        (lambda q, k, v: (q, k[:, :, :, :2], v), ValueError, r"k must have shape \[2, \*, \*, 5\]"),
+        (lambda q, k, v: (q, k, v[:, :3]), ValueError, r"v must have shape \[2, 9, 2, \*\]"),
+        (lambda q, k, v: (q, k.astype("float32"), v), TypeError, r"k must have dtype float64, got float32"),
+        (lambda q, k, v: (q.astype("int64"), k, v), TypeError, r"q must have a real floating dtype, got int64"),
+        (lambda q, k, v: (q[:, :, :5], k, v), ValueError, r"multiple of k/v heads: q has 5 heads, got k/v with 2"),
+        (lambda q, k, v: (q.tolist(), k, v), TypeError, r"q must be an array"),
+    ],
+)
+def test_bad_arrays(change, exc, match):
+    q, k, v = data(0)
+    with pytest.raises(exc, match=match):
+        sdpa(*change(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(q_chunk_size=0), ValueError, "q_chunk_size must be an int >= 1, got 0"),
+        (dict(kv_chunk_size=-3), ValueError, "kv_chunk_size must be an int >= 1, got -3"),
+        (dict(q_chunk_size=2.5), TypeError, "q_chunk_size must be an int"),
+        (dict(kv_chunk_size=True), TypeError, "kv_chunk_size must be an int"),
+        (dict(memory_budget=10), ValueError, "memory_budget of 10 bytes is too small for one query row"),
+        (dict(memory_budget="lots"), ValueError, "memory_budget must look like"),
+        (dict(memory_budget=-1), ValueError, "memory_budget must be a positive"),
+        (dict(dropout_p=1.5), ValueError, r"dropout_p must be a float in \[0, 1\], got 1.5"),
+        (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+        (dict(scale="big"), TypeError, "scale must be a finite float"),
+        (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+        (dict(seed=-1, dropout_p=0.1), ValueError, "seed must be an int in"),
+        (dict(mask=np.ones((7, 6, 9))), TypeError, "mask must be a bool array"),
+        (dict(mask=np.ones((3, 9), dtype=bool)), ValueError, r"mask must broadcast to \[batch, q_len, heads, kv_len\] = \[2, 7, 6, 9\], got shape \[3, 9\]"),
+        (dict(bias=np.ones((9,), dtype="float32")), TypeError, "bias must have the dtype of q"),
+    ],
+)
+def test_bad_keywords(kwargs, exc, match):
+    q, k, v = data(0)
+    with pytest.raises(exc, match=match):
+        sdpa(q, k, v, **kwargs)
+
+
+def test_mixed_namespaces_and_devices_are_refused():
+    xps = pytest.importorskip("array_api_strict")
+    q, k, v = data(0)
+    with pytest.raises(TypeError, match="one array library"):
+        sdpa(q, xps.asarray(k), v)
+    dev = xps.Device("device1")
+    with pytest.raises(ValueError, match="one device"):
+        sdpa(xps.asarray(q), xps.asarray(k, device=dev), xps.asarray(v))
+
+
+def test_inputs_are_not_modified():
+    q, k, v = data(0)
+    copies = [a.copy() for a in (q, k, v)]
+    sdpa(q, k, v, q_chunk_size=2, kv_chunk_size=3, dropout_p=0.2, seed=1)
+    for a, b in zip((q, k, v), copies):
+        np.testing.assert_array_equal(a, b)

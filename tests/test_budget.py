@@ -1,0 +1,63 @@
+"""Memory budgets and chunk planning."""
+
+from __future__ import annotations
+
+import pytest
+
+import mha_cupy
+from mha_cupy._budget import parse_memory_budget, plan_chunks
+
+
+@pytest.mark.parametrize("text,nbytes", [("256MB", 256 * 10**6), ("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000),
+                                         ("512", 512), (" 2 kib ", 2048), (1000, 1000)])
+def test_parse(text, nbytes):
+    assert parse_memory_budget(text) == nbytes
+
+
+@pytest.mark.parametrize("bad,exc", [("12 parsecs", ValueError), ("", ValueError), (0, ValueError), (-5, ValueError),
+                                     (1.5, TypeError), (True, TypeError), (None, TypeError)])
+def test_parse_bad(bad, exc):
+    with pytest.raises(exc, match="memory_budget"):
+        parse_memory_budget(bad)
+
+
+def test_default_budget_can_be_changed():
+    before = mha_cupy.get_memory_budget()
+    try:
+        assert mha_cupy.set_memory_budget("8MiB") == before
+        assert mha_cupy.get_memory_budget() == 8 * 2**20
+    finally:
+        mha_cupy.set_memory_budget(before)
+
+
+def shape(**kw):
+    base = dict(batch=1, q_len=16384, kv_len=16384, heads=6, d_k=32, d_v=32, compute_itemsize=4, dropout=False, masked=False)
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("budget", [2**20, 8 * 2**20, 32 * 2**20, 256 * 2**20])
+def test_plan_fits_budget(budget):
+    plan = plan_chunks(**shape(), memory_budget=budget)
+    tile = 6 * plan.batch * plan.q * (plan.kv * 16 + (32 + 64 + 4) * 4)
+    assert tile <= budget
+    assert plan.kv <= 4096 and plan.q >= 1
+
+
+def test_plan_small_problem_is_one_block():
+    plan = plan_chunks(**shape(batch=3, q_len=5, kv_len=7))
+    assert (plan.batch, plan.q, plan.kv) == (3, 5, 7)
+
+
+def test_plan_chunks_the_batch_when_needed():
+    plan = plan_chunks(**shape(batch=10_000, q_len=100, kv_len=100), memory_budget="16MiB")
+    assert plan.q == 100 and plan.kv == 100 and 1 <= plan.batch < 10_000
+
+
+def test_explicit_sizes_win_and_are_clipped():
+    plan = plan_chunks(**shape(q_len=10, kv_len=20), q_chunk_size=3, kv_chunk_size=50)
+    assert (plan.q, plan.kv) == (3, 20)
+
+
+def test_budget_too_small_for_one_row():
+    with pytest.raises(ValueError, match="memory_budget of 100 bytes is too small for one query row"):
+        plan_chunks(**shape(), memory_budget=100)

@@ -1,0 +1,117 @@
+"""Counter-based dropout: Philox known answers, chunk- and backend-independence, statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import naive_attention
+from mha_cupy import dropout as D
+from mha_cupy import scaled_dot_product_attention as sdpa
+from mha_cupy._namespace import resolve_namespace, to_numpy
+
+# Random123 tests/kat_vectors, philox4x32 10: counter, key, output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answers_scalar(counter, key, expected):
+    assert D.philox4x32_scalar(counter, key) == expected
+
+
+def test_philox_known_answers_on_every_backend(backend):
+    xp = backend.xp
+    cols = [backend.asarray(np.array([c[i] for c, _, _ in KAT], dtype=np.int64)) for i in range(4)]
+    for row, (_, key, expected) in enumerate(KAT):
+        words = D.philox4x32(tuple(c[row:row + 1] for c in cols), key)
+        assert [int(to_numpy(w)[0]) for w in words] == list(expected)
+    assert cols[0].dtype == xp.int64
+
+
+def qkv(seed=0, B=2, T=5, S=7, N=4, K=2, H=3):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, T, N, H)), rng.standard_normal((B, S, K, H)), rng.standard_normal((B, S, K, H)))
+
+
+def keep_mask_np(seed, p, B, N, T, S):
+    b, h, i, j = np.meshgrid(np.arange(B), np.arange(N), np.arange(T), np.arange(S), indexing="ij")
+    return np.asarray(D.keep_mask(seed, p, b.astype(np.int64), h.astype(np.int64), i.astype(np.int64), j.astype(np.int64)))
+
+
+def test_dropout_equals_direct_computation_with_the_documented_mask():
+    q, k, v = qkv()
+    keep = keep_mask_np(123, 0.3, 2, 4, 5, 7)
+    expected = naive_attention(q, k, v, keep=keep, dropout_p=0.3)
+    got = sdpa(q, k, v, dropout_p=0.3, seed=123, q_chunk_size=2, kv_chunk_size=3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (2, 3), (5, 7), (4, 2)], ids=str)
+def test_dropout_is_bitwise_the_same_at_every_chunking_and_backend(backend, chunks):
+    q, k, v = qkv(1)
+    ref = sdpa(q, k, v, dropout_p=0.25, seed=99, q_chunk_size=5, kv_chunk_size=7)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), dropout_p=0.25, seed=99,
+               q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+    # Outputs differ only by the online softmax's rounding; a different keep mask would move them by O(1).
+    np.testing.assert_allclose(to_numpy(got), ref, rtol=0, atol=1e-12)
+    keep_here = D.keep_mask(99, 0.25, *(backend.asarray(np.arange(n, dtype=np.int64).reshape(s))
+                                        for n, s in ((2, (2, 1, 1, 1)), (4, (1, 4, 1, 1)), (5, (1, 1, 5, 1)), (7, (1, 1, 1, 7)))))
+    np.testing.assert_array_equal(to_numpy(keep_here), keep_mask_np(99, 0.25, 2, 4, 5, 7))
+
+
+def test_different_seeds_differ_and_same_seed_repeats():
+    q, k, v = qkv(2)
+    a = sdpa(q, k, v, dropout_p=0.5, seed=1)
+    b = sdpa(q, k, v, dropout_p=0.5, seed=1)
+    c = sdpa(q, k, v, dropout_p=0.5, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drop_rate_matches_p(p):
+    stats = pytest.importorskip("scipy.stats")
+    keep = keep_mask_np(7, p, 4, 8, 64, 64)
+    dropped = int((~keep).sum())
+    assert stats.binomtest(dropped, keep.size, p).pvalue > 1e-3
+
+
+def test_mean_over_seeds_is_the_no_dropout_output():
+    stats = pytest.importorskip("scipy.stats")
+    q, k, v = qkv(3, B=1, T=3, S=6, N=2, K=1)
+    clean = naive_attention(q, k, v)
+    samples = np.stack([sdpa(q, k, v, dropout_p=0.3, seed=s) for s in range(400)])
+    t = stats.ttest_1samp(samples, clean, axis=0)
+    # Many outputs tested at once: Bonferroni over them.
+    assert t.pvalue.min() > 1e-3 / clean.size
+
+
+def test_keep_threshold_edges():
+    assert D.keep_threshold(0.0) == 0 and D.keep_threshold(1.0) == 2**32
+    q, k, v = qkv(4)
+    assert np.all(sdpa(q, k, v, dropout_p=1.0, seed=3) == 0)
+    np.testing.assert_allclose(sdpa(q, k, v, dropout_p=0.0, seed=3), naive_attention(q, k, v), atol=1e-12, rtol=0)
+
+
+def test_derive_seed_streams_differ():
+    seeds = {D.derive_seed(5, 7, i) for i in range(100)} | {D.derive_seed(6, 7, 0)}
+    assert len(seeds) == 101 and all(0 <= s < 2**64 for s in seeds)
+
+
+def test_uniform_is_identical_across_backends(backend):
+    for dtype in ("float64", "float32"):
+        ref = D.uniform(9, 3, (4, 5), getattr(np, dtype), xp=resolve_namespace("numpy"), device="cpu")
+        got = D.uniform(9, 3, (4, 5), backend.dtype(dtype), xp=backend.xp, device=backend.device)
+        np.testing.assert_array_equal(to_numpy(got), ref)
+        assert 0 <= ref.min() and ref.max() < 1
+
+
+def test_uniform_distribution():
+    stats = pytest.importorskip("scipy.stats")
+    u = np.asarray(D.uniform(1, 1, (20000,), np.float64, xp=resolve_namespace("numpy"), device="cpu"))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3

@@ -1,0 +1,124 @@
+"""Namespaces, devices, dtypes, conversions, and clear errors where CuPy cannot run."""
+
+from __future__ import annotations
+
+import builtins
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import assert_close
+from mha_cupy import BackendUnavailableError, MultiHeadAttention
+from mha_cupy._namespace import convert, resolve_dtype, resolve_namespace, to_numpy
+
+
+def test_resolve_names_and_modules():
+    import array_api_compat
+
+    assert resolve_namespace(None) is resolve_namespace("numpy") is resolve_namespace(np)
+    assert array_api_compat.is_numpy_namespace(resolve_namespace("numpy"))
+    with pytest.raises(ValueError, match=r"xp must be a namespace module or one of .* got 'jax'"):
+        resolve_namespace("jax")
+    with pytest.raises(TypeError, match="xp must be a namespace module"):
+        resolve_namespace(3)
+    with pytest.raises(TypeError, match="not an Array API namespace"):
+        resolve_namespace(types.ModuleType("fake"))
+
+
+def test_resolve_dtype():
+    xp = resolve_namespace("numpy")
+    assert resolve_dtype(np.float32, xp) == xp.float32
+    assert resolve_dtype("float64", xp) == xp.float64
+    with pytest.raises(TypeError, match=r"dtype must be one of the floating dtypes .* got 'int32'"):
+        resolve_dtype("int32", xp)
+
+
+def _hide_cupy(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "cupy" or name.startswith("cupy."):
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr("importlib.import_module", lambda name, package=None: fake_import(name))
+
+
+def test_cupy_not_installed_says_how_to_install(monkeypatch):
+    _hide_cupy(monkeypatch)
+    with pytest.raises(BackendUnavailableError, match=re.escape("pip install mha_cupy[cuda12]")) as info:
+        MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, xp="cupy")
+    assert info.value.reason == "not-installed" and "not installed" in str(info.value)
+
+
+def test_cupy_without_gpu_says_the_driver_or_device_is_missing():
+    """Runs with the real cupy-cuda12x package that CI installs on a machine without a GPU."""
+    try:
+        import cupy
+    except ImportError:
+        pytest.skip("cupy-cuda12x is not installed here (CI installs it to run this test)")
+    if cupy.is_available():
+        pytest.skip("a CUDA device is present: the no-device error cannot occur")
+    with pytest.raises(BackendUnavailableError, match="no usable CUDA driver or GPU") as info:
+        MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, xp="cupy")
+    assert info.value.reason == "no-device"
+    with pytest.raises(BackendUnavailableError, match="cupy.is_available"):
+        resolve_namespace(cupy)
+
+
+def test_cupy_without_gpu_simulated(monkeypatch):
+    fake = types.ModuleType("cupy")
+    fake.is_available = lambda: False
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendUnavailableError, match="no usable CUDA driver or GPU") as info:
+        resolve_namespace("cupy")
+    assert info.value.reason == "no-device"
+
+
+def test_to_moves_weights_and_cache_between_backends(backend):
+    rng = np.random.default_rng(0)
+    layer = MultiHeadAttention(emsize=12, nhead=4, d_k=3, d_v=5, share_kv_across_n_heads=2, dtype="float64", seed=4)
+    x = rng.standard_normal((2, 5, 12))
+    x_new = rng.standard_normal((2, 3, 12))
+    layer(x, cache_kv=True)
+    expected = layer(x_new, use_cached_kv=True)
+    moved = layer.to(backend.xp, device=backend.device)
+    assert moved is not layer and moved.xp is backend.xp and moved.device == backend.device
+    got = moved(backend.asarray(x_new), use_cached_kv=True)
+    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, device=backend.device, tol=1e-12)
+    back = moved.to("numpy")
+    np.testing.assert_array_equal(np.asarray(back.w_q), np.asarray(layer.w_q))
+    assert layer.xp is resolve_namespace("numpy")  # the original is untouched
+
+
+def test_convert_round_trip(backend):
+    a = np.arange(6.0).reshape(2, 3)
+    there = convert(a, backend.xp, backend.device)
+    np.testing.assert_array_equal(to_numpy(there), a)
+
+
+def test_layer_refuses_other_namespaces_and_devices():
+    xps = pytest.importorskip("array_api_strict")
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", xp=xps, seed=0)
+    with pytest.raises(TypeError, match="layer's namespace array_api_strict, got numpy"):
+        layer(np.zeros((1, 3, 8)))
+    with pytest.raises(ValueError, match="layer's device"):
+        layer(xps.zeros((1, 3, 8), dtype=xps.float64, device=xps.Device("device1")))
+
+
+def test_core_modules_import_numpy_only_in_namespace_module():
+    pkg = Path(__file__).resolve().parent.parent / "mha_cupy"
+    offenders = []
+    for path in pkg.glob("*.py"):
+        if path.name == "_namespace.py":
+            continue
+        for line in path.read_text().splitlines():
+            if re.match(r"\s*(import numpy|from numpy)", line):
+                offenders.append(f"{path.name}: {line.strip()}")
+    assert not offenders, offenders

@@ -1,0 +1,139 @@
+"""The bad-input battery: every refusal names the argument, the expectation and what came."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mha_cupy import MultiHeadAttention
+from mha_cupy._validation import check_probability, check_shape_and_dtype, shape_str
+
+
+def layer(**kw):
+    base = dict(emsize=8, nhead=4, d_k=2, d_v=2, dtype="float64", seed=0)
+    return MultiHeadAttention(**{**base, **kw})
+
+
+X = np.random.default_rng(0).standard_normal((2, 3, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(emsize=0), ValueError, "emsize must be an int >= 1, got 0"),
+        (dict(nhead=2.0), TypeError, "nhead must be an int >= 1, got float 2.0"),
+        (dict(share_kv_across_n_heads=3), ValueError, "nhead must be divisible by share_kv_across_n_heads: nhead 4, got share_kv_across_n_heads 3"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\], got -0.1"),
+        (dict(dtype="int8"), TypeError, "dtype must be one of the floating dtypes"),
+        (dict(softmax_scale="x"), TypeError, "scale must be a finite float"),
+        (dict(initialize_output_to_zero=1), TypeError, "initialize_output_to_zero must be a bool"),
+        (dict(init_gain="1"), TypeError, "init_gain must be a float"),
+        (dict(seed=2**64), ValueError, "seed must be an int in"),
+        (dict(xp="tensorflow"), ValueError, "xp must be a namespace module or one of"),
+        (dict(precomputed_k=np.zeros((1, 2, 4, 2))), ValueError, "precomputed_k and precomputed_v come together"),
+        (dict(precomputed_kv=np.zeros((1, 2, 2, 3, 2))), ValueError, r"precomputed_kv must have shape \[\*, \*, 2, 4, 2\]"),
+        (dict(precomputed_kv=np.zeros((1, 2, 2, 4, 2), dtype=np.float32)), TypeError, "precomputed_kv must have dtype float64, got float32"),
+    ],
+)
+def test_constructor(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        layer(**kwargs)
+
+
+def test_set_parameters():
+    m = layer()
+    w_qkv, w_out = np.asarray(m.w_qkv), np.asarray(m.w_out)
+    with pytest.raises(ValueError, match=r"w_qkv must have shape \[3, 4, 2, 8\], got shape \[3, 4, 2, 7\]"):
+        m.set_parameters(w_out, w_qkv=w_qkv[..., :7])
+    with pytest.raises(ValueError, match=r"w_out must have 3 dimensions"):
+        m.set_parameters(w_out[None], w_qkv=w_qkv)
+    with pytest.raises(TypeError, match="w_qkv must have dtype float64, got float32"):
+        m.set_parameters(w_out, w_qkv=w_qkv.astype(np.float32))
+    with pytest.raises(ValueError, match="exactly one of w_qkv and w_q"):
+        m.set_parameters(w_out, w_q=w_qkv[:1], w_qkv=w_qkv)
+    with pytest.raises(ValueError, match="exactly one of the two"):
+        m.set_parameters(w_out, w_qkv=w_qkv, precomputed_kv=np.zeros((1, 2, 2, 4, 2)))
+    with pytest.raises(ValueError, match="w_k and w_v come together"):
+        m.set_parameters(w_out, w_q=w_qkv[:1], w_k=w_qkv[1])
+    with pytest.raises(ValueError, match="w_out is required"):
+        m.set_parameters(None, w_qkv=w_qkv)
+    with pytest.raises(TypeError, match="w_qkv must be an array"):
+        m.set_parameters(w_out, w_qkv=w_qkv.tolist())
+    g = layer(share_kv_across_n_heads=2)
+    with pytest.raises(ValueError, match="w_qkv needs as many kv heads as heads"):
+        g.set_parameters(w_out, w_qkv=w_qkv)
+    d = layer(d_v=3)
+    with pytest.raises(ValueError, match="w_qkv/w_kv need d_k == d_v"):
+        d.set_parameters(np.asarray(d.w_out), w_q=np.asarray(d.w_q), w_kv=np.zeros((2, 4, 2, 8)))
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((X[0, 0],), {}, ValueError, r"x must have shape \[..., seq_len, emsize=8\], got shape \[8\]"),
+        ((X[..., :7],), {}, ValueError, r"x must have shape \[2, 3, 8\] \[..., seq_len, emsize\], got shape \[2, 3, 7\]"),
+        ((X.astype(np.float32),), {}, TypeError, "x must have dtype float64, got float32"),
+        ((X, X[:1]), {}, ValueError, r"x_kv must have shape \[2, \*, 8\]"),
+        ((X, X[..., :6]), {}, ValueError, r"x_kv must have shape \[2, \*, 8\]"),
+        ((X.tolist(),), {}, TypeError, "x must be an array"),
+        ((X,), dict(use_cached_kv=True), ValueError, "use_cached_kv=True but the cache is empty"),
+        ((X,), dict(cache_kv=True, use_cached_kv=True), ValueError, "cache_kv and use_cached_kv cannot both be True"),
+        ((X,), dict(append_kv=True), ValueError, "append_kv=True needs cache_kv=True"),
+        ((X,), dict(save_peak_mem_factor=2), ValueError, "needs allow_inplace=True"),
+        ((X,), dict(save_peak_mem_factor=1, allow_inplace=True), ValueError, "save_peak_mem_factor must be an int >= 2, got 1"),
+        ((X,), dict(save_peak_mem_factor=2.0, allow_inplace=True), TypeError, "save_peak_mem_factor must be an int"),
+        ((X,), dict(training="yes"), TypeError, "training must be a bool"),
+        ((X,), dict(q_chunk_size=0), ValueError, "q_chunk_size must be an int >= 1, got 0"),
+        ((X,), dict(memory_budget="1B"), ValueError, "memory_budget of 1 bytes is too small"),
+        ((X,), dict(reuse_first_head_kv=True), ValueError, "reuse_first_head_kv=True is for cross-attention"),
+    ],
+)
+def test_call(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        layer()(*args, **kwargs)
+
+
+def test_call_with_cache_mismatch():
+    m = layer()
+    m(X, cache_kv=True)
+    with pytest.raises(ValueError, match="x_kv must be None"):
+        m(X, X.copy(), use_cached_kv=True)
+    with pytest.raises(ValueError, match="x has 1 flattened batch rows but the cache holds 2"):
+        m(X[:1], use_cached_kv=True)
+    with pytest.raises(ValueError, match="append_kv=True must match the cached layout"):
+        m(X, cache_kv=True, append_kv=True, only_cache_first_head_kv=True)
+
+
+def test_precomputed_layer_needs_use_cached_kv():
+    m = layer(precomputed_kv=np.zeros((2, 4, 2, 4, 2)))
+    with pytest.raises(ValueError, match="no key/value weights"):
+        m(X)
+    assert m(X, use_cached_kv=True).shape == X.shape
+
+
+def test_no_silent_promotion_and_inputs_untouched():
+    m = layer(dtype="float32")
+    x = X.astype(np.float32)
+    before = x.copy()
+    out = m(x, add_input=True)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(x, before)
+    m(x, x[:, ::-1].copy(), reuse_first_head_kv=True, cache_kv=True, q_chunk_size=1)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_allow_inplace_with_save_peak_mem_factor_writes_into_x():
+    m = layer()
+    x = X.copy()
+    expected = m(X, add_input=True)
+    out = m(x, add_input=True, allow_inplace=True, save_peak_mem_factor=2)
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-12)
+    assert np.shares_memory(out, x)
+
+
+def test_helpers():
+    assert shape_str((2, None, 3)) == "[2, *, 3]"
+    with pytest.raises(ValueError, match=r"a must have 2 dimensions \[r, c\], shape \[2, \*\], got shape \[2\]"):
+        check_shape_and_dtype(np.zeros(2), "a", (2, None), legend="[r, c]", xp=None)
+    with pytest.raises(TypeError, match="p must be a float"):
+        check_probability("0.5", "p")

@@ -1,0 +1,85 @@
+"""Initialisation and conversion from ``torch.nn.MultiheadAttention``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from helpers import assert_close
+from mha_cupy import MultiHeadAttention, convert_torch_nn_multihead_attention_state_dict as convert_sd
+from mha_cupy._namespace import to_numpy
+from mha_cupy.weights import input_weight_bound, output_weight_bound
+
+
+def test_bounds_are_tabpfns():
+    assert input_weight_bound(6, 16, 96, 1.5) == pytest.approx(math.sqrt(3) * 1.5 * math.sqrt(2 / (6 * 16 + 96)))
+    assert output_weight_bound(6, 24, 96) == pytest.approx(math.sqrt(6 / (24 * 96 + 6 * 96)))
+
+
+def test_init_is_uniform_within_bounds_and_identical_on_every_backend(backend):
+    stats = pytest.importorskip("scipy.stats")
+    kw = dict(emsize=48, nhead=4, d_k=12, d_v=12, share_kv_across_n_heads=2, init_gain=0.5, seed=17)
+    ref = MultiHeadAttention(dtype="float64", **kw)
+    ours = MultiHeadAttention(dtype="float64", xp=backend.xp, device=backend.device, **kw)
+    for name in ("w_q", "w_kv", "w_out"):
+        np.testing.assert_array_equal(to_numpy(getattr(ours, name)), np.asarray(getattr(ref, name)))
+    w = np.asarray(ref.w_kv).ravel()
+    bound = input_weight_bound(4, 12, 48, 0.5)
+    assert np.abs(w).max() <= bound
+    assert stats.kstest(w, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
+
+
+def test_seeds_give_different_weights_and_zero_output_init():
+    a = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=1)
+    b = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=2)
+    assert np.abs(np.asarray(a.w_qkv) - np.asarray(b.w_qkv)).max() > 0
+    z = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, initialize_output_to_zero=True, seed=1)
+    assert np.all(np.asarray(z.w_out) == 0)
+    assert a.w_qkv.dtype == np.float32
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_state_dict_conversion_reproduces_torch_nn_multihead_attention(stacked):
+    torch = pytest.importorskip("torch", reason="needs torch")
+    torch.manual_seed(0)
+    nn = torch.nn.MultiheadAttention(24, 4, bias=False, batch_first=True, dtype=torch.float64)
+    kwargs = convert_sd(nn.state_dict(), 4, disable_stacked_w_qkv=not stacked, xp="numpy")
+    assert set(kwargs) == ({"w_qkv", "w_out"} if stacked else {"w_q", "w_kv", "w_out"})
+    if not stacked:
+        assert kwargs["w_q"].shape == (1, 4, 6, 24)
+    layer = MultiHeadAttention(emsize=24, nhead=4, d_k=6, d_v=6, dtype="float64", seed=0)
+    layer.set_parameters(**kwargs)
+    assert (layer.w_qkv is None) != stacked
+    x = np.random.default_rng(0).standard_normal((3, 5, 24))
+    tx = torch.from_numpy(x)
+    with torch.no_grad():
+        expected = nn(tx, tx, tx, need_weights=False)[0].numpy()
+    assert_close(layer(x), expected, xp=layer.xp, dtype=layer.dtype)
+
+
+def test_state_dict_conversion_stays_in_torch_by_default():
+    torch = pytest.importorskip("torch", reason="needs torch")
+    nn = torch.nn.MultiheadAttention(8, 2, bias=False)
+    out = convert_sd(nn.state_dict(), 2)
+    assert isinstance(out["w_qkv"], torch.Tensor) and out["w_qkv"].shape == (3, 2, 4, 8)
+    assert not out["w_qkv"].requires_grad
+
+
+def test_state_dict_bad_input():
+    w = np.zeros((24, 8))
+    with pytest.raises(ValueError, match="emsize must be divisible by nhead: emsize 8, got nhead 3"):
+        convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8))}, 3)
+    with pytest.raises(ValueError, match=r"out_proj.weight must have shape \[8, 8\], got \[8, 4\]"):
+        convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 4))}, 2)
+    with pytest.raises(ValueError, match=r"in_proj_weight must have shape \[3 \* emsize, emsize\], got \[8, 8\]"):
+        convert_sd({"in_proj_weight": np.zeros((8, 8)), "out_proj.weight": np.zeros((8, 8))}, 2)
+    with pytest.raises(ValueError, match="must hold 'in_proj_weight'"):
+        convert_sd({}, 2)
+    with pytest.raises(ValueError, match="non-zero"):
+        convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8)), "in_proj_bias": np.ones(24)}, 2)
+    with pytest.raises(TypeError, match="nhead must be an int"):
+        convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8))}, 2.0)
+    ok = convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8)), "in_proj_bias": np.zeros(24)}, 2)
+    assert ok["w_qkv"].shape == (3, 2, 4, 8)
