@@ -211,7 +211,10 @@ def to_numpy(x: Any) -> numpy.ndarray:
     if module == "cupy":
         return x.get()
     if module == "torch":
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds it exactly
+            x = x.float()
+        return x.numpy()
     if module == "array_api_strict":
         xp = array_api_compat.array_namespace(x)
         host = xp.asarray(x, device=xp.Device("CPU_DEVICE"))

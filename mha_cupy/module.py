@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import dropout as _dropout
-from ._budget import plan_chunks
+from ._budget import get_memory_budget, parse_memory_budget, plan_chunks
 from ._namespace import (
     compute_dtype,
     convert,
@@ -382,7 +382,8 @@ class MultiHeadAttention:
             ``x`` may be overwritten with the result.
         save_peak_mem_factor : int, optional
             Split the flattened batch into this many parts and write each part's
-            result into ``x`` in place (needs ``allow_inplace``).
+            result into ``x`` in place (needs ``allow_inplace``); the attention
+            working-set budget is divided by it too.
         reuse_first_head_kv : bool
             Cross-attention only: project keys/values with the first kv head's
             weights and share them across all heads.
@@ -471,6 +472,10 @@ class MultiHeadAttention:
             cache_offset = self._prepare_cache(B, S_new, append_kv, reuse_first_head_kv or only_cache_first_head_kv)
 
         step = B if factor is None else -(-B // factor)
+        if factor is not None:
+            # The factor splits the attention working set as well as the batch.
+            budget = get_memory_budget() if memory_budget is None else parse_memory_budget(memory_budget)
+            memory_budget = max(1, budget // factor)
         if factor is None:
             out = self._block(x_flat, kv_flat, 0, B, cache_kv=cache_kv, append_kv=append_kv, use_cached_kv=use_cached_kv,
                               reuse=reuse_first_head_kv, cache_offset=cache_offset, dropout_p=dropout_p, seed=seed,

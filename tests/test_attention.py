@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, naive_attention
+from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._namespace import resolve_namespace, to_numpy
 
@@ -89,6 +90,23 @@ def test_scale(backend):
     q, k, v = data(8)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), scale=0.37)
     assert_close(got, naive_attention(q, k, v, scale=0.37), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_computes_in_float32(backend, dtype):
+    if not hasattr(backend.xp, dtype):  # the library lacks it: asking for it is a clear error
+        with pytest.raises(TypeError, match=f"dtype must be one of the floating dtypes .* got '{dtype}'"):
+            MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype=dtype, xp=backend.xp)
+        return
+    from mha_cupy._namespace import convert
+
+    q, k, v = data(11, T=33, S=40)
+    low = [convert(backend.asarray(a), backend.xp, backend.device) for a in (q, k, v)]
+    low = [backend.xp.astype(a, backend.dtype(dtype)) for a in low]
+    got = sdpa(*low, kv_chunk_size=7, is_causal=True)
+    # The reference sees the same rounded inputs, in float64.
+    expected = naive_attention(*(to_numpy(a) for a in low), is_causal=True)
+    assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
 
 
 def test_empty_key_set_gives_zeros():
