@@ -195,6 +195,13 @@ def compute_dtype(dtype: Any, xp: Any) -> Any:
     return xp.float32
 
 
+def itemsize(dtype: Any, xp: Any) -> int:
+    """Bytes per element of a float dtype of ``xp``."""
+    if dtype == xp.float64:
+        return 8
+    return 4 if dtype == xp.float32 else 2
+
+
 def is_float_dtype(dtype: Any, xp: Any) -> bool:
     """Whether ``dtype`` is one of the real floating dtypes ``xp`` offers."""
     return any(hasattr(xp, n) and dtype == getattr(xp, n) for n in _FLOAT_NAMES)

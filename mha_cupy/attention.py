@@ -19,7 +19,8 @@ from typing import Any
 
 from . import dropout as _dropout
 from ._budget import ChunkPlan, plan_chunks
-from ._namespace import compute_dtype, device_of, dtype_name, namespace_of
+from ._namespace import compute_dtype, device_of, dtype_name, itemsize, namespace_of
+from ._threads import resolve_workers, run_blocks
 from ._validation import check_bool, check_probability, check_shape_and_dtype, shape_str
 
 __all__ = ["scaled_dot_product_attention", "attend", "check_mask"]
@@ -39,6 +40,7 @@ def scaled_dot_product_attention(
     q_chunk_size: int | None = None,
     kv_chunk_size: int | None = None,
     memory_budget: int | str | None = None,
+    workers: int | None = None,
 ) -> Any:
     """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
 
@@ -74,7 +76,12 @@ def scaled_dot_product_attention(
         not depend on them beyond rounding.
     memory_budget : int or str, optional
         Bytes (or ``"256MB"``, ``"64MiB"``) for one block's working set;
-        default ``mha_cupy.get_memory_budget()``.
+        default ``mha_cupy.get_memory_budget()``. With several workers each
+        block gets an equal share.
+    workers : int, optional
+        Threads over independent (batch, query) blocks; default the number of
+        cores for NumPy (BLAS then runs single-threaded inside each) and 1 for
+        libraries that parallelise by themselves (PyTorch, CuPy).
 
     Returns
     -------
@@ -101,14 +108,15 @@ def scaled_dot_product_attention(
     is_causal = check_bool(is_causal, "is_causal")
     mask = check_mask(mask, "mask", (B, T, N, S), xp=xp)
     bias = check_mask(bias, "bias", (B, T, N, S), xp=xp, dtype=q.dtype)
+    workers = resolve_workers(workers, xp)
     plan = plan_chunks(
         batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=v.shape[3],
-        compute_itemsize=_itemsize(compute_dtype(q.dtype, xp), xp),
+        compute_itemsize=itemsize(compute_dtype(q.dtype, xp), xp),
         dropout=dropout_p > 0, masked=mask is not None or is_causal,
-        memory_budget=memory_budget, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+        memory_budget=memory_budget, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, workers=workers,
     )
     return attend(q, k, v, xp=xp, scale=scale, plan=plan, dropout_p=dropout_p, seed=seed,
-                  mask=mask, bias=bias, is_causal=is_causal)
+                  mask=mask, bias=bias, is_causal=is_causal, workers=workers)
 
 
 def check_scale(scale: Any, d_k: int) -> float:
@@ -141,10 +149,6 @@ def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, xp: Any, d
     return xp.reshape(x, (1,) * (4 - len(shape)) + shape)
 
 
-def _itemsize(dtype: Any, xp: Any) -> int:
-    return 8 if dtype == xp.float64 else 4
-
-
 def _slice_or_all(size: int, start: int, stop: int) -> slice:
     return slice(None) if size == 1 else slice(start, stop)
 
@@ -172,76 +176,95 @@ def attend(
     bias: Any = None,
     is_causal: bool = False,
     batch_offset: int = 0,
+    workers: int = 1,
 ) -> Any:
     """The chunked core on validated arrays (see ``scaled_dot_product_attention``).
 
     ``mask`` and ``bias`` are 4-D (``check_mask``); ``batch_offset`` is added to
     batch indices for the dropout counter when ``q`` is a slice of a larger batch.
+    ``workers`` > 1 runs independent (batch, query) blocks on a thread pool; each
+    block writes its own slice of the output, so the result does not depend on it.
     """
-    B, T, N, H = q.shape
-    S, K, V = k.shape[1], k.shape[2], v.shape[3]
-    G = N // K
-    dev = device_of(q)
-    cdt = compute_dtype(q.dtype, xp)
-    out = xp.empty((B, T, N, V), dtype=q.dtype, device=dev)
-    neg_inf = xp.asarray(-math.inf, dtype=cdt, device=dev)
-    zero = xp.asarray(0.0, dtype=cdt, device=dev)
-    one = xp.asarray(1.0, dtype=cdt, device=dev)
-    use_dropout = dropout_p > 0.0
-    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-    shift = S - T  # bottom-right causal alignment
-    if use_dropout:
-        heads_idx = xp.reshape(xp.arange(N, dtype=xp.int64, device=dev), (1, K, 1, G, 1))
-
-    for b0 in range(0, B, plan.batch):
-        b1 = min(B, b0 + plan.batch)
-        nb = b1 - b0
-        for t0 in range(0, T, plan.q):
-            t1 = min(T, t0 + plan.q)
-            nt = t1 - t0
-            s_end = max(0, min(S, t1 - 1 + shift + 1)) if is_causal else S
-            qb = xp.reshape(q[b0:b1, t0:t1, ...], (nb, nt, K, G, H))
-            qb = xp.permute_dims(qb, (0, 2, 1, 3, 4))
-            qb = xp.reshape(xp.astype(qb, cdt), (nb, K, nt * G, H)) * scale
-            m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=dev)
-            l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=dev)
-            acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=dev)
-            for s0 in range(0, s_end, plan.kv):
-                s1 = min(s_end, s0 + plan.kv)
-                ns = s1 - s0
-                kb = xp.permute_dims(k[b0:b1, s0:s1, ...], (0, 2, 3, 1))  # [b, K, H, s]
-                vb = xp.permute_dims(v[b0:b1, s0:s1, ...], (0, 2, 1, 3))  # [b, K, s, V]
-                if kb.dtype != cdt:
-                    kb, vb = xp.astype(kb, cdt), xp.astype(vb, cdt)
-                scores = xp.reshape(xp.matmul(qb, kb), (nb, K, nt, G, ns))
-                bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, s1)
-                if bias is not None:
-                    scores = scores + xp.astype(_block_of(bias, bsl, tsl, ssl, (K, G), xp=xp), cdt)
-                allowed = None
-                if mask is not None:
-                    allowed = _block_of(mask, bsl, tsl, ssl, (K, G), xp=xp)
-                if is_causal and s1 - 1 > t0 + shift:  # some key in this chunk is hidden from some query
-                    ti = xp.reshape(xp.arange(t0, t1, dtype=xp.int64, device=dev), (1, 1, nt, 1, 1))
-                    sj = xp.reshape(xp.arange(s0, s1, dtype=xp.int64, device=dev), (1, 1, 1, 1, ns))
-                    causal = sj <= ti + shift
-                    allowed = causal if allowed is None else xp.logical_and(allowed, causal)
-                if allowed is not None:
-                    scores = xp.where(allowed, scores, neg_inf)
-                m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
-                m_safe = xp.where(m_new == neg_inf, zero, m_new)  # rows with nothing visible yet
-                p = xp.exp(scores - m_safe)
-                alpha = xp.exp(m - m_safe)
-                l = l * alpha + xp.sum(p, axis=-1, keepdims=True)
-                if use_dropout:
-                    bi = xp.reshape(xp.arange(b0 + batch_offset, b1 + batch_offset, dtype=xp.int64, device=dev), (nb, 1, 1, 1, 1))
-                    ti = xp.reshape(xp.arange(t0, t1, dtype=xp.int64, device=dev), (1, 1, nt, 1, 1))
-                    sj = xp.reshape(xp.arange(s0, s1, dtype=xp.int64, device=dev), (1, 1, 1, 1, ns))
-                    keep = _dropout.keep_mask(seed, dropout_p, bi, heads_idx, ti, sj)
-                    p = xp.where(keep, p, zero) * keep_scale
-                acc = acc * xp.reshape(alpha, (nb, K, nt * G, 1)) + xp.matmul(xp.reshape(p, (nb, K, nt * G, ns)), vb)
-                m = m_new
-            l = xp.where(l == zero, one, l)  # fully masked rows: acc is 0, output 0
-            res = xp.reshape(acc / xp.reshape(l, (nb, K, nt * G, 1)), (nb, K, nt, G, V))
-            res = xp.reshape(xp.permute_dims(res, (0, 2, 1, 3, 4)), (nb, nt, N, V))
-            out[b0:b1, t0:t1, ...] = xp.astype(res, q.dtype) if res.dtype != q.dtype else res
+    B, T, N, _ = q.shape
+    V = v.shape[3]
+    out = xp.empty((B, T, N, V), dtype=q.dtype, device=device_of(q))
+    core = _Core(q, k, v, out, xp=xp, scale=scale, kv_chunk=plan.kv, dropout_p=dropout_p, seed=seed, mask=mask,
+                 bias=bias, is_causal=is_causal, batch_offset=batch_offset)
+    blocks = [(b0, min(B, b0 + plan.batch), t0, min(T, t0 + plan.q))
+              for b0 in range(0, B, plan.batch) for t0 in range(0, T, plan.q)]
+    run_blocks(core.block, blocks, workers)
     return out
+
+
+class _Core:
+    """One attention problem; ``block`` computes the rows of one (batch, query) block."""
+
+    def __init__(self, q: Any, k: Any, v: Any, out: Any, *, xp: Any, scale: float, kv_chunk: int, dropout_p: float,
+                 seed: int | None, mask: Any, bias: Any, is_causal: bool, batch_offset: int) -> None:
+        self.q, self.k, self.v, self.out, self.xp = q, k, v, out, xp
+        self.scale, self.kv_chunk, self.mask, self.bias, self.is_causal = scale, kv_chunk, mask, bias, is_causal
+        self.dropout_p, self.seed, self.batch_offset = dropout_p, seed, batch_offset
+        self.N, self.H = q.shape[2], q.shape[3]
+        self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
+        self.G = self.N // self.K
+        self.shift = self.S - q.shape[1]  # bottom-right causal alignment
+        self.dev = device_of(q)
+        cdt = self.cdt = compute_dtype(q.dtype, xp)
+        self.neg_inf = xp.asarray(-math.inf, dtype=cdt, device=self.dev)
+        self.zero = xp.asarray(0.0, dtype=cdt, device=self.dev)
+        self.one = xp.asarray(1.0, dtype=cdt, device=self.dev)
+        self.keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        if dropout_p > 0.0:
+            self.heads_idx = xp.reshape(xp.arange(self.N, dtype=xp.int64, device=self.dev), (1, self.K, 1, self.G, 1))
+
+    def _index(self, start: int, stop: int, axis: int) -> Any:
+        """``arange(start, stop)`` as int64 along ``axis`` of a 5-D ``[b, K, t, G, s]`` layout."""
+        shape = [1] * 5
+        shape[axis] = stop - start
+        return self.xp.reshape(self.xp.arange(start, stop, dtype=self.xp.int64, device=self.dev), tuple(shape))
+
+    def block(self, b0: int, b1: int, t0: int, t1: int) -> None:
+        xp, K, G, H, V, cdt = self.xp, self.K, self.G, self.H, self.V, self.cdt
+        nb, nt = b1 - b0, t1 - t0
+        s_end = max(0, min(self.S, t1 + self.shift)) if self.is_causal else self.S
+        qb = xp.reshape(self.q[b0:b1, t0:t1, ...], (nb, nt, K, G, H))
+        qb = xp.permute_dims(qb, (0, 2, 1, 3, 4))
+        qb = xp.reshape(xp.astype(qb, cdt), (nb, K, nt * G, H)) * self.scale
+        m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=self.dev)
+        l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=self.dev)
+        acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
+        for s0 in range(0, s_end, self.kv_chunk):
+            s1 = min(s_end, s0 + self.kv_chunk)
+            ns = s1 - s0
+            kb = xp.permute_dims(self.k[b0:b1, s0:s1, ...], (0, 2, 3, 1))  # [b, K, H, s]
+            vb = xp.permute_dims(self.v[b0:b1, s0:s1, ...], (0, 2, 1, 3))  # [b, K, s, V]
+            if kb.dtype != cdt:
+                kb, vb = xp.astype(kb, cdt), xp.astype(vb, cdt)
+            scores = xp.reshape(xp.matmul(qb, kb), (nb, K, nt, G, ns))
+            bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, s1)
+            if self.bias is not None:
+                scores = scores + xp.astype(_block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp), cdt)
+            allowed = None
+            if self.mask is not None:
+                allowed = _block_of(self.mask, bsl, tsl, ssl, (K, G), xp=xp)
+            if self.is_causal and s1 - 1 > t0 + self.shift:  # some key in this chunk is hidden from some query
+                causal = self._index(s0, s1, 4) <= self._index(t0, t1, 2) + self.shift
+                allowed = causal if allowed is None else xp.logical_and(allowed, causal)
+            if allowed is not None:
+                scores = xp.where(allowed, scores, self.neg_inf)
+            m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
+            m_safe = xp.where(m_new == self.neg_inf, self.zero, m_new)  # rows with nothing visible yet
+            p = xp.exp(scores - m_safe)
+            alpha = xp.exp(m - m_safe)
+            l = l * alpha + xp.sum(p, axis=-1, keepdims=True)
+            if self.dropout_p > 0.0:
+                bo = self.batch_offset
+                keep = _dropout.keep_mask(self.seed, self.dropout_p, self._index(b0 + bo, b1 + bo, 0), self.heads_idx,
+                                          self._index(t0, t1, 2), self._index(s0, s1, 4))
+                p = xp.where(keep, p, self.zero) * self.keep_scale
+            acc = acc * xp.reshape(alpha, (nb, K, nt * G, 1)) + xp.matmul(xp.reshape(p, (nb, K, nt * G, ns)), vb)
+            m = m_new
+        l = xp.where(l == self.zero, self.one, l)  # fully masked rows: acc is 0, output 0
+        res = xp.reshape(acc / xp.reshape(l, (nb, K, nt * G, 1)), (nb, K, nt, G, V))
+        res = xp.reshape(xp.permute_dims(res, (0, 2, 1, 3, 4)), (nb, nt, self.N, V))
+        self.out[b0:b1, t0:t1, ...] = xp.astype(res, self.out.dtype) if res.dtype != self.out.dtype else res

@@ -17,6 +17,7 @@ from ._namespace import (
     default_device,
     device_of,
     dtype_name,
+    itemsize,
     namespace_name,
     namespace_of,
     resolve_dtype,
@@ -30,6 +31,7 @@ from ._validation import (
     check_shape_and_dtype,
     shape_str,
 )
+from ._threads import resolve_workers
 from .attention import attend, check_scale
 from .weights import STREAMS, init_uniform, input_weight_bound, output_weight_bound
 
@@ -364,6 +366,7 @@ class MultiHeadAttention:
         kv_chunk_size: int | None = None,
         append_kv: bool = False,
         memory_budget: int | str | None = None,
+        workers: int | None = None,
     ) -> Any:
         """Attention of ``x`` over ``x_kv`` (or itself, or the cache).
 
@@ -395,7 +398,7 @@ class MultiHeadAttention:
         training : bool
             Apply dropout (when the layer has ``dropout_p``), drawing call
             ``i``'s mask from ``derive_seed(seed, STREAMS['dropout'], i)``.
-        q_chunk_size, kv_chunk_size, memory_budget
+        q_chunk_size, kv_chunk_size, memory_budget, workers
             Passed to the chunked core (see ``scaled_dot_product_attention``).
         append_kv : bool
             With ``cache_kv``: append to the existing cache (amortised O(new)
@@ -471,6 +474,7 @@ class MultiHeadAttention:
             S_new = T if kv_flat is None else kv_flat.shape[1]
             cache_offset = self._prepare_cache(B, S_new, append_kv, reuse_first_head_kv or only_cache_first_head_kv)
 
+        workers = resolve_workers(workers, xp)
         step = B if factor is None else -(-B // factor)
         if factor is not None:
             # The factor splits the attention working set as well as the batch.
@@ -479,7 +483,8 @@ class MultiHeadAttention:
         if factor is None:
             out = self._block(x_flat, kv_flat, 0, B, cache_kv=cache_kv, append_kv=append_kv, use_cached_kv=use_cached_kv,
                               reuse=reuse_first_head_kv, cache_offset=cache_offset, dropout_p=dropout_p, seed=seed,
-                              q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget)
+                              q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget,
+                              workers=workers)
             if add_input:
                 out = x_flat + out
             return xp.reshape(out, x.shape)
@@ -488,7 +493,8 @@ class MultiHeadAttention:
             part = self._block(x_flat[b0:b1, ...], None if kv_flat is None else kv_flat[b0:b1, ...], b0, b1,
                                cache_kv=cache_kv, append_kv=append_kv, use_cached_kv=use_cached_kv,
                                reuse=reuse_first_head_kv, cache_offset=cache_offset, dropout_p=dropout_p, seed=seed,
-                               q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget)
+                               q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget,
+                              workers=workers)
             x_flat[b0:b1, ...] = x_flat[b0:b1, ...] + part if add_input else part
         return xp.reshape(x_flat, x.shape)
 
@@ -524,7 +530,7 @@ class MultiHeadAttention:
 
     def _block(self, x: Any, x_kv: Any, b0: int, b1: int, *, cache_kv: bool, append_kv: bool, use_cached_kv: bool,
                reuse: bool, cache_offset: int, dropout_p: float, seed: int | None,
-               q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any) -> Any:
+               q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any, workers: int) -> Any:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
         xp = self.xp
         N, K, H, V = self.nhead, self.nhead_kv, self.d_k, self.d_v
@@ -561,11 +567,12 @@ class MultiHeadAttention:
         scale = self.softmax_scale if self.softmax_scale is not None else check_scale(None, H)
         plan = plan_chunks(
             batch=b1 - b0, q_len=q.shape[1], kv_len=k.shape[1], heads=N, d_k=H, d_v=V,
-            compute_itemsize=8 if compute_dtype(self.dtype, xp) == xp.float64 else 4,
+            compute_itemsize=itemsize(compute_dtype(self.dtype, xp), xp),
             dropout=dropout_p > 0, masked=False, memory_budget=memory_budget,
-            q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+            q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, workers=workers,
         )
-        heads = attend(q, k, v, xp=xp, scale=scale, plan=plan, dropout_p=dropout_p, seed=seed, batch_offset=b0)
+        heads = attend(q, k, v, xp=xp, scale=scale, plan=plan, dropout_p=dropout_p, seed=seed, batch_offset=b0,
+                       workers=workers)
         y = xp.matmul(xp.reshape(heads, (b1 - b0, q.shape[1], N * V)), xp.reshape(w["w_out"], (N * V, self.emsize)))
         return y
 

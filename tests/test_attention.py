@@ -115,6 +115,30 @@ def test_empty_key_set_gives_zeros():
     assert out.shape == (2, 7, 6, 3) and np.all(out == 0)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_workers_do_not_change_results(backend, workers):
+    q, k, v = data(12, B=3, T=17, S=19)
+    arrays = [backend.asarray(a) for a in (q, k, v)]
+    one = sdpa(*arrays, q_chunk_size=4, kv_chunk_size=5, workers=1, dropout_p=0.2, seed=4)
+    many = sdpa(*arrays, q_chunk_size=4, kv_chunk_size=5, workers=workers, dropout_p=0.2, seed=4)
+    np.testing.assert_array_equal(to_numpy(many), to_numpy(one))  # same blocks, same arithmetic
+
+
+def test_default_workers_and_blas_limit_restored():
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    from mha_cupy._threads import resolve_workers
+
+    assert resolve_workers(None, resolve_namespace("numpy")) == max(1, os.cpu_count() or 1)
+    before = [i["num_threads"] for i in threadpool_info()]
+    q, k, v = data(13, T=40, S=40)
+    expected = naive_attention(q, k, v)
+    np.testing.assert_allclose(sdpa(q, k, v, q_chunk_size=8, workers=2), expected, rtol=0, atol=1e-12)
+    assert [i["num_threads"] for i in threadpool_info()] == before
+
+
 # -- against PyTorch's own SDPA ------------------------------------------------------------------
 
 
@@ -179,6 +203,8 @@ def test_bad_arrays(change, exc, match):
         (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
         (dict(scale="big"), TypeError, "scale must be a finite float"),
         (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+        (dict(workers=0), ValueError, "workers must be an int >= 1, got 0"),
+        (dict(workers=1.0), TypeError, "workers must be an int"),
         (dict(seed=-1, dropout_p=0.1), ValueError, "seed must be an int in"),
         (dict(mask=np.ones((7, 6, 9))), TypeError, "mask must be a bool array"),
         (dict(mask=np.ones((3, 9), dtype=bool)), ValueError, r"mask must broadcast to \[batch, q_len, heads, kv_len\] = \[2, 7, 6, 9\], got shape \[3, 9\]"),
