@@ -4,6 +4,10 @@
     Replay every reference fixture on a backend; exit 1 on any mismatch.
 ``mha-cupy compare --xp NAME [--other NAME] [--dtype float32]``
     Run one random layer on two backends and print the scaled difference.
+``mha-cupy bench [--xp NAME] [--q-len 4096 ...]``
+    Time ``scaled_dot_product_attention`` beside torch's SDPA in this process
+    (medians of ``--repeats`` calls). Figures to keep belong in
+    ``benchmarks/results/`` (``python benchmarks/bench_memory.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,45 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if err <= tol else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
+    from .attention import scaled_dot_product_attention
+    from .dropout import uniform
+
+    xp = resolve_namespace(args.xp)
+    dtype = getattr(xp, args.dtype)
+    dev = None
+    B, T, S, N, K, H = args.batch, args.q_len, args.kv_len, args.heads, args.kv_heads, args.dim
+    q = uniform(1, 1, (B, T, N, H), dtype, xp=xp, device=dev)
+    k = uniform(1, 2, (B, S, K, H), dtype, xp=xp, device=dev)
+    v = uniform(1, 3, (B, S, K, H), dtype, xp=xp, device=dev)
+
+    def median_time(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    ours = median_time(lambda: to_numpy(scaled_dot_product_attention(q, k, v, is_causal=args.causal)))
+    print(f"mha_cupy ({args.xp}) B={B} T={T} S={S} N={N} K={K} d={H} {args.dtype}: median {ours:.4f} s")
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: no side-by-side figure")
+        return 0
+    tq, tk, tv = (torch.from_numpy(to_numpy(a)).transpose(1, 2) for a in (q, k, v))
+    with torch.no_grad():
+        theirs = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+            tq, tk, tv, is_causal=args.causal, enable_gqa=True))
+    print(f"torch {torch.__version__} SDPA (CPU): median {theirs:.4f} s; mha_cupy / torch = {ours / theirs:.2f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mha-cupy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--length", type=int, default=128)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(run=_compare)
+    b = sub.add_parser("bench", help="time the core beside torch's SDPA")
+    b.add_argument("--xp", default="numpy", choices=NAMESPACE_NAMES)
+    b.add_argument("--dtype", default="float32", choices=["float64", "float32"])
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--q-len", type=int, default=4096)
+    b.add_argument("--kv-len", type=int, default=4096)
+    b.add_argument("--heads", type=int, default=6)
+    b.add_argument("--kv-heads", type=int, default=6)
+    b.add_argument("--dim", type=int, default=32)
+    b.add_argument("--causal", action="store_true")
+    b.add_argument("--repeats", type=int, default=5)
+    b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     try:
         resolve_namespace(args.xp)

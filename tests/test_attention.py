@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close, naive_attention
 from mha_cupy import MultiHeadAttention
@@ -109,6 +111,40 @@ def test_low_precision_computes_in_float32(backend, dtype):
     assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
 
 
+def test_causal_skips_hidden_chunks():
+    from mha_cupy._budget import ChunkPlan
+    from mha_cupy.attention import attend
+
+    base = resolve_namespace("numpy")
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        @staticmethod
+        def matmul(a, b):
+            calls.append(a.shape)
+            return base.matmul(a, b)
+
+    q, k, v = data(14, B=1, T=64, S=64, N=2, K=1)
+    plan = ChunkPlan(batch=1, q=8, kv=8)
+    out = attend(q, k, v, xp=Counting(), scale=0.5, plan=plan, is_causal=True)
+    assert len(calls) == 2 * sum(range(1, 9))  # query block i sees key blocks 0..i only
+    np.testing.assert_allclose(out, naive_attention(q, k, v, scale=0.5, is_causal=True), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 3), T=st.integers(1, 12), S=st.integers(1, 12), K=st.integers(1, 3), G=st.integers(1, 3),
+    qc=st.integers(1, 13), kc=st.integers(1, 13), causal=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_any_chunking_equals_direct(B, T, S, K, G, qc, kc, causal, seed):
+    q, k, v = data(seed, B=B, T=T, S=S, N=K * G, K=K, H=3, V=2)
+    got = sdpa(q, k, v, q_chunk_size=qc, kv_chunk_size=kc, is_causal=causal)
+    np.testing.assert_allclose(got, naive_attention(q, k, v, is_causal=causal), rtol=0, atol=1e-12)
+
+
 def test_empty_key_set_gives_zeros():
     q, k, v = data(9, S=0)
     out = sdpa(q, k, v)
@@ -160,7 +196,10 @@ def test_matches_torch_sdpa(seed):
         mask[..., 0] = True  # torch returns NaN on fully masked rows
         kwargs["mask"] = mask
         theirs["attn_mask"] = torch.from_numpy(mask).transpose(1, 2)
-    elif kind == 2 and T <= S:
+    elif kind == 2 and T == S:
+        kwargs["is_causal"] = True
+        theirs["is_causal"] = True
+    elif kind == 2 and T < S:
         kwargs["is_causal"] = True
         theirs["attn_mask"] = causal_lower_right(T, S)
     expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **theirs)

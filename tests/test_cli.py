@@ -1,0 +1,67 @@
+"""The ``mha-cupy`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mha_cupy.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_verify_passes_on_the_fixtures(capsys):
+    assert main(["verify", "--fixtures", str(FIXTURES), "--xp", "array_api_strict"]) == 0
+    out = capsys.readouterr().out
+    assert "basic_self_attn_small:output" in out and "0 failed" in out
+
+
+def test_verify_fails_on_a_wrong_fixture(tmp_path, capsys):
+    import json
+    import shutil
+
+    import numpy as np
+
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"] if c["case_id"] == "softmax_scale")
+    manifest["cases"] = [case]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    data = dict(np.load(FIXTURES / case["filename"]))
+    data["output"] = data["output"] + 1e-6  # beyond the float64 tolerance
+    np.savez(tmp_path / case["filename"], **data)
+    assert main(["verify", "--fixtures", str(tmp_path)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    shutil.rmtree(tmp_path)
+
+
+def test_verify_without_manifest(tmp_path, capsys):
+    assert main(["verify", "--fixtures", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_compare_backends(capsys):
+    assert main(["compare", "--xp", "array_api_strict", "--length", "16"]) == 0
+    assert "scaled max error" in capsys.readouterr().out
+
+
+def test_bench_runs_small(capsys):
+    assert main(["bench", "--q-len", "32", "--kv-len", "48", "--heads", "4", "--kv-heads", "2", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "mha_cupy (numpy)" in out and "median" in out
+
+
+def test_unavailable_backend_exits_with_reason(capsys, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("cupy")
+    fake.is_available = lambda: False
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert main(["verify", "--xp", "cupy"]) == 2
+    assert "no usable CUDA driver or GPU" in capsys.readouterr().err
+
+
+def test_bad_command():
+    with pytest.raises(SystemExit):
+        main(["fly"])
