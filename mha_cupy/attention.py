@@ -254,15 +254,18 @@ class _Core:
                 scores = xp.where(allowed, scores, self.neg_inf)
             m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
             m_safe = xp.where(m_new == self.neg_inf, self.zero, m_new)  # rows with nothing visible yet
-            p = xp.exp(scores - m_safe)
+            scores -= m_safe  # in place: every array updated in place here is this block's own
+            p = xp.exp(scores)
             alpha = xp.exp(m - m_safe)
-            l = l * alpha + xp.sum(p, axis=-1, keepdims=True)
+            l *= alpha
+            l += xp.sum(p, axis=-1, keepdims=True)
             if self.dropout_p > 0.0:
                 bo = self.batch_offset
                 keep = _dropout.keep_mask(self.seed, self.dropout_p, self._index(b0 + bo, b1 + bo, 0), self.heads_idx,
                                           self._index(t0, t1, 2), self._index(s0, s1, 4))
                 p = xp.where(keep, p, self.zero) * self.keep_scale
-            acc = acc * xp.reshape(alpha, (nb, K, nt * G, 1)) + xp.matmul(xp.reshape(p, (nb, K, nt * G, ns)), vb)
+            acc *= xp.reshape(alpha, (nb, K, nt * G, 1))
+            acc += xp.matmul(xp.reshape(p, (nb, K, nt * G, ns)), vb)
             m = m_new
         l = xp.where(l == self.zero, self.one, l)  # fully masked rows: acc is 0, output 0
         res = xp.reshape(acc / xp.reshape(l, (nb, K, nt * G, 1)), (nb, K, nt, G, V))
