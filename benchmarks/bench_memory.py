@@ -188,9 +188,9 @@ def main() -> int:
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"memory-{now:%Y-%m-%d}"
+    stem = out / f"memory-{now:%Y-%m-%dT%H%M}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Memory and time: mha_cupy vs torch ({now:%Y-%m-%d})", "",
+    lines = [f"# Memory and time: mha_cupy vs torch ({now:%Y-%m-%d %H:%M} UTC)", "",
              f"- command: `{result['command']}`", f"- machine: {result['machine']}", f"- versions: {result['versions']}",
              "- method: one child process per row; peak RSS growth of one call over the RSS before it (VmHWM reset via "
              "/proc/self/clear_refs after a warm-up call); time = median of the calls", ""]

@@ -174,3 +174,19 @@ def test_long_sequence_memory_is_bounded_by_default():
     rows = [0, 4097, 16383]
     expected = naive_attention(q[:, rows], k, v)
     np.testing.assert_allclose(out[:, rows], expected, rtol=0, atol=1e-5)
+
+
+def test_precomputed_kv_with_one_shared_head():
+    rng = np.random.default_rng(12)
+    pre = rng.standard_normal((2, 5, 2, 1, 3))  # a first-head cache: one head for all
+    layer = make(precomputed_kv=pre)
+    x = rng.standard_normal((2, 4, 12))
+    q = np.einsum("bte,nhe->btnh", x, np.asarray(layer.w_q)[0])
+    expected = np.einsum("btnv,nve->bte", naive_attention(q, pre[:, :, 0], pre[:, :, 1]), np.asarray(layer.w_out))
+    np.testing.assert_allclose(layer(x, use_cached_kv=True), expected, rtol=0, atol=1e-12)
+
+
+def test_emsize_need_not_be_divisible_by_nhead():
+    layer = make(emsize=10, nhead=4, d_k=3, d_v=2)
+    x = np.random.default_rng(13).standard_normal((2, 4, 10))
+    np.testing.assert_allclose(layer(x), direct(layer, x), rtol=0, atol=1e-12)
