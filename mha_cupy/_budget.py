@@ -14,6 +14,7 @@ from typing import Any
 from ._validation import check_optional_positive_int
 
 __all__ = [
+    "ACCELERATOR_KV_CHUNK",
     "DEFAULT_KV_CHUNK",
     "DEFAULT_Q_CHUNK",
     "TILE_ELEMENTS",
@@ -24,9 +25,12 @@ __all__ = [
     "plan_chunks",
 ]
 
-#: Largest key/value chunk the planner picks by itself. Rabe & Staats use 4096 on
-#: accelerators; on 2-core CPUs 256-1024 measured fastest (benchmarks/results).
+#: Largest key/value chunk the planner picks by itself on a CPU: 256-1024 measured
+#: fastest for NumPy on a 2-core x86 machine.
 DEFAULT_KV_CHUNK = 512
+#: The same on an accelerator (Rabe & Staats' 4096; not measured here), where tiles
+#: are bounded by the budget alone.
+ACCELERATOR_KV_CHUNK = 4096
 #: Score elements per block that the planner aims for (4 MiB of float32): tiles that
 #: stay in cache; measured 3-6 MiB fastest for NumPy on a 2-core x86 machine.
 TILE_ELEMENTS = 2**20
@@ -100,12 +104,13 @@ def plan_chunks(
     q_chunk_size: Any = None,
     kv_chunk_size: Any = None,
     workers: int = 1,
+    on_cpu: bool = True,
 ) -> ChunkPlan:
     """Choose block sizes whose working set fits ``memory_budget``.
 
     Each of ``workers`` concurrent blocks gets an equal share of the budget.
-    Within it, a block's score tile is kept near ``TILE_ELEMENTS`` (larger
-    tiles fall out of the CPU caches and run slower), and blocks are made
+    Within it, on a CPU, a block's score tile is kept near ``TILE_ELEMENTS``
+    (larger tiles fall out of the caches and run slower), and blocks are made
     small enough that every worker gets one. Explicit ``q_chunk_size`` /
     ``kv_chunk_size`` are taken as given (clipped to the lengths); the budget
     then sizes what is left, down to blocks of one batch row.
@@ -123,7 +128,8 @@ def plan_chunks(
 
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
     if kv_chunk is None:
-        kv_chunk = min(kv_len, DEFAULT_KV_CHUNK, max(0, (share // heads - per_row) // per_score))
+        default = DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK
+        kv_chunk = min(kv_len, default, max(0, (share // heads - per_row) // per_score))
     kv_chunk = min(kv_chunk, kv_len)
     row_bytes = heads * (kv_chunk * per_score + per_row)
     rows = share // row_bytes
@@ -135,7 +141,9 @@ def plan_chunks(
                 f"(needs at least {need} bytes with {workers} worker(s)); raise memory_budget or pass kv_chunk_size"
             )
             raise ValueError(msg)
-        rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)), max(1, -(-batch * q_len // max(1, workers))))
+        if on_cpu:
+            rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
+        rows = min(rows, max(1, -(-batch * q_len // max(1, workers))))
         q_chunk = min(q_len, DEFAULT_Q_CHUNK, rows)
     q_chunk = min(q_chunk, q_len)
     b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1

@@ -161,6 +161,16 @@ def namespace_name(xp: Any) -> str:
     return name.removeprefix("array_api_compat.").split(".")[0]
 
 
+def is_cpu(xp: Any, device: Any) -> bool:
+    """Whether arrays of ``xp`` on ``device`` live in host memory (tile sizes follow CPU caches there)."""
+    name = namespace_name(xp)
+    if name == "cupy":
+        return False
+    if name == "torch":
+        return str(device).startswith("cpu")
+    return True
+
+
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 

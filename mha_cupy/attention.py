@@ -19,7 +19,7 @@ from typing import Any
 
 from . import dropout as _dropout
 from ._budget import ChunkPlan, plan_chunks
-from ._namespace import compute_dtype, device_of, dtype_name, itemsize, namespace_of
+from ._namespace import compute_dtype, device_of, dtype_name, is_cpu, itemsize, namespace_of
 from ._threads import resolve_workers, run_blocks
 from ._validation import check_bool, check_probability, check_shape_and_dtype, shape_str
 
@@ -114,6 +114,7 @@ def scaled_dot_product_attention(
         compute_itemsize=itemsize(compute_dtype(q.dtype, xp), xp),
         dropout=dropout_p > 0, masked=mask is not None or is_causal,
         memory_budget=memory_budget, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, workers=workers,
+        on_cpu=is_cpu(xp, device_of(q)),
     )
     return attend(q, k, v, xp=xp, scale=scale, plan=plan, dropout_p=dropout_p, seed=seed,
                   mask=mask, bias=bias, is_causal=is_causal, workers=workers)

@@ -17,6 +17,7 @@ from ._namespace import (
     default_device,
     device_of,
     dtype_name,
+    is_cpu,
     itemsize,
     namespace_name,
     namespace_of,
@@ -570,6 +571,7 @@ class MultiHeadAttention:
             compute_itemsize=itemsize(compute_dtype(self.dtype, xp), xp),
             dropout=dropout_p > 0, masked=False, memory_budget=memory_budget,
             q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, workers=workers,
+            on_cpu=is_cpu(xp, self.device),
         )
         heads = attend(q, k, v, xp=xp, scale=scale, plan=plan, dropout_p=dropout_p, seed=seed, batch_offset=b0,
                        workers=workers)

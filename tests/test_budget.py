@@ -61,3 +61,19 @@ def test_explicit_sizes_win_and_are_clipped():
 def test_budget_too_small_for_one_row():
     with pytest.raises(ValueError, match="memory_budget of 100 bytes is too small for one query row"):
         plan_chunks(**shape(), memory_budget=100)
+
+
+def test_accelerator_plan_fills_the_budget_with_long_key_chunks():
+    cpu = plan_chunks(**shape(), memory_budget="256MiB")
+    gpu = plan_chunks(**shape(), memory_budget="256MiB", on_cpu=False)
+    assert cpu.kv == 512 and 6 * cpu.q * cpu.kv <= 2**20
+    assert gpu.kv == 4096 and gpu.q > cpu.q
+
+
+def test_is_cpu():
+    from mha_cupy._namespace import is_cpu, resolve_namespace
+
+    assert is_cpu(resolve_namespace("numpy"), "cpu")
+    torch = pytest.importorskip("torch", reason="needs torch")
+    assert is_cpu(resolve_namespace("torch"), torch.device("cpu"))
+    assert not is_cpu(resolve_namespace("torch"), torch.device("cuda", 0))
