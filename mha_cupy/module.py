@@ -476,27 +476,26 @@ class MultiHeadAttention:
             cache_offset = self._prepare_cache(B, S_new, append_kv, reuse_first_head_kv or only_cache_first_head_kv)
 
         workers = resolve_workers(workers, xp)
-        step = B if factor is None else -(-B // factor)
         if factor is not None:
             # The factor splits the attention working set as well as the batch.
             budget = get_memory_budget() if memory_budget is None else parse_memory_budget(memory_budget)
             memory_budget = max(1, budget // factor)
-        if factor is None:
-            out = self._block(x_flat, kv_flat, 0, B, cache_kv=cache_kv, append_kv=append_kv, use_cached_kv=use_cached_kv,
-                              reuse=reuse_first_head_kv, cache_offset=cache_offset, dropout_p=dropout_p, seed=seed,
-                              q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget,
-                              workers=workers)
-            if add_input:
-                out = x_flat + out
-            return xp.reshape(out, x.shape)
-        for b0 in range(0, B, step):
-            b1 = min(B, b0 + step)
-            part = self._block(x_flat[b0:b1, ...], None if kv_flat is None else kv_flat[b0:b1, ...], b0, b1,
+
+        def part(b0: int, b1: int) -> Any:
+            return self._block(x_flat[b0:b1, ...], None if kv_flat is None else kv_flat[b0:b1, ...], b0, b1,
                                cache_kv=cache_kv, append_kv=append_kv, use_cached_kv=use_cached_kv,
                                reuse=reuse_first_head_kv, cache_offset=cache_offset, dropout_p=dropout_p, seed=seed,
                                q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, memory_budget=memory_budget,
-                              workers=workers)
-            x_flat[b0:b1, ...] = x_flat[b0:b1, ...] + part if add_input else part
+                               workers=workers)
+
+        if factor is None:
+            out = part(0, B)
+            return xp.reshape(x_flat + out if add_input else out, x.shape)
+        step = -(-B // factor)
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            result = part(b0, b1)
+            x_flat[b0:b1, ...] = x_flat[b0:b1, ...] + result if add_input else result
         return xp.reshape(x_flat, x.shape)
 
     def _prepare_cache(self, B: int, S_new: int, append: bool, first_head_only: bool) -> int:
