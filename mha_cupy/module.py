@@ -60,6 +60,23 @@ class _Cache:
     def views(self) -> tuple[Any, ...]:
         return tuple(a[:, : self.length, ...] for a in self.arrays)
 
+    def keys_values(self, b0: int, b1: int) -> tuple[Any, Any]:
+        """Views of the valid keys ``[b, S, K|1, H]`` and values ``[b, S, K|1, V]`` of batch rows ``b0:b1``."""
+        views = self.views()
+        if self.is_kv:
+            return views[0][b0:b1, :, 0, ...], views[0][b0:b1, :, 1, ...]
+        return views[0][b0:b1, ...], views[1][b0:b1, ...]
+
+    def write(self, batch: slice, rows: slice, k: Any, v: Any) -> None:
+        """Store ``k``/``v`` (their first cached-heads heads) at ``[batch, rows]``."""
+        kh = self.arrays[0].shape[-2]
+        if self.is_kv:
+            self.arrays[0][batch, rows, 0, ...] = k[:, :, :kh, ...]
+            self.arrays[0][batch, rows, 1, ...] = v[:, :, :kh, ...]
+        else:
+            self.arrays[0][batch, rows, ...] = k[:, :, :kh, ...]
+            self.arrays[1][batch, rows, ...] = v[:, :, :kh, ...]
+
     def reserve(self, extra: int, *, xp: Any) -> None:
         """Make room for ``extra`` more rows, doubling the capacity when full."""
         need = self.length + extra
@@ -537,7 +554,7 @@ class MultiHeadAttention:
         w = self._w
         if use_cached_kv:
             q = self._q(x)
-            k, v = self._cached(b0, b1)
+            k, v = self._cache.keys_values(b0, b1)
         elif w["w_qkv"] is not None and x_kv is None:
             qkv = self._project(x, w["w_qkv"], (3, N, H))
             q, k, v = qkv[:, :, 0, ...], qkv[:, :, 1, ...], qkv[:, :, 2, ...]
@@ -553,17 +570,9 @@ class MultiHeadAttention:
                 k = self._project(src, w["w_k"][:kh, ...], (kh, H))
                 v = self._project(src, w["w_v"][:kh, ...], (kh, V))
         if cache_kv:
-            kc = self._cache.arrays[0].shape[-2]
-            rows = slice(cache_offset, cache_offset + k.shape[1])
-            if self._cache.is_kv:
-                store = self._cache.arrays[0]
-                store[b0:b1, rows, 0, ...] = k[:, :, :kc, ...]
-                store[b0:b1, rows, 1, ...] = v[:, :, :kc, ...]
-            else:
-                self._cache.arrays[0][b0:b1, rows, ...] = k[:, :, :kc, ...]
-                self._cache.arrays[1][b0:b1, rows, ...] = v[:, :, :kc, ...]
+            self._cache.write(slice(b0, b1), slice(cache_offset, cache_offset + k.shape[1]), k, v)
             if append_kv:
-                k, v = self._cached(b0, b1)
+                k, v = self._cache.keys_values(b0, b1)
         scale = self.softmax_scale if self.softmax_scale is not None else check_scale(None, H)
         plan = plan_chunks(
             batch=b1 - b0, q_len=q.shape[1], kv_len=k.shape[1], heads=N, d_k=H, d_v=V,
@@ -576,13 +585,6 @@ class MultiHeadAttention:
                        workers=workers)
         y = xp.matmul(xp.reshape(heads, (b1 - b0, q.shape[1], N * V)), xp.reshape(w["w_out"], (N * V, self.emsize)))
         return y
-
-    def _cached(self, b0: int, b1: int) -> tuple[Any, Any]:
-        """Views of the cached keys ``[b, S, K|1, H]`` and values ``[b, S, K|1, V]`` of batch rows ``b0:b1``."""
-        views = self._cache.views()
-        if self._cache.is_kv:
-            return views[0][b0:b1, :, 0, ...], views[0][b0:b1, :, 1, ...]
-        return views[0][b0:b1, ...], views[1][b0:b1, ...]
 
     def _q(self, x: Any) -> Any:
         w_q = self._w["w_q"] if self._w["w_q"] is not None else self._w["w_qkv"][:1, ...]
