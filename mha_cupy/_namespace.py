@@ -24,8 +24,13 @@ __all__ = [
     "dtype_name",
     "device_of",
     "default_device",
+    "namespace_name",
+    "is_cpu",
+    "itemsize",
+    "is_float_dtype",
     "convert",
     "to_numpy",
+    "load_npz",
 ]
 
 NAMESPACE_NAMES = ("numpy", "cupy", "torch", "array_api_strict")
