@@ -39,6 +39,14 @@ class Backend:
         return getattr(self.xp, name)
 
 
+def require(module: str, reason: str | None = None) -> Any:
+    """Import an optional test dependency: skip with ``reason`` when absent, or fail where
+    ``MHA_CUPY_REQUIRE_ALL_BACKENDS`` is set (CI installs every optional package)."""
+    if os.environ.get("MHA_CUPY_REQUIRE_ALL_BACKENDS"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=reason or f"needs {module}")
+
+
 def cupy_skip_reason() -> str | None:
     try:
         import cupy

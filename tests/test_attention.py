@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, naive_attention
+from helpers import assert_close, naive_attention, require
 from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._namespace import resolve_namespace, to_numpy
@@ -180,7 +180,7 @@ def test_default_workers_and_blas_limit_restored():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_matches_torch_sdpa(seed):
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = require("torch", reason="needs torch")
     from torch.nn.attention.bias import causal_lower_right
 
     rng = np.random.default_rng(seed)
@@ -257,7 +257,7 @@ def test_bad_keywords(kwargs, exc, match):
 
 
 def test_mixed_namespaces_and_devices_are_refused():
-    xps = pytest.importorskip("array_api_strict")
+    xps = require("array_api_strict")
     q, k, v = data(0)
     with pytest.raises(TypeError, match="one array library"):
         sdpa(q, xps.asarray(k), v)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import require
+
 import mha_cupy
 from mha_cupy._budget import parse_memory_budget, plan_chunks
 
@@ -74,6 +76,6 @@ def test_is_cpu():
     from mha_cupy._namespace import is_cpu, resolve_namespace
 
     assert is_cpu(resolve_namespace("numpy"), "cpu")
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = require("torch", reason="needs torch")
     assert is_cpu(resolve_namespace("torch"), torch.device("cpu"))
     assert not is_cpu(resolve_namespace("torch"), torch.device("cuda", 0))

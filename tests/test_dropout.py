@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import naive_attention
+from helpers import naive_attention, require
 from mha_cupy import dropout as D
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._namespace import resolve_namespace, to_numpy
@@ -75,14 +75,14 @@ def test_different_seeds_differ_and_same_seed_repeats():
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_drop_rate_matches_p(p):
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     keep = keep_mask_np(7, p, 4, 8, 64, 64)
     dropped = int((~keep).sum())
     assert stats.binomtest(dropped, keep.size, p).pvalue > 1e-3
 
 
 def test_mean_over_seeds_is_the_no_dropout_output():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     q, k, v = qkv(3, B=1, T=3, S=6, N=2, K=1)
     clean = naive_attention(q, k, v)
     samples = np.stack([sdpa(q, k, v, dropout_p=0.3, seed=s) for s in range(400)])
@@ -112,6 +112,6 @@ def test_uniform_is_identical_across_backends(backend):
 
 
 def test_uniform_distribution():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     u = np.asarray(D.uniform(1, 1, (20000,), np.float64, xp=resolve_namespace("numpy"), device="cpu"))
     assert stats.kstest(u, "uniform").pvalue > 1e-3

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import cupy_skip_reason
+from helpers import cupy_skip_reason, require
 from mha_cupy import MultiHeadAttention, scaled_dot_product_attention
 
-xps = pytest.importorskip("array_api_strict", reason="needs array_api_strict")
+xps = require("array_api_strict", reason="needs array_api_strict")
 
 FORBIDDEN = ("__float__", "__int__", "__bool__", "__index__", "__complex__", "__array__", "item", "tolist")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, require
 from mha_cupy import BackendUnavailableError, MultiHeadAttention
 from mha_cupy._namespace import convert, resolve_dtype, resolve_namespace, to_numpy
 
@@ -104,7 +104,7 @@ def test_convert_round_trip(backend):
 
 
 def test_layer_refuses_other_namespaces_and_devices():
-    xps = pytest.importorskip("array_api_strict")
+    xps = require("array_api_strict")
     layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", xp=xps, seed=0)
     with pytest.raises(TypeError, match="layer's namespace array_api_strict, got numpy"):
         layer(np.zeros((1, 3, 8)))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, naive_attention
+from helpers import assert_close, naive_attention, require
 from mha_cupy import MultiHeadAttention
 from mha_cupy.compare import layer_like, reference_layer
 
-torch = pytest.importorskip("torch", reason="differential tests need torch (pip install mha_cupy[reference])")
-pytest.importorskip("tabpfn", reason="differential tests need tabpfn 2.2.1 (pip install mha_cupy[reference])")
+torch = require("torch", reason="differential tests need torch (pip install mha_cupy[reference])")
+require("tabpfn", reason="differential tests need tabpfn 2.2.1 (pip install mha_cupy[reference])")
 
 pytestmark = pytest.mark.reference
 

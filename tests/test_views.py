@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from helpers import naive_attention
+from helpers import naive_attention, require
 from mha_cupy import broadcast_kv_across_heads, scaled_dot_product_attention
 
 
@@ -21,7 +21,7 @@ def test_broadcast_shares_memory_with_zero_stride():
 
 
 def test_broadcast_is_a_view_on_torch():
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = require("torch", reason="needs torch")
     kv = torch.randn(2, 5, 3, 4)
     view = broadcast_kv_across_heads(kv, 4)
     assert view.data_ptr() == kv.data_ptr() and view.stride()[-2] == 0

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, require
 from mha_cupy import MultiHeadAttention, convert_torch_nn_multihead_attention_state_dict as convert_sd
 from mha_cupy._namespace import to_numpy
 from mha_cupy.weights import input_weight_bound, output_weight_bound
@@ -19,7 +19,7 @@ def test_bounds_are_tabpfns():
 
 
 def test_init_is_uniform_within_bounds_and_identical_on_every_backend(backend):
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     kw = dict(emsize=48, nhead=4, d_k=12, d_v=12, share_kv_across_n_heads=2, init_gain=0.5, seed=17)
     ref = MultiHeadAttention(dtype="float64", **kw)
     ours = MultiHeadAttention(dtype="float64", xp=backend.xp, device=backend.device, **kw)
@@ -42,7 +42,7 @@ def test_seeds_give_different_weights_and_zero_output_init():
 
 @pytest.mark.parametrize("stacked", [True, False])
 def test_state_dict_conversion_reproduces_torch_nn_multihead_attention(stacked):
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = require("torch", reason="needs torch")
     torch.manual_seed(0)
     nn = torch.nn.MultiheadAttention(24, 4, bias=False, batch_first=True, dtype=torch.float64)
     kwargs = convert_sd(nn.state_dict(), 4, disable_stacked_w_qkv=not stacked, xp="numpy")
@@ -60,7 +60,7 @@ def test_state_dict_conversion_reproduces_torch_nn_multihead_attention(stacked):
 
 
 def test_state_dict_conversion_stays_in_torch_by_default():
-    torch = pytest.importorskip("torch", reason="needs torch")
+    torch = require("torch", reason="needs torch")
     nn = torch.nn.MultiheadAttention(8, 2, bias=False)
     out = convert_sd(nn.state_dict(), 2)
     assert isinstance(out["w_qkv"], torch.Tensor) and out["w_qkv"].shape == (3, 2, 4, 8)
