@@ -16,6 +16,7 @@ import numpy
 
 __all__ = [
     "NAMESPACE_NAMES",
+    "DEFAULT_DTYPE",
     "BackendUnavailableError",
     "namespace_of",
     "resolve_namespace",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 NAMESPACE_NAMES = ("numpy", "cupy", "torch", "array_api_strict")
+
+#: The layer's default dtype, spelled as in the reference API (``numpy.float32``);
+#: ``resolve_dtype`` maps it to the chosen namespace's float32.
+DEFAULT_DTYPE = numpy.float32
 
 CUPY_INSTALL_HINT = (
     "install CuPy for your CUDA version with `pip install mha_cupy[cuda12]` "

@@ -12,6 +12,7 @@ from typing import Any
 from . import dropout as _dropout
 from ._budget import get_memory_budget, parse_memory_budget, plan_chunks
 from ._namespace import (
+    DEFAULT_DTYPE,
     compute_dtype,
     convert,
     default_device,
@@ -120,7 +121,7 @@ class MultiHeadAttention:
         ``[B, S, 2, K|1, H]``, the same stacked.
     dtype : dtype or str
         Float dtype of weights, inputs and outputs (a name, a NumPy dtype or a
-        dtype of ``xp``); default float32.
+        dtype of ``xp``); default ``numpy.float32``, meaning float32 of ``xp``.
     xp : module or str, optional
         Array namespace: a module or ``"numpy"``, ``"cupy"``, ``"torch"``,
         ``"array_api_strict"``. Default: the namespace of the precomputed
@@ -154,7 +155,7 @@ class MultiHeadAttention:
         precomputed_k: Any = None,
         precomputed_v: Any = None,
         precomputed_kv: Any = None,
-        dtype: Any = "float32",
+        dtype: Any = DEFAULT_DTYPE,
         xp: Any = None,
         device: Any = None,
         seed: int | None = None,

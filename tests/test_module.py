@@ -190,3 +190,13 @@ def test_emsize_need_not_be_divisible_by_nhead():
     layer = make(emsize=10, nhead=4, d_k=3, d_v=2)
     x = np.random.default_rng(13).standard_normal((2, 4, 10))
     np.testing.assert_allclose(layer(x), direct(layer, x), rtol=0, atol=1e-12)
+
+
+def test_signature_defaults_follow_the_issue_api():
+    import inspect
+
+    params = inspect.signature(MultiHeadAttention).parameters
+    assert params["dtype"].default is np.float32
+    assert params["share_kv_across_n_heads"].default == 1 and params["init_gain"].default == 1.0
+    for name in ("xp", "device", "seed", "dropout_p", "softmax_scale", "precomputed_kv"):
+        assert params[name].default is None

@@ -221,3 +221,25 @@ def test_dropout_only_in_training():
     assert np.abs(a - b).max() > 1e-3  # a fresh mask per call
     again = layer_like(reference_layer(emsize=16, nhead=4, d_k=4, d_v=4, dropout_p=0.5, seed=6), seed=11)
     np.testing.assert_array_equal(again(x, training=True), a)  # reproducible from the seed
+
+
+@pytest.mark.parametrize("factor", [None, 2])
+def test_tabpfn_multiquery_item_attention_sequence(factor):
+    """The call sequence of TabPFN's PerFeatureEncoderLayer with multiquery test-set attention:
+    train rows attend to themselves and cache the first head; test rows then use that cache,
+    every call residual and (with save_peak_mem_factor) in place."""
+    rng = np.random.default_rng(99)
+    ref = reference_layer(emsize=16, nhead=4, d_k=4, d_v=4, dtype="float32", seed=99)
+    ours = layer_like(ref)
+    x_train = rng.standard_normal((3, 2, 7, 16)).astype(np.float32)  # [batch, features, items, emsize]
+    x_test = rng.standard_normal((3, 2, 5, 16)).astype(np.float32)
+    kw = dict(add_input=True, allow_inplace=True, save_peak_mem_factor=factor)
+    with torch.no_grad():
+        # copies: with save_peak_mem_factor the reference writes into its input
+        r_train = ref(t(x_train.copy()), t(x_train.copy()), cache_kv=True, only_cache_first_head_kv=True, **kw).numpy()
+        r_test = ref(t(x_test.copy()), None, use_cached_kv=True, reuse_first_head_kv=True, **kw).numpy()
+    o_train = ours(x_train.copy(), x_train.copy(), cache_kv=True, only_cache_first_head_kv=True, **kw)
+    o_test = ours(x_test.copy(), None, use_cached_kv=True, reuse_first_head_kv=True, **kw)
+    assert_close(o_train, r_train, xp=ours.xp, dtype=ours.dtype, what="train rows")
+    assert_close(o_test, r_test, xp=ours.xp, dtype=ours.dtype, what="test rows")
+    assert_close(ours.kv_cache, ref._kv_cache.numpy(), xp=ours.xp, dtype=ours.dtype, what="first-head cache")
