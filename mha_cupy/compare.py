@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._namespace import dtype_name, load_npz, namespace_of, resolve_namespace, to_numpy
+from ._namespace import dtype_name, load_npz, resolve_namespace, to_numpy
 
 __all__ = [
     "TOLERANCE",
@@ -121,15 +121,6 @@ def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -
     weights = {n: convert(a, target, device) for n, a in reference_weights(ref).items()}
     layer.set_parameters(precomputed_kv=pre, **weights)
     return layer
-
-
-def same_namespace(a: Any, b: Any) -> bool:
-    """Whether two arrays come from one library (and device)."""
-    try:
-        namespace_of(a, b)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = None) -> dict[str, Any]:
