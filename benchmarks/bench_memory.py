@@ -87,7 +87,7 @@ def _child(case: str, impl: str, repeats: int) -> dict:
 
             layer = MultiHeadAttention(emsize=96, nhead=4, d_k=24, d_v=24, seed=0)
         else:
-            from mha_cupy.compare import reference_layer
+            from mha_cupy._reference import reference_layer
 
             layer = reference_layer(emsize=96, nhead=4, d_k=24, d_v=24, dtype="float32")
             x = torch.from_numpy(x)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import mha_cupy
-from mha_cupy.compare import check_close
+from mha_cupy.testing import assert_close
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -30,12 +30,12 @@ def main() -> int:
     layer.set_parameters(**{k: data[k] for k in case["weight_keys"]})
 
     out = layer(data["x"])
-    err = check_close(out, data["output"], case["dtype"], what="basic_self_attn_small")
+    err = assert_close(out, data["output"], what="basic_self_attn_small")
     print(f"layer output {out.shape} {out.dtype}: scaled max error vs tabpfn {err:.2e} (tolerance 1e-10)")
 
     # The same numbers at any chunking: the core never holds more than one score tile.
     tiny = layer(data["x"], q_chunk_size=1, kv_chunk_size=1)
-    err_chunked = check_close(tiny, data["output"], case["dtype"], what="chunked")
+    err_chunked = assert_close(tiny, data["output"], what="chunked")
     print(f"with 1x1 chunks: scaled max error vs tabpfn {err_chunked:.2e}")
 
     # The functional core: grouped heads (8 query heads on 2 kv heads), causal.

@@ -1,7 +1,7 @@
 """Multi-head attention for NumPy, CuPy and every Array API library, with TabPFN's semantics."""
 
 from ._budget import get_memory_budget, set_memory_budget
-from ._namespace import BackendUnavailableError
+from ._backends import BackendUnavailableError
 from .attention import scaled_dot_product_attention
 from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads

@@ -1,8 +1,11 @@
 """Memory budgets and the chunk sizes they allow.
 
-One budget bounds the working set of one block of the attention loop: the
-score tile and its temporaries plus the per-row accumulators. Inputs, the
-output and the projections are not counted.
+One budget bounds the working set of the attention loop of one call: the
+score tiles and their temporaries plus the per-row accumulators of the blocks
+in flight. Inputs, the output and the projections are not counted. Unless set
+with ``set_memory_budget``, each device has its own default (the library
+adapter's ``default_memory_budget``: 32 MiB on CPUs, a share of the free memory
+on accelerators).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ._validation import check_optional_positive_int
+from ._backends import Backend, resolve_backend
 
 __all__ = [
     "ACCELERATOR_KV_CHUNK",
+    "ACCELERATOR_Q_CHUNK",
     "DEFAULT_KV_CHUNK",
     "DEFAULT_Q_CHUNK",
     "TILE_ELEMENTS",
@@ -22,6 +26,7 @@ __all__ = [
     "get_memory_budget",
     "set_memory_budget",
     "parse_memory_budget",
+    "resolve_memory_budget",
     "plan_chunks",
 ]
 
@@ -34,8 +39,11 @@ ACCELERATOR_KV_CHUNK = 4096
 #: Score elements per block that the planner aims for (4 MiB of float32): tiles that
 #: stay in cache; measured 3-6 MiB fastest for NumPy on a 2-core x86 machine.
 TILE_ELEMENTS = 2**20
-#: Largest query chunk the planner picks by itself.
+#: Largest query chunk the planner picks by itself on a CPU.
 DEFAULT_Q_CHUNK = 1024
+#: The same on an accelerator (not measured on a GPU yet): with 4096-key chunks, a
+#: 16384-long self-attention is 4 x 4 tiles when the budget allows.
+ACCELERATOR_Q_CHUNK = 4096
 
 _UNITS = {
     "": 1, "b": 1,
@@ -44,7 +52,8 @@ _UNITS = {
 }
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
-_default_budget = 32 * 2**20
+#: Set by ``set_memory_budget``; None: each device's default.
+_budget_override: int | None = None
 
 
 def parse_memory_budget(value: Any, name: str = "memory_budget") -> int:
@@ -67,16 +76,31 @@ def parse_memory_budget(value: Any, name: str = "memory_budget") -> int:
     return nbytes
 
 
-def get_memory_budget() -> int:
-    """The default memory budget in bytes (32 MiB unless changed)."""
-    return _default_budget
+def resolve_memory_budget(value: Any, *, be: Backend, device: Any) -> int:
+    """Bytes of one call's budget: ``value`` if given, else the set default, else the device's default."""
+    if value is not None:
+        return parse_memory_budget(value)
+    if _budget_override is not None:
+        return _budget_override
+    return be.default_memory_budget(device)
 
 
-def set_memory_budget(value: int | str) -> int:
-    """Set the default memory budget for every later call; returns the previous one in bytes."""
-    global _default_budget
-    previous = _default_budget
-    _default_budget = parse_memory_budget(value)
+def get_memory_budget(xp: Any = None, device: Any = None) -> int:
+    """The budget in bytes that a call on ``xp`` (default NumPy) and ``device`` uses when it names none.
+
+    That is the value given to ``set_memory_budget`` if any, else the device's
+    default: 32 MiB on CPUs, a quarter of the free memory on accelerators.
+    """
+    be = resolve_backend(xp)
+    return resolve_memory_budget(None, be=be, device=be.default_device() if device is None else device)
+
+
+def set_memory_budget(value: int | str | None) -> int | None:
+    """Set the budget of every later call that names none, on every device; ``None`` restores the
+    per-device defaults. Returns the previous setting (None when the defaults were in force)."""
+    global _budget_override
+    previous = _budget_override
+    _budget_override = None if value is None else parse_memory_budget(value)
     return previous
 
 
@@ -100,24 +124,22 @@ def plan_chunks(
     compute_itemsize: int,
     dropout: bool,
     masked: bool,
-    memory_budget: Any = None,
-    q_chunk_size: Any = None,
-    kv_chunk_size: Any = None,
+    budget: int,
+    q_chunk: int | None = None,
+    kv_chunk: int | None = None,
     workers: int = 1,
     on_cpu: bool = True,
 ) -> ChunkPlan:
-    """Choose block sizes whose working set fits ``memory_budget``.
+    """Choose block sizes whose working set fits ``budget`` bytes.
 
     Each of ``workers`` concurrent blocks gets an equal share of the budget.
     Within it, on a CPU, a block's score tile is kept near ``TILE_ELEMENTS``
     (larger tiles fall out of the caches and run slower), and blocks are made
-    small enough that every worker gets one. Explicit ``q_chunk_size`` /
-    ``kv_chunk_size`` are taken as given (clipped to the lengths); the budget
-    then sizes what is left, down to blocks of one batch row.
+    small enough that every worker gets one. Explicit ``q_chunk`` /
+    ``kv_chunk`` (validated by the caller) are taken as given, clipped to the
+    lengths; the budget then sizes what is left, down to blocks of one batch row.
     """
-    q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
-    kv_chunk = check_optional_positive_int(kv_chunk_size, "kv_chunk_size")
-    budget = get_memory_budget() if memory_budget is None else parse_memory_budget(memory_budget)
+    explicit_kv = kv_chunk
     share = max(1, budget // max(1, workers))
 
     # Bytes per score element: the tile, its exponentials and two temporaries,
@@ -135,7 +157,7 @@ def plan_chunks(
     rows = share // row_bytes
     if q_chunk is None:
         if rows < 1 or kv_chunk < 1:
-            need = heads * (min(kv_len, kv_chunk_size or 1) * per_score + per_row) * max(1, workers)
+            need = heads * (min(kv_len, explicit_kv or 1) * per_score + per_row) * max(1, workers)
             msg = (
                 f"memory_budget of {budget} bytes is too small for one query row of {heads} heads "
                 f"(needs at least {need} bytes with {workers} worker(s)); raise memory_budget or pass kv_chunk_size"
@@ -144,7 +166,7 @@ def plan_chunks(
         if on_cpu:
             rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
         rows = min(rows, max(1, -(-batch * q_len // max(1, workers))))
-        q_chunk = min(q_len, DEFAULT_Q_CHUNK, rows)
+        q_chunk = min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows)
     q_chunk = min(q_chunk, q_len)
     b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1
     return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)

@@ -1,21 +1,30 @@
-"""Shape, dtype and keyword checks shared by the public functions.
+"""Every argument check of the package, in one place.
 
-Every message names the argument, what was expected and what came.
+Each message names the argument, what was expected and what came. Nothing
+here changes state: callers run every check before they touch a cache, a
+weight or a random stream.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
-from ._namespace import dtype_name, is_float_dtype
+from ._backends import Backend
 
 __all__ = [
+    "shape_str",
     "check_shape_and_dtype",
+    "check_dtype",
     "check_positive_int",
     "check_optional_positive_int",
     "check_probability",
     "check_bool",
-    "shape_str",
+    "check_finite_real",
+    "check_scale",
+    "check_mask",
+    "check_precomputed_combination",
+    "check_weight_combination",
 ]
 
 
@@ -31,13 +40,13 @@ def check_shape_and_dtype(
     *,
     legend: str | None = None,
     dtype: Any = None,
-    xp: Any,
+    be: Backend,
 ) -> None:
     """Check that ``x`` has exactly ``len(expected)`` dimensions matching ``expected``.
 
     ``None`` in ``expected`` accepts any size. ``legend`` names the axes for the
     message (e.g. ``"[batch, q_len, heads, d_k]"``). ``dtype``, when given, must
-    equal ``x.dtype``; otherwise ``x`` must be of a real floating dtype.
+    equal ``x.dtype``; otherwise ``x`` must be of a real floating dtype of ``be``.
     """
     shape = tuple(x.shape)
     axes = f" {legend}" if legend else ""
@@ -48,17 +57,17 @@ def check_shape_and_dtype(
         if want is not None and got != want:
             msg = f"{name} must have shape {shape_str(expected)}{axes}, got shape {shape_str(shape)}"
             raise ValueError(msg)
-    check_dtype(x, name, dtype, xp=xp)
+    check_dtype(x, name, dtype, be=be)
 
 
-def check_dtype(x: Any, name: str, dtype: Any = None, *, xp: Any) -> None:
+def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend) -> None:
     """``x.dtype`` must equal ``dtype`` (or be real floating when ``dtype`` is None)."""
     if dtype is not None:
         if x.dtype != dtype:
-            msg = f"{name} must have dtype {dtype_name(dtype)}, got {dtype_name(x.dtype)} (no implicit casts)"
+            msg = f"{name} must have dtype {be.dtype_name(dtype)}, got {be.dtype_name(x.dtype)} (no implicit casts)"
             raise TypeError(msg)
-    elif not is_float_dtype(x.dtype, xp):
-        msg = f"{name} must have a real floating dtype, got {dtype_name(x.dtype)}"
+    elif not any(x.dtype == dt for dt in be.float_dtypes().values()):
+        msg = f"{name} must have a real floating dtype, got {be.dtype_name(x.dtype)}"
         raise TypeError(msg)
 
 
@@ -95,3 +104,81 @@ def check_bool(value: Any, name: str) -> bool:
         msg = f"{name} must be a bool, got {type(value).__name__} {value!r}"
         raise TypeError(msg)
     return value
+
+
+def check_finite_real(value: Any, name: str) -> float:
+    """``value`` must be a real number (not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a float, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    return float(value)
+
+
+def check_scale(scale: Any, d_k: int) -> float:
+    """The logit scale: ``scale`` if given (a finite real number), else ``1 / sqrt(d_k)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_k) if d_k else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        msg = f"scale must be a finite float or None, got {type(scale).__name__} {scale!r}"
+        raise TypeError(msg)
+    if not math.isfinite(scale):
+        msg = f"scale must be a finite float or None, got {scale!r}"
+        raise ValueError(msg)
+    return float(scale)
+
+
+def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backend, dtype: Any = None) -> Any:
+    """Validate a mask (bool) or bias (``dtype``) broadcastable to ``full`` = ``[B, T, N, S]``; return it as 4-D."""
+    if x is None:
+        return None
+    xp = be.xp
+    if dtype is None and x.dtype != xp.bool:
+        msg = f"{name} must be a bool array (True = attend), got dtype {be.dtype_name(x.dtype)}"
+        raise TypeError(msg)
+    if dtype is not None and x.dtype != dtype:
+        msg = f"{name} must have the dtype of q ({be.dtype_name(dtype)}), got {be.dtype_name(x.dtype)}"
+        raise TypeError(msg)
+    shape = tuple(x.shape)
+    if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
+        msg = f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape {shape_str(shape)}"
+        raise ValueError(msg)
+    return xp.reshape(x, (1,) * (4 - len(shape)) + shape)
+
+
+def check_precomputed_combination(precomputed_k: Any, precomputed_v: Any, precomputed_kv: Any) -> None:
+    """Precomputed keys/values come as ``precomputed_kv`` or as ``precomputed_k`` with ``precomputed_v``."""
+    if precomputed_k is not None and precomputed_kv is not None:
+        msg = "pass precomputed_kv or precomputed_k/precomputed_v, got both"
+        raise ValueError(msg)
+    if (precomputed_k is None) != (precomputed_v is None):
+        msg = "precomputed_k and precomputed_v come together, got only one of them"
+        raise ValueError(msg)
+
+
+def check_weight_combination(given: dict[str, Any], *, nhead: int, kv_heads: int, d_k: int, d_v: int) -> None:
+    """The rules of ``set_parameters``: which weights (and precomputed keys/values) may come together."""
+    present = sorted(n for n, a in given.items() if a is not None)
+
+    def rule(ok: bool, text: str) -> None:
+        if not ok:
+            msg = f"set_parameters: {text}; got {present}"
+            raise ValueError(msg)
+
+    if given["w_out"] is None:
+        msg = "w_out is required, got None"
+        raise ValueError(msg)
+    check_precomputed_combination(given["precomputed_k"], given["precomputed_v"], given["precomputed_kv"])
+    w_qkv, w_q, w_kv, w_k, w_v = (given[n] for n in ("w_qkv", "w_q", "w_kv", "w_k", "w_v"))
+    has_pre = given["precomputed_kv"] is not None or given["precomputed_k"] is not None
+    has_kv_weights = any(a is not None for a in (w_qkv, w_kv, w_k, w_v))
+    rule(has_pre != has_kv_weights, "give key/value weights or precomputed keys/values, exactly one of the two")
+    rule((w_qkv is None) != (w_q is None), "give exactly one of w_qkv and w_q")
+    rule(w_qkv is None or (w_kv is None and w_k is None and w_v is None), "w_qkv excludes w_kv, w_k and w_v")
+    rule(w_kv is None or (w_k is None and w_v is None), "w_kv excludes w_k and w_v")
+    rule((w_k is None) == (w_v is None), "w_k and w_v come together")
+    if (w_qkv is not None or w_kv is not None) and d_k != d_v:
+        msg = f"w_qkv/w_kv need d_k == d_v, got d_k {d_k} and d_v {d_v}; use w_k and w_v"
+        raise ValueError(msg)
+    if w_qkv is not None and kv_heads != nhead:
+        msg = f"w_qkv needs as many kv heads as heads, got nhead {nhead} and kv heads {kv_heads}; use w_q with w_kv"
+        raise ValueError(msg)

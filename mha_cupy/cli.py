@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ._namespace import NAMESPACE_NAMES, BackendUnavailableError, convert, resolve_namespace, to_numpy
-from .compare import scaled_error, tolerance, verify_fixtures
+from ._backends import BACKEND_NAMES, BackendUnavailableError, convert, resolve_backend, to_numpy
+from .testing import scaled_error, tolerance
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -26,6 +26,8 @@ def _verify(args: argparse.Namespace) -> int:
     if not (directory / "manifest.json").is_file():
         print(f"no manifest.json in {directory}; pass --fixtures DIR (the repository's fixtures/)", file=sys.stderr)
         return 2
+    from ._reference import verify_fixtures
+
     rows = verify_fixtures(directory, xp=args.xp)
     width = max(len(f"{r['case_id']}:{r['key']}") for r in rows)
     for r in rows:
@@ -45,7 +47,7 @@ def _compare(args: argparse.Namespace) -> int:
     b = a.to(args.xp)
     x = uniform(args.seed, 99, (args.batch, args.length, args.emsize), a.dtype, xp=a.xp, device=a.device) - 0.5
     ya = a(x)
-    yb = b(convert(x, b.xp))
+    yb = b(convert(x, resolve_backend(b.xp)))
     err = scaled_error(to_numpy(yb), to_numpy(ya))
     tol = tolerance(args.dtype)
     print(f"{args.xp} vs {args.other}, {args.dtype}, x {tuple(x.shape)}: scaled max error {err:.2e} (tolerance {tol:.0e})")
@@ -59,7 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .attention import scaled_dot_product_attention
     from .dropout import uniform
 
-    xp = resolve_namespace(args.xp)
+    xp = resolve_backend(args.xp).xp
     dtype = getattr(xp, args.dtype)
     dev = None
     B, T, S, N, K, H = args.batch, args.q_len, args.kv_len, args.heads, args.kv_heads, args.dim
@@ -96,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="replay the tabpfn reference fixtures")
     p.add_argument("--fixtures", default="fixtures", help="folder holding manifest.json (default: ./fixtures)")
-    p.add_argument("--xp", default="numpy", choices=NAMESPACE_NAMES)
+    p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES)
     p.set_defaults(run=_verify)
     c = sub.add_parser("compare", help="the same random layer on two backends")
-    c.add_argument("--xp", required=True, choices=NAMESPACE_NAMES)
-    c.add_argument("--other", default="numpy", choices=NAMESPACE_NAMES)
+    c.add_argument("--xp", required=True, choices=BACKEND_NAMES)
+    c.add_argument("--other", default="numpy", choices=BACKEND_NAMES)
     c.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     c.add_argument("--emsize", type=int, default=64)
     c.add_argument("--nhead", type=int, default=4)
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(run=_compare)
     b = sub.add_parser("bench", help="time the core beside torch's SDPA")
-    b.add_argument("--xp", default="numpy", choices=NAMESPACE_NAMES)
+    b.add_argument("--xp", default="numpy", choices=BACKEND_NAMES)
     b.add_argument("--dtype", default="float32", choices=["float64", "float32"])
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--q-len", type=int, default=4096)
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     try:
-        resolve_namespace(args.xp)
+        resolve_backend(args.xp)
     except BackendUnavailableError as exc:
         print(f"mha-cupy: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._namespace import namespace_of
+from ._backends import backend_of
+from ._validation import check_positive_int, shape_str
 
 __all__ = ["broadcast_kv_across_heads"]
 
@@ -29,12 +30,10 @@ def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
         Reshaping the result to ``[..., K * n, H]`` would copy; the attention
         core never does that, it folds the ``n`` query heads into GEMM rows.
     """
-    xp = namespace_of(kv, names=("kv",))
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        msg = f"n must be a positive int, got {n!r}"
-        raise ValueError(msg) if isinstance(n, int) and not isinstance(n, bool) else TypeError(msg)
+    xp = backend_of(kv, names=("kv",)).xp
+    n = check_positive_int(n, "n")
     if kv.ndim < 2:
-        msg = f"kv must have at least 2 dimensions [..., kv_heads, d], got shape {tuple(kv.shape)}"
+        msg = f"kv must have at least 2 dimensions [..., kv_heads, d], got shape {shape_str(kv.shape)}"
         raise ValueError(msg)
     expanded = xp.expand_dims(kv, axis=-2)
     return xp.broadcast_to(expanded, (*kv.shape[:-1], n, kv.shape[-1]))

@@ -10,15 +10,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from . import dropout as _random
-from ._namespace import convert, namespace_of, resolve_namespace
-from ._validation import check_positive_int, shape_str
+from ._backends import backend_of, convert, resolve_backend
+from ._validation import check_bool, check_positive_int, shape_str
+
+if TYPE_CHECKING:
+    from .module import MultiHeadAttention
 
 __all__ = [
     "STREAMS",
     "input_weight_bound",
     "output_weight_bound",
     "init_uniform",
+    "initial_weights",
     "convert_torch_nn_multihead_attention_state_dict",
 ]
 
@@ -46,6 +52,35 @@ def init_uniform(shape: tuple[int, ...], bound: float, *, seed: int, name: str, 
     """Uniform weights in ``[-bound, bound)`` from the Philox stream of ``name`` under ``seed``."""
     u = _random.uniform(seed, STREAMS[name], shape, dtype, xp=xp, device=device)
     return xp.astype((u * 2.0 - 1.0) * bound, dtype)
+
+
+def initial_weights(layer: "MultiHeadAttention", *, with_kv: bool, zero_output: bool) -> dict[str, Any]:
+    """A new layer's weights in the reference's layouts, from the Philox streams of ``layer.seed``.
+
+    ``w_qkv`` when ``d_k == d_v``, ``K == N`` and the layer has key/value
+    weights (``with_kv``); else ``w_q`` with ``w_kv`` or ``w_k``/``w_v`` (or
+    none, for precomputed keys/values). ``w_out`` is Xavier-uniform, or zero.
+    """
+    N, K, H, V, E, gain = layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize, layer.init_gain
+
+    def init(name: str, shape: tuple[int, ...], bound: float) -> Any:
+        return init_uniform(shape, bound, seed=layer.seed, name=name, dtype=layer.dtype, xp=layer.xp,
+                            device=layer.device)
+
+    if zero_output:
+        weights = {"w_out": layer.xp.zeros((N, V, E), dtype=layer.dtype, device=layer.device)}
+    else:
+        weights = {"w_out": init("w_out", (N, V, E), output_weight_bound(N, V, E))}
+    if H == V and K == N and with_kv:
+        weights["w_qkv"] = init("w_qkv", (3, N, H, E), input_weight_bound(N, H, E, gain))
+        return weights
+    weights["w_q"] = init("w_q", (1, N, H, E), input_weight_bound(N, H, E, gain))
+    if with_kv and H == V:
+        weights["w_kv"] = init("w_kv", (2, K, H, E), input_weight_bound(N, H, E, gain))
+    elif with_kv:
+        weights["w_k"] = init("w_k", (K, H, E), input_weight_bound(N, H, E, gain))
+        weights["w_v"] = init("w_v", (K, V, E), input_weight_bound(N, V, E, gain))
+    return weights
 
 
 def convert_torch_nn_multihead_attention_state_dict(
@@ -84,6 +119,7 @@ def convert_torch_nn_multihead_attention_state_dict(
         msg = f"state_dict must be a dict, got {type(state_dict).__name__}"
         raise TypeError(msg)
     nhead = check_positive_int(nhead, "nhead")
+    check_bool(disable_stacked_w_qkv, "disable_stacked_w_qkv")
     for key in ("in_proj_weight", "out_proj.weight"):
         if key not in state_dict:
             msg = f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), got keys {sorted(state_dict)}"
@@ -93,7 +129,8 @@ def convert_torch_nn_multihead_attention_state_dict(
             msg = f"state_dict holds {key!r}, which this layout cannot represent (only in_proj_weight/out_proj.weight)"
             raise ValueError(msg)
     w_in, w_o = state_dict["in_proj_weight"], state_dict["out_proj.weight"]
-    src = namespace_of(w_in, w_o, names=("in_proj_weight", "out_proj.weight"))
+    source = backend_of(w_in, w_o, names=("in_proj_weight", "out_proj.weight"))
+    src = source.xp
     if hasattr(w_in, "detach"):  # torch parameters: convert values, not the autograd graph
         w_in, w_o = w_in.detach(), w_o.detach()
     if w_in.ndim != 2 or w_in.shape[0] != 3 * w_in.shape[1]:
@@ -120,6 +157,8 @@ def convert_torch_nn_multihead_attention_state_dict(
         out = {"w_q": w_in[:1, ...], "w_kv": w_in[1:, ...], "w_out": w_out}
     else:
         out = {"w_qkv": w_in, "w_out": w_out}
-    target = src if xp is None else resolve_namespace(xp)
+    target = source if xp is None else resolve_backend(xp)
     # Contiguous copies: the results become the module's own parameters.
-    return {k: src.asarray(v, copy=True) if target is src and device is None else convert(v, target, device) for k, v in out.items()}
+    if target is source and device is None:
+        return {k: src.asarray(v, copy=True) for k, v in out.items()}
+    return {k: convert(v, target, device) for k, v in out.items()}

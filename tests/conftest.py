@@ -27,6 +27,14 @@ def pytest_configure(config: pytest.Config) -> None:
         array_api_strict.set_array_api_strict_flags(api_version="2023.12")
     except ImportError:
         pass
+    try:
+        import jax
+
+        # The backend-parametrised suite compares float64 too; tests/test_backend_jax.py runs
+        # float32 with x64 switched off as well.
+        jax.config.update("jax_enable_x64", True)
+    except ImportError:
+        pass
 
 
 def _params() -> list:

@@ -11,29 +11,29 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mha_cupy._namespace import device_of, dtype_name, namespace_name, to_numpy
-from mha_cupy.compare import scaled_error, tolerance
+from mha_cupy._backends import backend_of, convert, device_of, dtype_name, resolve_backend, to_numpy
+from mha_cupy.testing import scaled_error, tolerance
 
-BACKEND_IDS = ("numpy", "array_api_strict", "array_api_strict-device1", "torch", "cupy")
+BACKEND_IDS = ("numpy", "array_api_strict", "array_api_strict-device1", "torch", "jax", "cupy")
 
 
 @dataclass
 class Backend:
+    """A library under test: its namespace, a device, and ``asarray`` to bring NumPy test data there."""
+
     name: str
     xp: Any
     device: Any
 
-    def asarray(self, a: Any, dtype: Any = None) -> Any:
-        a = np.asarray(a)
-        if dtype is not None:
-            a = a.astype(dtype_name(dtype) if not isinstance(dtype, str) else dtype)
-        if self.name.startswith("array_api_strict"):
-            return self.xp.asarray(a, device=self.device)
-        if self.name == "torch":
-            import torch
+    @property
+    def adapter(self) -> Any:
+        return resolve_backend(self.xp)
 
-            return torch.from_numpy(a.copy()).to(self.device)
-        return self.xp.asarray(a, device=self.device)
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        a = np.array(a, copy=True)  # a fresh host copy: nothing here aliases the caller's data
+        if dtype is not None:
+            a = a.astype(dtype if isinstance(dtype, str) else dtype_name(dtype))
+        return convert(a, self.adapter, self.device)
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
@@ -51,7 +51,7 @@ def cupy_skip_reason() -> str | None:
     try:
         import cupy
     except ImportError:
-        return "CuPy is not installed (pip install mha_cupy[cuda12])"
+        return "CuPy is not installed (pip install cupy-cuda12x)"
     try:
         if not cupy.is_available():
             return "CuPy is installed but finds no CUDA device (cupy.is_available() is False)"
@@ -61,8 +61,6 @@ def cupy_skip_reason() -> str | None:
 
 
 def make_backend(name: str) -> Backend:
-    from mha_cupy._namespace import default_device, resolve_namespace
-
     if name == "cupy":
         reason = cupy_skip_reason()
         if reason:
@@ -75,17 +73,21 @@ def make_backend(name: str) -> Backend:
             if os.environ.get("MHA_CUPY_REQUIRE_ALL_BACKENDS"):
                 raise
             pytest.skip(f"{lib} is not installed")
-    xp = resolve_namespace(lib)
+    adapter = resolve_backend(lib)
     if name == "array_api_strict-device1":
-        return Backend(name, xp, xp.Device("device1"))
-    return Backend(name, xp, default_device(xp))
+        return Backend(name, adapter.xp, adapter.xp.Device("device1"))
+    return Backend(name, adapter.xp, adapter.default_device())
 
 
 def assert_close(actual: Any, expected: Any, *, xp: Any, dtype: Any, device: Any = None, what: str = "result",
                  tol: float | None = None) -> float:
-    """``actual`` is an array of ``xp`` with ``dtype`` (and ``device``) within the tolerance of ``expected``."""
-    got = namespace_name(importlib.import_module("array_api_compat").array_namespace(actual))
-    assert got == namespace_name(xp), f"{what}: namespace {got}, expected {namespace_name(xp)}"
+    """``actual`` is an array of ``xp`` with ``dtype`` (and ``device``) within the tolerance of ``expected``.
+
+    ``expected`` is a host array (float64 from the reference or a direct computation): it is
+    compared without being rounded to ``dtype`` first, unlike ``mha_cupy.testing.assert_close``.
+    """
+    got = backend_of(actual, names=("actual",))
+    assert got.xp is xp, f"{what}: namespace {got.name}, expected {resolve_backend(xp).name}"
     assert actual.dtype == dtype, f"{what}: dtype {dtype_name(actual.dtype)}, expected {dtype_name(dtype)}"
     if device is not None:
         assert device_of(actual) == device, f"{what}: device {device_of(actual)}, expected {device}"
@@ -126,3 +128,54 @@ def naive_attention(q, k, v, *, scale=None, mask=None, bias=None, is_causal=Fals
     if keep is not None:
         p = np.where(keep, p, 0.0) / (1.0 - dropout_p)
     return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def keep_mask(seed: int, p: float, B: int, N: int, T: int, S: int) -> np.ndarray:
+    """The documented dropout keep mask ``[B, N, T, S]``: Philox word 0 at counter (s, t, n, b) >= round(p 2**32).
+
+    Computed on NumPy's uint64 lanes, whose Philox is checked against Random123's known answers and an
+    independent pure-Python Philox in ``test_dropout.py``."""
+    from mha_cupy import dropout as D
+
+    b, h, i, j = np.meshgrid(*(np.arange(n, dtype=np.uint64) for n in (B, N, T, S)), indexing="ij")
+    return np.asarray(D.keep_mask(seed, p, b, h, i, j))
+
+
+def layer_keep_mask(layer: Any, call: int, B: int, T: int, S: int) -> np.ndarray:
+    """The keep mask of ``layer``'s ``call``-th training call with dropout (flattened batch B)."""
+    from mha_cupy import dropout as D
+
+    return keep_mask(D.derive_seed(layer.seed, 7, call), layer.dropout_p, B, layer.nhead, T, S)
+
+
+def direct(layer: Any, x: Any, x_kv: Any = None, *, reuse_first_head_kv: bool = False, add_input: bool = False,
+           keep: Any = None) -> np.ndarray:
+    """Independent float64 computation of ``layer(x, x_kv)`` from its weights (``keep``: a dropout mask
+    ``[B, N, T, S]`` over the flattened batch)."""
+    w = {n: None if getattr(layer, n) is None else np.asarray(to_numpy(getattr(layer, n)), dtype=np.float64)
+         for n in ("w_q", "w_k", "w_v", "w_kv", "w_qkv", "w_out")}
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    src = x if x_kv is None else np.asarray(to_numpy(x_kv), dtype=np.float64)
+    E = x.shape[-1]
+    xf, sf = x.reshape(-1, x.shape[-2], E), src.reshape(-1, src.shape[-2], E)
+    w_q = w["w_q"][0] if w["w_q"] is not None else w["w_qkv"][0]
+    w_k, w_v = (w["w_kv"][0], w["w_kv"][1]) if w["w_kv"] is not None else (
+        (w["w_qkv"][1], w["w_qkv"][2]) if w["w_qkv"] is not None else (w["w_k"], w["w_v"]))
+    if reuse_first_head_kv:
+        w_k, w_v = w_k[:1], w_v[:1]
+    q = np.einsum("bte,nhe->btnh", xf, w_q)
+    k = np.einsum("bse,khe->bskh", sf, w_k)
+    v = np.einsum("bse,kve->bskv", sf, w_v)
+    heads = naive_attention(q, k, v, scale=layer.scale, keep=keep, dropout_p=layer.dropout_p or 0.0)
+    out = np.einsum("btnv,nve->bte", heads, w["w_out"]).reshape(x.shape)
+    return out + x if add_input else out
+
+
+def direct_kv(layer: Any, x: Any, heads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Independent float64 keys ``[B, S, K, H]`` and values ``[B, S, K, V]`` of ``x [B, S, E]`` (first ``heads``)."""
+    w = {n: None if getattr(layer, n) is None else np.asarray(to_numpy(getattr(layer, n)), dtype=np.float64)
+         for n in ("w_k", "w_v", "w_kv", "w_qkv")}
+    w_k, w_v = (w["w_kv"][0], w["w_kv"][1]) if w["w_kv"] is not None else (
+        (w["w_qkv"][1], w["w_qkv"][2]) if w["w_qkv"] is not None else (w["w_k"], w["w_v"]))
+    x = np.asarray(to_numpy(x), dtype=np.float64)
+    return np.einsum("bse,khe->bskh", x, w_k[:heads]), np.einsum("bse,kve->bskv", x, w_v[:heads])

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, naive_attention, require
+from helpers import assert_close, keep_mask, naive_attention, require
 from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
-from mha_cupy._namespace import resolve_namespace, to_numpy
+from mha_cupy._backends import resolve_backend, to_numpy
 
 
 def data(seed, B=2, T=7, S=9, N=6, K=2, H=5, V=3, dtype="float64"):
@@ -36,12 +36,14 @@ def test_matches_direct_computation_at_every_chunking(backend, dtype, chunks):
 
 @pytest.mark.parametrize("chunks", CHUNKINGS[1:], ids=str)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_chunked_equals_unchunked(backend, chunks, dtype):
-    q, k, v = (backend.asarray(a) for a in data(2, B=3, T=11, S=13, dtype=dtype))
-    whole = sdpa(q, k, v, q_chunk_size=11, kv_chunk_size=13)
-    parts = sdpa(q, k, v, q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+def test_chunked_and_unchunked_both_equal_direct(backend, chunks, dtype):
+    host = data(2, B=3, T=11, S=13, dtype=dtype)
+    q, k, v = (backend.asarray(a) for a in host)
+    expected = naive_attention(*host)
     tol = 1e-12 if dtype == "float64" else 1e-6
-    assert_close(parts, to_numpy(whole), xp=backend.xp, dtype=backend.dtype(dtype), tol=tol)
+    for qc, kc in ((11, 13), chunks):
+        got = sdpa(q, k, v, q_chunk_size=qc, kv_chunk_size=kc)
+        assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), tol=tol, what=f"chunks {qc}, {kc}")
 
 
 @pytest.mark.parametrize("T,S", [(5, 5), (3, 8), (8, 3)])
@@ -100,10 +102,10 @@ def test_low_precision_computes_in_float32(backend, dtype):
         with pytest.raises(TypeError, match=f"dtype must be one of the floating dtypes .* got '{dtype}'"):
             MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype=dtype, xp=backend.xp)
         return
-    from mha_cupy._namespace import convert
+    from mha_cupy._backends import convert
 
     q, k, v = data(11, T=33, S=40)
-    low = [convert(backend.asarray(a), backend.xp, backend.device) for a in (q, k, v)]
+    low = [backend.asarray(a) for a in (q, k, v)]
     low = [backend.xp.astype(a, backend.dtype(dtype)) for a in low]
     got = sdpa(*low, kv_chunk_size=7, is_causal=True)
     # The reference sees the same rounded inputs, in float64.
@@ -111,26 +113,32 @@ def test_low_precision_computes_in_float32(backend, dtype):
     assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
 
 
+class CountingMatmul:
+    """NumPy's namespace, counting matrix products."""
+
+    def __init__(self):
+        self.calls = []
+        self.base = resolve_backend("numpy").xp
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def matmul(self, a, b):
+        self.calls.append(a.shape)
+        return self.base.matmul(a, b)
+
+
 def test_causal_skips_hidden_chunks():
+    from mha_cupy._backends import NumpyBackend
     from mha_cupy._budget import ChunkPlan
-    from mha_cupy.attention import attend
+    from mha_cupy._core import AttentionPlan, attend
 
-    base = resolve_namespace("numpy")
-    calls = []
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(base, name)
-
-        @staticmethod
-        def matmul(a, b):
-            calls.append(a.shape)
-            return base.matmul(a, b)
-
+    counting = CountingMatmul()
+    be = NumpyBackend(counting)
     q, k, v = data(14, B=1, T=64, S=64, N=2, K=1)
-    plan = ChunkPlan(batch=1, q=8, kv=8)
-    out = attend(q, k, v, xp=Counting(), scale=0.5, plan=plan, is_causal=True)
-    assert len(calls) == 2 * sum(range(1, 9))  # query block i sees key blocks 0..i only
+    plan = AttentionPlan(be=be, scale=0.5, chunks=ChunkPlan(batch=1, q=8, kv=8), workers=1, is_causal=True)
+    out = attend(q, k, v, xp=counting, plan=plan)
+    assert len(counting.calls) == 2 * sum(range(1, 9))  # query block i sees key blocks 0..i only
     np.testing.assert_allclose(out, naive_attention(q, k, v, scale=0.5, is_causal=True), rtol=0, atol=1e-12)
 
 
@@ -158,6 +166,8 @@ def test_workers_do_not_change_results(backend, workers):
     one = sdpa(*arrays, q_chunk_size=4, kv_chunk_size=5, workers=1, dropout_p=0.2, seed=4)
     many = sdpa(*arrays, q_chunk_size=4, kv_chunk_size=5, workers=workers, dropout_p=0.2, seed=4)
     np.testing.assert_array_equal(to_numpy(many), to_numpy(one))  # same blocks, same arithmetic
+    expected = naive_attention(q, k, v, keep=keep_mask(4, 0.2, 3, 6, 17, 19), dropout_p=0.2)
+    assert_close(many, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
 
 
 def test_default_workers_and_blas_limit_restored():
@@ -165,9 +175,7 @@ def test_default_workers_and_blas_limit_restored():
 
     from threadpoolctl import threadpool_info
 
-    from mha_cupy._threads import resolve_workers
-
-    assert resolve_workers(None, resolve_namespace("numpy")) == max(1, os.cpu_count() or 1)
+    assert resolve_backend("numpy").default_workers("cpu") == max(1, os.cpu_count() or 1)
     before = [i["num_threads"] for i in threadpool_info()]
     q, k, v = data(13, T=40, S=40)
     expected = naive_attention(q, k, v)
@@ -204,7 +212,7 @@ def test_matches_torch_sdpa(seed):
         theirs["attn_mask"] = causal_lower_right(T, S)
     expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **theirs)
     got = sdpa(q, k, v, q_chunk_size=int(rng.integers(1, 5)), kv_chunk_size=int(rng.integers(1, 5)), **kwargs)
-    assert_close(got, expected.transpose(1, 2).numpy(), xp=resolve_namespace("numpy"), dtype=np.float64)
+    assert_close(got, expected.transpose(1, 2).numpy(), xp=resolve_backend("numpy").xp, dtype=np.float64)
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from helpers import require
 
 import mha_cupy
-from mha_cupy._budget import parse_memory_budget, plan_chunks
+from mha_cupy._budget import parse_memory_budget, plan_chunks, resolve_memory_budget
 
 
 @pytest.mark.parametrize("text,nbytes", [("256MB", 256 * 10**6), ("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000),
@@ -24,22 +24,46 @@ def test_parse_bad(bad, exc):
 
 
 def test_default_budget_can_be_changed():
-    before = mha_cupy.get_memory_budget()
+    assert mha_cupy.get_memory_budget() == 32 * 2**20  # the CPU default
+    previous = mha_cupy.set_memory_budget("8MiB")
     try:
-        assert mha_cupy.set_memory_budget("8MiB") == before
+        assert previous is None  # per-device defaults were in force
         assert mha_cupy.get_memory_budget() == 8 * 2**20
     finally:
-        mha_cupy.set_memory_budget(before)
+        mha_cupy.set_memory_budget(previous)
+    assert mha_cupy.get_memory_budget() == 32 * 2**20
+
+
+class FakeAccelerator(mha_cupy._backends.NumpyBackend):
+    """NumPy arrays standing in for a GPU with 40 GiB free (no GPU here)."""
+
+    def is_cpu(self, device):
+        return False
+
+    def free_memory(self, device):
+        return 40 * 2**30
+
+
+def test_accelerator_budget_is_a_share_of_free_memory():
+    fake = FakeAccelerator(mha_cupy._backends.resolve_backend("numpy").xp)
+    assert resolve_memory_budget(None, be=fake, device="gpu") == 10 * 2**30
+    assert resolve_memory_budget("1GiB", be=fake, device="gpu") == 2**30
+    previous = mha_cupy.set_memory_budget("64MiB")
+    try:
+        assert resolve_memory_budget(None, be=fake, device="gpu") == 64 * 2**20
+    finally:
+        mha_cupy.set_memory_budget(previous)
 
 
 def shape(**kw):
-    base = dict(batch=1, q_len=16384, kv_len=16384, heads=6, d_k=32, d_v=32, compute_itemsize=4, dropout=False, masked=False)
+    base = dict(batch=1, q_len=16384, kv_len=16384, heads=6, d_k=32, d_v=32, compute_itemsize=4, dropout=False,
+                masked=False, budget=32 * 2**20)
     return {**base, **kw}
 
 
 @pytest.mark.parametrize("budget", [2**20, 8 * 2**20, 32 * 2**20, 256 * 2**20])
 def test_plan_fits_budget(budget):
-    plan = plan_chunks(**shape(), memory_budget=budget)
+    plan = plan_chunks(**shape(budget=budget))
     tile = 6 * plan.batch * plan.q * (plan.kv * 16 + (32 + 64 + 4) * 4)
     assert tile <= budget
     assert plan.kv <= 4096 and plan.q >= 1
@@ -51,31 +75,31 @@ def test_plan_small_problem_is_one_block():
 
 
 def test_plan_chunks_the_batch_when_needed():
-    plan = plan_chunks(**shape(batch=10_000, q_len=100, kv_len=100), memory_budget="16MiB")
+    plan = plan_chunks(**shape(batch=10_000, q_len=100, kv_len=100, budget=16 * 2**20))
     assert plan.q == 100 and plan.kv == 100 and 1 <= plan.batch < 10_000
 
 
 def test_explicit_sizes_win_and_are_clipped():
-    plan = plan_chunks(**shape(q_len=10, kv_len=20), q_chunk_size=3, kv_chunk_size=50)
+    plan = plan_chunks(**shape(q_len=10, kv_len=20), q_chunk=3, kv_chunk=50)
     assert (plan.q, plan.kv) == (3, 20)
 
 
 def test_budget_too_small_for_one_row():
     with pytest.raises(ValueError, match="memory_budget of 100 bytes is too small for one query row"):
-        plan_chunks(**shape(), memory_budget=100)
+        plan_chunks(**shape(budget=100))
 
 
 def test_accelerator_plan_fills_the_budget_with_long_key_chunks():
-    cpu = plan_chunks(**shape(), memory_budget="256MiB")
-    gpu = plan_chunks(**shape(), memory_budget="256MiB", on_cpu=False)
+    cpu = plan_chunks(**shape(budget=256 * 2**20))
+    gpu = plan_chunks(**shape(budget=256 * 2**20), on_cpu=False)
     assert cpu.kv == 512 and 6 * cpu.q * cpu.kv <= 2**20
     assert gpu.kv == 4096 and gpu.q > cpu.q
 
 
 def test_is_cpu():
-    from mha_cupy._namespace import is_cpu, resolve_namespace
+    from mha_cupy._backends import resolve_backend
 
-    assert is_cpu(resolve_namespace("numpy"), "cpu")
+    assert resolve_backend("numpy").is_cpu("cpu")
     torch = require("torch", reason="needs torch")
-    assert is_cpu(resolve_namespace("torch"), torch.device("cpu"))
-    assert not is_cpu(resolve_namespace("torch"), torch.device("cuda", 0))
+    assert resolve_backend("torch").is_cpu(torch.device("cpu"))
+    assert not resolve_backend("torch").is_cpu(torch.device("cuda", 0))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import naive_attention, require
+from helpers import keep_mask, naive_attention, require
 from mha_cupy import dropout as D
 from mha_cupy import scaled_dot_product_attention as sdpa
-from mha_cupy._namespace import resolve_namespace, to_numpy
+from mha_cupy._backends import resolve_backend, to_numpy
 
 # Random123 tests/kat_vectors, philox4x32 10: counter, key, output.
 KAT = [
@@ -19,18 +19,40 @@ KAT = [
 ]
 
 
+def philox_by_the_book(counter, key):
+    """Philox4x32-10 written out from Salmon et al. (SC'11), Python ints only: the independent reference."""
+    (c0, c1, c2, c3), (k0, k1), mask = counter, key, 2**32 - 1
+    for r in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_philox_known_answers_scalar(counter, key, expected):
-    assert D.philox4x32_scalar(counter, key) == expected
+    assert D.philox4x32_scalar(counter, key) == expected == philox_by_the_book(counter, key)
+
+
+@pytest.mark.parametrize("lanes", ["uint64", "int64", "uint32"])
+def test_philox_every_lane_dtype_gives_the_same_bits(lanes):
+    rng = np.random.default_rng(0)
+    counters = rng.integers(0, 2**32, size=(4, 64), dtype=np.uint64)
+    key = (0xA4093822, 0x299F31D0)
+    words = D.philox4x32(tuple(c.astype(lanes) for c in counters), key)
+    expected = [philox_by_the_book(tuple(int(c[n]) for c in counters), key) for n in range(64)]
+    for w in range(4):
+        assert words[w].dtype == np.dtype(lanes)
+        assert [int(x) for x in words[w]] == [e[w] for e in expected]
 
 
 def test_philox_known_answers_on_every_backend(backend):
-    xp = backend.xp
-    cols = [backend.asarray(np.array([c[i] for c, _, _ in KAT], dtype=np.int64)) for i in range(4)]
+    lanes = backend.adapter.philox_lanes()
+    cols = [backend.asarray(np.array([c[i] for c, _, _ in KAT], dtype=np.uint64)) for i in range(4)]
+    cols = [backend.xp.astype(c, lanes) for c in cols]
     for row, (_, key, expected) in enumerate(KAT):
         words = D.philox4x32(tuple(c[row:row + 1] for c in cols), key)
         assert [int(to_numpy(w)[0]) for w in words] == list(expected)
-    assert cols[0].dtype == xp.int64
 
 
 def qkv(seed=0, B=2, T=5, S=7, N=4, K=2, H=3):
@@ -39,8 +61,13 @@ def qkv(seed=0, B=2, T=5, S=7, N=4, K=2, H=3):
 
 
 def keep_mask_np(seed, p, B, N, T, S):
-    b, h, i, j = np.meshgrid(np.arange(B), np.arange(N), np.arange(T), np.arange(S), indexing="ij")
-    return np.asarray(D.keep_mask(seed, p, b.astype(np.int64), h.astype(np.int64), i.astype(np.int64), j.astype(np.int64)))
+    """The documented mask from the by-the-book Philox, element by element."""
+    key, thr = D.split_seed(seed), D.keep_threshold(p)
+    keep = np.empty((B, N, T, S), dtype=bool)
+    for idx in np.ndindex(keep.shape):
+        b, h, i, j = idx
+        keep[idx] = philox_by_the_book((j, i, h, b), key)[0] >= thr
+    return keep
 
 
 def test_dropout_equals_direct_computation_with_the_documented_mask():
@@ -54,14 +81,16 @@ def test_dropout_equals_direct_computation_with_the_documented_mask():
 @pytest.mark.parametrize("chunks", [(1, 1), (2, 3), (5, 7), (4, 2)], ids=str)
 def test_dropout_is_bitwise_the_same_at_every_chunking_and_backend(backend, chunks):
     q, k, v = qkv(1)
-    ref = sdpa(q, k, v, dropout_p=0.25, seed=99, q_chunk_size=5, kv_chunk_size=7)
+    keep = keep_mask_np(99, 0.25, 2, 4, 5, 7)
+    expected = naive_attention(q, k, v, keep=keep, dropout_p=0.25)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), dropout_p=0.25, seed=99,
                q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
     # Outputs differ only by the online softmax's rounding; a different keep mask would move them by O(1).
-    np.testing.assert_allclose(to_numpy(got), ref, rtol=0, atol=1e-12)
-    keep_here = D.keep_mask(99, 0.25, *(backend.asarray(np.arange(n, dtype=np.int64).reshape(s))
+    np.testing.assert_allclose(to_numpy(got), expected, rtol=0, atol=1e-12)
+    lanes = backend.adapter.philox_lanes()
+    keep_here = D.keep_mask(99, 0.25, *(backend.xp.astype(backend.asarray(np.arange(n).reshape(s)), lanes)
                                         for n, s in ((2, (2, 1, 1, 1)), (4, (1, 4, 1, 1)), (5, (1, 1, 5, 1)), (7, (1, 1, 1, 7)))))
-    np.testing.assert_array_equal(to_numpy(keep_here), keep_mask_np(99, 0.25, 2, 4, 5, 7))
+    np.testing.assert_array_equal(to_numpy(keep_here), keep)
 
 
 def test_different_seeds_differ_and_same_seed_repeats():
@@ -76,7 +105,7 @@ def test_different_seeds_differ_and_same_seed_repeats():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_drop_rate_matches_p(p):
     stats = require("scipy.stats")
-    keep = keep_mask_np(7, p, 4, 8, 64, 64)
+    keep = keep_mask(7, p, 4, 8, 64, 64)
     dropped = int((~keep).sum())
     assert stats.binomtest(dropped, keep.size, p).pvalue > 1e-3
 
@@ -103,9 +132,16 @@ def test_derive_seed_streams_differ():
     assert len(seeds) == 101 and all(0 <= s < 2**64 for s in seeds)
 
 
+def uniform_by_the_book(seed, stream, size, bits):
+    words = [philox_by_the_book((n & 0xFFFFFFFF, n >> 32, stream, 0), D.split_seed(seed)) for n in range(size)]
+    if bits == 53:
+        return np.array([((w0 >> 5) * 2.0**26 + (w1 >> 6)) * 2.0**-53 for w0, w1, _, _ in words])
+    return np.array([(w0 >> 8) * 2.0**-24 for w0, _, _, _ in words])
+
+
 def test_uniform_is_identical_across_backends(backend):
-    for dtype in ("float64", "float32"):
-        ref = D.uniform(9, 3, (4, 5), getattr(np, dtype), xp=resolve_namespace("numpy"), device="cpu")
+    for dtype, bits in (("float64", 53), ("float32", 24)):
+        ref = uniform_by_the_book(9, 3, 20, bits).reshape(4, 5).astype(dtype)
         got = D.uniform(9, 3, (4, 5), backend.dtype(dtype), xp=backend.xp, device=backend.device)
         np.testing.assert_array_equal(to_numpy(got), ref)
         assert 0 <= ref.min() and ref.max() < 1
@@ -113,5 +149,5 @@ def test_uniform_is_identical_across_backends(backend):
 
 def test_uniform_distribution():
     stats = require("scipy.stats")
-    u = np.asarray(D.uniform(1, 1, (20000,), np.float64, xp=resolve_namespace("numpy"), device="cpu"))
+    u = np.asarray(D.uniform(1, 1, (20000,), np.float64, xp=resolve_backend("numpy").xp, device="cpu"))
     assert stats.kstest(u, "uniform").pvalue > 1e-3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close
-from mha_cupy.compare import replay_fixture
+from mha_cupy._reference import replay_fixture
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import assert_close, naive_attention, require
 from mha_cupy import MultiHeadAttention
-from mha_cupy.compare import layer_like, reference_layer
+from mha_cupy._reference import layer_like, reference_layer
 
 torch = require("torch", reason="differential tests need torch (pip install mha_cupy[reference])")
 require("tabpfn", reason="differential tests need tabpfn 2.2.1 (pip install mha_cupy[reference])")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mha_cupy import MultiHeadAttention
+from mha_cupy._backends import resolve_backend
 from mha_cupy._validation import check_probability, check_shape_and_dtype, shape_str
 
 
@@ -134,6 +135,6 @@ def test_allow_inplace_with_save_peak_mem_factor_writes_into_x():
 def test_helpers():
     assert shape_str((2, None, 3)) == "[2, *, 3]"
     with pytest.raises(ValueError, match=r"a must have 2 dimensions \[r, c\], shape \[2, \*\], got shape \[2\]"):
-        check_shape_and_dtype(np.zeros(2), "a", (2, None), legend="[r, c]", xp=None)
+        check_shape_and_dtype(np.zeros(2), "a", (2, None), legend="[r, c]", be=resolve_backend("numpy"))
     with pytest.raises(TypeError, match="p must be a float"):
         check_probability("0.5", "p")

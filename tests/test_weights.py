@@ -9,7 +9,7 @@ import pytest
 
 from helpers import assert_close, require
 from mha_cupy import MultiHeadAttention, convert_torch_nn_multihead_attention_state_dict as convert_sd
-from mha_cupy._namespace import to_numpy
+from mha_cupy._backends import to_numpy
 from mha_cupy.weights import input_weight_bound, output_weight_bound
 
 

@@ -1,62 +1,41 @@
-"""Comparing results: tolerances, errors, and TabPFN's reference layer built side by side with ours.
+"""The reference harness: TabPFN 2.2.1's layer built beside ours, and the fixtures replayed.
 
-The reference needs ``pip install mha_cupy[reference]`` (torch 2.13.0,
-tabpfn 2.2.1); it is imported only when asked for.
+Test and command-line tooling, not runtime code: imported by ``mha_cupy.cli``
+and the tests only. The reference needs ``pip install ".[reference]"``
+(torch 2.13.0, tabpfn 2.2.1); it is imported only when asked for.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
-from ._namespace import dtype_name, load_npz, resolve_namespace, to_numpy
+import numpy
+
+from ._backends import convert, dtype_name, resolve_backend, to_numpy
+from .module import MultiHeadAttention
+from .testing import scaled_error, tolerance
+from .weights import convert_torch_nn_multihead_attention_state_dict
 
 __all__ = [
-    "TOLERANCE",
-    "tolerance",
-    "scaled_error",
-    "check_close",
+    "WEIGHT_NAMES",
+    "load_npz",
     "reference_layer",
     "reference_weights",
     "layer_like",
-    "WEIGHT_NAMES",
+    "replay_fixture",
+    "verify_fixtures",
 ]
-
-#: Max abs error allowed, relative to ``max(1, max |reference|)``, by dtype name. Half
-#: precisions compute in float32, so two units of their epsilon (2**-10, 2**-7) cover the
-#: rounding of inputs, projections and output.
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7}
 
 WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
 
 
-def tolerance(dtype: Any) -> float:
-    """The parity tolerance for ``dtype`` (a dtype of any library or its name)."""
-    return TOLERANCE[dtype if isinstance(dtype, str) else dtype_name(dtype)]
-
-
-def scaled_error(actual: Any, reference: Any) -> float:
-    """``max |actual - reference| / max(1, max |reference|)``, computed in float64 on the host."""
-    np = resolve_namespace("numpy")
-    a = np.asarray(to_numpy(actual), dtype=np.float64)
-    r = np.asarray(to_numpy(reference), dtype=np.float64)
-    if a.shape != r.shape:
-        msg = f"shapes differ: actual {tuple(a.shape)}, reference {tuple(r.shape)}"
-        raise ValueError(msg)
-    if r.size == 0:
-        return 0.0
-    scale = max(1.0, float(np.max(np.abs(r))))
-    return float(np.max(np.abs(a - r))) / scale
-
-
-def check_close(actual: Any, reference: Any, dtype: Any, *, what: str = "result") -> float:
-    """Raise ``AssertionError`` unless ``scaled_error(actual, reference) <= tolerance(dtype)``; return the error."""
-    err = scaled_error(actual, reference)
-    tol = tolerance(dtype)
-    if not err <= tol:
-        msg = f"{what}: scaled max abs error {err:.3e} exceeds tolerance {tol:.0e} for {dtype_name(dtype) if not isinstance(dtype, str) else dtype}"
-        raise AssertionError(msg)
-    return err
+def load_npz(path: Any) -> dict[str, numpy.ndarray]:
+    """All arrays of an ``.npz`` file, read into host memory."""
+    with numpy.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def _reference_imports() -> tuple[Any, Any, Any]:
@@ -105,10 +84,7 @@ def reference_weights(ref: Any) -> dict[str, Any]:
 
 def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -> Any:
     """Our ``MultiHeadAttention`` with the reference layer's configuration and weights, in namespace ``xp``."""
-    from ._namespace import convert
-    from .module import MultiHeadAttention
-
-    target = resolve_namespace(xp)
+    target = resolve_backend(xp)
     dtype = dtype_name(ref.w_out.dtype)
     # Only a layer without key/value weights was built on precomputed keys/values.
     precomputed = ref._kv_cache is not None and all(getattr(ref, n) is None for n in ("w_qkv", "w_kv", "w_k"))
@@ -116,7 +92,7 @@ def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -
     layer = MultiHeadAttention(
         emsize=ref._input_size, nhead=ref._nhead, d_k=ref._d_k, d_v=ref._d_v,
         share_kv_across_n_heads=ref._nhead // ref._nhead_kv, dropout_p=ref.dropout_p,
-        softmax_scale=ref.softmax_scale, precomputed_kv=pre, dtype=dtype, xp=target, device=device, seed=seed,
+        softmax_scale=ref.softmax_scale, precomputed_kv=pre, dtype=dtype, xp=target.xp, device=device, seed=seed,
     )
     weights = {n: convert(a, target, device) for n, a in reference_weights(ref).items()}
     layer.set_parameters(precomputed_kv=pre, **weights)
@@ -128,11 +104,7 @@ def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = Non
 
     Returns our arrays (in namespace ``xp``) under the case's output and cache keys.
     """
-    from ._namespace import convert
-    from .module import MultiHeadAttention
-    from .weights import convert_torch_nn_multihead_attention_state_dict
-
-    target = resolve_namespace(xp)
+    target = resolve_backend(xp)
     cfg = entry["config"]
 
     def arr(key: str) -> Any:
@@ -142,7 +114,7 @@ def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = Non
     layer = MultiHeadAttention(
         emsize=cfg["emsize"], nhead=cfg["nhead"], d_k=cfg["d_k"], d_v=cfg["d_v"],
         share_kv_across_n_heads=cfg["share_kv_across_n_heads"], dropout_p=cfg["dropout_p"],
-        softmax_scale=cfg.get("softmax_scale"), precomputed_kv=pre, dtype=entry["dtype"], xp=target, device=device,
+        softmax_scale=cfg.get("softmax_scale"), precomputed_kv=pre, dtype=entry["dtype"], xp=target.xp, device=device,
         seed=entry["seed"],
     )
     if cfg.get("state_dict_conversion"):
@@ -168,7 +140,7 @@ def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = Non
         if pre is not None:
             ours["output"] = layer(x, use_cached_kv=True, **call)
         else:
-            ours["output"] = layer(target.asarray(x, copy=True), x_kv, **call)
+            ours["output"] = layer(target.xp.asarray(x, copy=True), x_kv, **call)
         if "output_torch_nn" in entry["output_keys"]:
             ours["output_torch_nn"] = ours["output"]
     elif scenario in ("cache_kv", "use_cached"):
@@ -198,9 +170,6 @@ def verify_fixtures(directory: Any, *, xp: Any = None, device: Any = None) -> li
 
     Rows: ``case_id, key, dtype, error, tolerance, ok``.
     """
-    import json
-    from pathlib import Path
-
     directory = Path(directory)
     manifest = json.loads((directory / "manifest.json").read_text())
     rows = []

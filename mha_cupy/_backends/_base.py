@@ -1,0 +1,185 @@
+"""The interface every library adapter implements, with the standard's answers as defaults.
+
+An adapter holds only what is specific to its library; everything here is
+written against the Array API standard (2023.12) and array-api-compat, so a
+library without an adapter of its own (any module with
+``__array_api_version__``) runs on this base class alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from typing import Any, ClassVar, ContextManager
+
+import array_api_compat
+import numpy
+
+__all__ = ["Backend", "BackendUnavailableError", "CPU_MEMORY_BUDGET", "ACCELERATOR_BUDGET_FRACTION"]
+
+#: Working-set budget of one call on a CPU when none is set: tiles that stay in cache
+#: matter more there than a larger budget (see ``_budget.plan_chunks``).
+CPU_MEMORY_BUDGET = 32 * 2**20
+#: Share of an accelerator's free memory that one call may use by default: a few large
+#: tiles instead of thousands of small kernel launches, leaving room for the caller.
+ACCELERATOR_BUDGET_FRACTION = 0.25
+
+_HALF_NAMES = ("float16", "bfloat16")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An array library was asked for that cannot run here.
+
+    ``reason`` is ``"not-installed"`` when the package cannot be imported and
+    ``"no-device"`` when it imports but finds no usable device (CuPy without a
+    CUDA driver or GPU).
+    """
+
+    def __init__(self, message: str, *, library: str, reason: str) -> None:
+        super().__init__(message)
+        self.library = library
+        self.reason = reason
+
+
+class Backend:
+    """What mha_cupy needs to know about one array library, for its namespace ``xp``.
+
+    Subclasses override the class attributes and the few methods where their
+    library differs from the standard.
+    """
+
+    #: Short name, as accepted by ``xp=``.
+    name: ClassVar[str] = "generic"
+    #: The package to import for ``xp=name``.
+    package: ClassVar[str] = ""
+    #: How to install it, for error messages.
+    install_hint: ClassVar[str] = ""
+    #: Whether arrays support ``x[idx] = y`` (JAX's do not: results are assembled functionally).
+    item_assignment: ClassVar[bool] = True
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def __repr__(self) -> str:
+        return f"<mha_cupy backend {self.name}>"
+
+    # -- recognising and loading ------------------------------------------------------------
+
+    @staticmethod
+    def is_namespace(module: Any) -> bool:
+        """Whether ``module`` (a library module or its Array API namespace) belongs to this adapter."""
+        return False
+
+    @classmethod
+    def load(cls) -> Any:
+        """Import the library and return its Array API namespace, or raise ``BackendUnavailableError``."""
+        try:
+            module = importlib.import_module(cls.package)
+        except ImportError as exc:
+            msg = f"xp={cls.name!r} needs the package {cls.package!r}, which is not installed ({exc}); {cls.install_hint}"
+            raise BackendUnavailableError(msg, library=cls.name, reason="not-installed") from exc
+        return cls.namespace_of_module(module)
+
+    @staticmethod
+    def namespace_of_module(module: Any) -> Any:
+        """The Array API namespace of a library module (array-api-compat's wrapper where there is one)."""
+        return module
+
+    # -- devices ----------------------------------------------------------------------------
+
+    def default_device(self) -> Any:
+        """The device arrays are created on when none is given."""
+        return self.xp.__array_namespace_info__().default_device()
+
+    def is_cpu(self, device: Any) -> bool:
+        """Whether arrays on ``device`` live in host memory (tiles then follow CPU caches)."""
+        return True
+
+    def default_workers(self, device: Any) -> int:
+        """Threads over independent blocks when the caller names none."""
+        return 1
+
+    def parallel_section(self) -> ContextManager[None]:
+        """Entered around a thread pool over blocks (NumPy holds BLAS to one thread there)."""
+        return contextlib.nullcontext()
+
+    def default_memory_budget(self, device: Any) -> int:
+        """Working-set bytes of one call when none is set: ``CPU_MEMORY_BUDGET`` on CPUs,
+        ``ACCELERATOR_BUDGET_FRACTION`` of the free memory on accelerators."""
+        if self.is_cpu(device):
+            return CPU_MEMORY_BUDGET
+        return max(CPU_MEMORY_BUDGET, int(self.free_memory(device) * ACCELERATOR_BUDGET_FRACTION))
+
+    def free_memory(self, device: Any) -> int:
+        """Bytes an accelerator can still allocate (its driver's free memory plus the library's cached pool)."""
+        return CPU_MEMORY_BUDGET
+
+    # -- dtypes -----------------------------------------------------------------------------
+
+    def float_dtypes(self) -> dict[str, Any]:
+        """The real floating dtypes this library offers now, by name (half precisions included)."""
+        found = dict(self.xp.__array_namespace_info__().dtypes(kind="real floating"))
+        for name in _HALF_NAMES:
+            if hasattr(self.xp, name):
+                found[name] = getattr(self.xp, name)
+        return found
+
+    def dtype_name(self, dtype: Any) -> str:
+        """The standard's name of ``dtype`` (``"float32"``); ``str(dtype)`` for a dtype it does not know."""
+        return self.known_dtype_name(dtype) or str(dtype)
+
+    def known_dtype_name(self, dtype: Any) -> str | None:
+        """The standard's name of ``dtype`` if it is one of this library's dtypes, else None."""
+        known = {**self.xp.__array_namespace_info__().dtypes(), **self.float_dtypes()}
+        with warnings.catch_warnings():  # array_api_strict warns when asked about another library's dtype
+            warnings.simplefilter("ignore")
+            return next((name for name, dt in known.items() if dt == dtype), None)
+
+    def float_dtype(self, spec: Any) -> Any:
+        """``spec`` (a name, a NumPy dtype or a dtype of this library) as this library's float dtype."""
+        available = self.float_dtypes()
+        name = spec if isinstance(spec, str) else self.dtype_name(spec)
+        if name not in available and not isinstance(spec, str):
+            with contextlib.suppress(TypeError):
+                name = numpy.dtype(spec).name
+        if name not in available:
+            msg = f"dtype must be one of the floating dtypes {sorted(available)} of {self.name}, got {spec!r}"
+            raise TypeError(msg)
+        return available[name]
+
+    def compute_dtype(self, dtype: Any) -> Any:
+        """Dtype of logits, softmax and accumulation: float64 for float64, else float32."""
+        return self.xp.float64 if dtype == self.xp.float64 else self.xp.float32
+
+    def itemsize(self, dtype: Any) -> int:
+        """Bytes per element of a float dtype."""
+        return self.xp.finfo(dtype).bits // 8
+
+    def philox_lanes(self) -> Any:
+        """The integer dtype that carries Philox's 32-bit words (see ``dropout``): uint64 where the
+        library has it (one exact 64-bit product per multiply), else uint32."""
+        return self.xp.uint64 if "uint64" in self.xp.__array_namespace_info__().dtypes(kind="unsigned integer") else self.xp.uint32
+
+    # -- host copies and fast paths ---------------------------------------------------------
+
+    def to_numpy(self, x: Any) -> numpy.ndarray:
+        """A NumPy copy of ``x`` on the host (for comparisons and saving, never the hot path)."""
+        return numpy.asarray(x)
+
+    def from_numpy(self, a: numpy.ndarray, device: Any) -> Any:
+        """Host array ``a`` as an array of this library on ``device``."""
+        return self.xp.asarray(a, device=device)
+
+    def exp_(self, x: Any) -> Any:
+        """``exp(x)``, written into ``x`` where the library can (the array must be the caller's own)."""
+        return self.xp.exp(x)
+
+    def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
+        """``fn`` made fast for this library (JAX: ``jax.jit``); as it is where arrays run eagerly."""
+        return fn
+
+    @staticmethod
+    def is_array(x: Any) -> bool:
+        """Whether ``x`` is an array (Python scalars are not)."""
+        return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool))

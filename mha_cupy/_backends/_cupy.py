@@ -1,0 +1,68 @@
+"""CuPy: CUDA arrays. Only what differs from the standard: loading with a clear error where no
+GPU or driver is present, device memory for the default budget, and the host copy."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy
+
+from ._base import Backend, BackendUnavailableError
+
+__all__ = ["CupyBackend"]
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    package = "cupy"
+    install_hint = (
+        "install CuPy for your CUDA version from a checkout with `pip install \".[cuda12]\"` "
+        "(CUDA 12) or `pip install \".[cuda13]\"` (CUDA 13), or `pip install cupy-cuda12x`"
+    )
+
+    @staticmethod
+    def is_namespace(module: Any) -> bool:
+        return array_api_compat.is_cupy_namespace(module)
+
+    @classmethod
+    def load(cls) -> Any:
+        try:
+            cupy = importlib.import_module("cupy")
+        except ImportError as exc:
+            msg = f"xp='cupy' needs CuPy, which is not installed ({exc}); {cls.install_hint}"
+            raise BackendUnavailableError(msg, library="cupy", reason="not-installed") from exc
+        try:
+            available = bool(cupy.is_available())
+        except Exception:  # noqa: BLE001 - a broken driver can raise instead of answering False
+            available = False
+        if not available:
+            msg = (
+                "xp='cupy': CuPy is installed but finds no usable CUDA driver or GPU "
+                "(cupy.is_available() is False); run on a machine with an NVIDIA GPU and "
+                f"driver, or use xp='numpy'. If the CuPy build does not match the driver, {cls.install_hint}"
+            )
+            raise BackendUnavailableError(msg, library="cupy", reason="no-device")
+        return array_api_compat.array_namespace(cupy.empty(0))
+
+    @classmethod
+    def namespace_of_module(cls, module: Any) -> Any:
+        return cls.load()
+
+    def is_cpu(self, device: Any) -> bool:
+        return False
+
+    def free_memory(self, device: Any) -> int:
+        import cupy
+
+        free, _ = device.mem_info
+        return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+
+    def to_numpy(self, x: Any) -> numpy.ndarray:
+        return x.get()
+
+    def exp_(self, x: Any) -> Any:
+        import cupy
+
+        return cupy.exp(x, out=x)

@@ -1,0 +1,57 @@
+"""JAX: immutable arrays (results are assembled functionally, caches updated with ``at``), and
+float64/int64/uint64 only under ``jax_enable_x64``."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy
+
+from ._base import CPU_MEMORY_BUDGET, Backend
+
+__all__ = ["JaxBackend"]
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    package = "jax.numpy"
+    install_hint = "pip install jax (CPU) or jax[cuda12]"
+    item_assignment = False
+
+    @staticmethod
+    def is_namespace(module: Any) -> bool:
+        return array_api_compat.is_jax_namespace(module) or getattr(module, "__name__", None) == "jax"
+
+    @staticmethod
+    def namespace_of_module(module: Any) -> Any:
+        return importlib.import_module("jax.numpy")
+
+    def default_device(self) -> Any:
+        import jax
+
+        # The namespace info answers None ("JAX decides"); arrays report a concrete device.
+        return jax.config.jax_default_device or jax.devices()[0]
+
+    def is_cpu(self, device: Any) -> bool:
+        return device.platform == "cpu"
+
+    def free_memory(self, device: Any) -> int:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return CPU_MEMORY_BUDGET
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one compiled wrapper per function, for the process
+    def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
+        # Eager JAX compiles every operation for every new shape; one jitted step per shape is far cheaper.
+        import jax
+
+        return jax.jit(fn, static_argnames=static_argnames)
+
+    def to_numpy(self, x: Any) -> numpy.ndarray:
+        if x.dtype == self.xp.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            x = self.xp.astype(x, self.xp.float32)
+        return numpy.asarray(x)

@@ -1,0 +1,51 @@
+"""PyTorch tensors on the CPU or CUDA. Torch parallelises every operation itself (one worker)
+and has no shifts or additions on uint32, so Philox runs in int64 lanes here."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy
+
+from ._base import Backend
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    package = "torch"
+    install_hint = "pip install torch (or, from a checkout, pip install \".[reference]\")"
+
+    @staticmethod
+    def is_namespace(module: Any) -> bool:
+        return array_api_compat.is_torch_namespace(module)
+
+    @staticmethod
+    def namespace_of_module(module: Any) -> Any:
+        torch = importlib.import_module("torch")
+        return array_api_compat.array_namespace(torch.empty(0))
+
+    def is_cpu(self, device: Any) -> bool:
+        return device.type == "cpu"
+
+    def free_memory(self, device: Any) -> int:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + int(cached)
+
+    def philox_lanes(self) -> Any:
+        return self.xp.int64
+
+    def to_numpy(self, x: Any) -> numpy.ndarray:
+        x = x.detach().cpu()
+        if x.dtype == self.xp.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            x = x.float()
+        return x.numpy()
+
+    def exp_(self, x: Any) -> Any:
+        return x.exp_()

@@ -1,0 +1,230 @@
+"""The chunked attention loop with an online softmax, on validated arrays and a resolved plan.
+
+Letters: B batch, T query length, S key length, N query heads, K key/value
+heads, G = N // K query heads per key/value head, H key size (d_k), V value
+size (d_v).
+
+The loop visits blocks of (batch rows, query rows); inside each it walks the
+keys in chunks, keeping a running maximum, a running sum and a rescaled
+accumulator (Rabe & Staats, arXiv 2112.05682), so no score matrix larger than
+one tile ever exists. Grouped heads are folded into GEMM rows: the G query
+heads that share a key/value head become G * T rows of one matrix product
+against that head's keys, so keys and values are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import dropout as _dropout
+from ._backends import Backend, device_of
+from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
+from ._threads import run_blocks
+from ._validation import check_optional_positive_int, check_positive_int
+
+__all__ = ["AttentionPlan", "plan_attention", "attend"]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One attention call, resolved: everything ``attend`` needs besides the arrays."""
+
+    be: Backend
+    scale: float
+    chunks: ChunkPlan
+    workers: int
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    #: Philox key ``(low, high)`` of the dropout seed; None without dropout.
+    dropout_key: tuple[int, int] | None = None
+
+    def blocks(self, batch: int, q_len: int) -> list[tuple[int, int, int, int]]:
+        """The (batch rows, query rows) blocks ``(b0, b1, t0, t1)``, batch-major."""
+        c = self.chunks
+        return [(b0, min(batch, b0 + c.batch), t0, min(q_len, t0 + c.q))
+                for b0 in range(0, batch, c.batch) for t0 in range(0, q_len, c.q)]
+
+
+def plan_attention(
+    *,
+    be: Backend,
+    device: Any,
+    shape: tuple[int, int, int, int, int, int],
+    dtype: Any,
+    scale: float,
+    masked: bool = False,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    q_chunk_size: Any = None,
+    kv_chunk_size: Any = None,
+    memory_budget: Any = None,
+    workers: Any = None,
+    budget_divisor: int = 1,
+) -> AttentionPlan:
+    """Validate the tuning keywords and resolve them into a plan.
+
+    ``shape`` is ``(B, T, S, N, H, V)`` of one block of work (for the layer,
+    one ``save_peak_mem_factor`` part); ``budget_divisor`` divides the memory
+    budget (the factor bounds the attention's working set too).
+    """
+    B, T, S, N, H, V = shape
+    q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
+    kv_chunk = check_optional_positive_int(kv_chunk_size, "kv_chunk_size")
+    workers = be.default_workers(device) if workers is None else check_positive_int(workers, "workers")
+    budget = max(1, resolve_memory_budget(memory_budget, be=be, device=device) // budget_divisor)
+    chunks = plan_chunks(
+        batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=V, compute_itemsize=be.itemsize(be.compute_dtype(dtype)),
+        dropout=dropout_p > 0, masked=masked or is_causal, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
+        workers=workers, on_cpu=be.is_cpu(device),
+    )
+    key = _dropout.split_seed(seed) if dropout_p > 0 else None
+    return AttentionPlan(be=be, scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
+                         dropout_p=dropout_p if key is not None else 0.0, dropout_key=key)
+
+
+def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = None, bias: Any = None,
+           batch_offset: int = 0) -> Any:
+    """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` under ``plan``.
+
+    ``mask`` and ``bias`` are 4-D (``check_mask``); ``batch_offset`` is added to
+    batch indices for the dropout counter when ``q`` is a slice of a larger
+    batch. Blocks write their own slices of the output (or, where arrays are
+    immutable, are concatenated), so the result does not depend on the order
+    or the number of workers.
+    """
+    B, T, N, _ = q.shape
+    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset)
+    blocks = plan.blocks(B, T)
+    if not plan.be.item_assignment:
+        rows = [[core.block(*blk) for blk in blocks if blk[0] == b0] for b0 in range(0, B, plan.chunks.batch)]
+        if not rows:
+            return xp.empty((B, T, N, v.shape[3]), dtype=q.dtype, device=device_of(q))
+        return xp.concat([xp.concat(r, axis=1) if len(r) > 1 else r[0] for r in rows], axis=0)
+    out = xp.empty((B, T, N, v.shape[3]), dtype=q.dtype, device=device_of(q))
+
+    def write(b0: int, b1: int, t0: int, t1: int) -> None:
+        out[b0:b1, t0:t1, ...] = core.block(b0, b1, t0, t1)
+
+    run_blocks(write, blocks, plan.workers, plan.be)
+    return out
+
+
+def _slice_or_all(size: int, start: int, stop: int) -> slice:
+    return slice(None) if size == 1 else slice(start, stop)
+
+
+def _block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, xp: Any) -> Any:
+    """The ``[b', K', t', G', s']`` block of a 4-D mask/bias ``[B|1, T|1, N|1, S|1]`` for the folded layout."""
+    mb, mt, mn, ms = x.shape
+    blk = x[_slice_or_all(mb, b.start, b.stop), _slice_or_all(mt, t.start, t.stop), :, _slice_or_all(ms, s.start, s.stop)]
+    kh, g = groups if mn != 1 else (1, 1)
+    blk = xp.reshape(blk, (blk.shape[0], blk.shape[1], kh, g, blk.shape[3]))
+    return xp.permute_dims(blk, (0, 2, 1, 3, 4))
+
+
+class _Core:
+    """One attention problem; ``block`` computes the rows of one (batch, query) block."""
+
+    def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
+                 batch_offset: int) -> None:
+        self.q, self.k, self.v, self.xp, self.plan = q, k, v, xp, plan
+        self.mask, self.bias, self.batch_offset = mask, bias, batch_offset
+        self.N, self.H = q.shape[2], q.shape[3]
+        self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
+        self.G = self.N // self.K
+        self.shift = self.S - q.shape[1]  # bottom-right causal alignment
+        self.dev = device_of(q)
+        cdt = self.cdt = plan.be.compute_dtype(q.dtype)
+        self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))
+        # Library fast paths: on JAX each is compiled once per shape instead of op by op.
+        self.step = plan.be.compile(_online_softmax_step, static_argnames=("be", "keep_scale"))
+        self.keep_decision = plan.be.compile(_dropout.keep_decision, static_argnames=("key", "threshold"))
+        self.keep_scale = 1.0 / (1.0 - plan.dropout_p) if plan.dropout_p < 1.0 else 0.0
+        self.threshold = _dropout.keep_threshold(plan.dropout_p)
+        self.index_dtype = xp.__array_namespace_info__().default_dtypes(device=self.dev)["indexing"]
+        if plan.dropout_key is not None:
+            self.lanes = plan.be.philox_lanes()
+            self.heads_idx = xp.reshape(xp.arange(self.N, dtype=self.lanes, device=self.dev), (1, self.K, 1, self.G, 1))
+
+    def _index(self, start: int, stop: int, axis: int, dtype: Any) -> Any:
+        """``arange(start, stop)`` along ``axis`` of a 5-D ``[b, K, t, G, s]`` layout."""
+        shape = [1] * 5
+        shape[axis] = stop - start
+        return self.xp.reshape(self.xp.arange(start, stop, dtype=dtype, device=self.dev), tuple(shape))
+
+    def _allowed(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
+        """Where queries ``tsl`` may attend keys ``ssl`` (mask and causal), or None when all may."""
+        xp, allowed = self.xp, None
+        if self.mask is not None:
+            allowed = _block_of(self.mask, bsl, tsl, ssl, (self.K, self.G), xp=xp)
+        if self.plan.is_causal and ssl.stop - 1 > tsl.start + self.shift:  # some key here is hidden from some query
+            idx = self.index_dtype
+            causal = self._index(ssl.start, ssl.stop, 4, idx) <= self._index(tsl.start, tsl.stop, 2, idx) + self.shift
+            allowed = causal if allowed is None else xp.logical_and(allowed, causal)
+        return allowed
+
+    def _keep(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
+        bo, lanes = self.batch_offset, self.lanes
+        return self.keep_decision(
+            self._index(bsl.start + bo, bsl.stop + bo, 0, lanes), self.heads_idx,
+            self._index(tsl.start, tsl.stop, 2, lanes), self._index(ssl.start, ssl.stop, 4, lanes),
+            key=self.plan.dropout_key, threshold=self.threshold)
+
+    def block(self, b0: int, b1: int, t0: int, t1: int) -> Any:
+        """The output rows ``[b0:b1, t0:t1]`` as ``[b, t, N, V]`` in the output dtype."""
+        xp, K, G, H, V, cdt = self.xp, self.K, self.G, self.H, self.V, self.cdt
+        nb, nt = b1 - b0, t1 - t0
+        s_end = max(0, min(self.S, t1 + self.shift)) if self.plan.is_causal else self.S
+        qb = xp.permute_dims(xp.reshape(self.q[b0:b1, t0:t1, ...], (nb, nt, K, G, H)), (0, 2, 1, 3, 4))
+        qb = xp.reshape(xp.astype(qb, cdt), (nb, K, nt * G, H)) * self.plan.scale
+        m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=self.dev)
+        l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=self.dev)
+        acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
+        for s0 in range(0, s_end, self.plan.chunks.kv):
+            bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + self.plan.chunks.kv))
+            kb = xp.permute_dims(self.k[bsl, ssl, ...], (0, 2, 3, 1))  # [b, K, H, s]
+            vb = xp.permute_dims(self.v[bsl, ssl, ...], (0, 2, 1, 3))  # [b, K, s, V]
+            bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
+            keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
+            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, self._allowed(bsl, tsl, ssl), keep, self.consts,
+                                  be=self.plan.be, keep_scale=self.keep_scale)
+        l = xp.where(l == self.consts[1], self.consts[2], l)  # fully masked rows: acc is 0, output 0
+        res = xp.reshape(acc / xp.reshape(l, (nb, K, nt * G, 1)), (nb, K, nt, G, V))
+        res = xp.reshape(xp.permute_dims(res, (0, 2, 1, 3, 4)), (nb, nt, self.N, V))
+        return xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
+
+
+def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
+                         consts: tuple[Any, Any, Any], *, be: Backend, keep_scale: float) -> tuple[Any, Any, Any]:
+    """One key chunk of the online softmax: scores ``q k^T``, the running max ``m [b,K,t,G,1]``, sum ``l``
+    and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
+
+    ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``consts`` holds
+    ``-inf``, 0 and 1 as 0-d arrays of the compute dtype.
+    """
+    xp = be.xp
+    neg_inf, zero, _ = consts
+    nb, K, nt, G, _ = m.shape
+    kv_chunk = kb.shape[-1]
+    if kb.dtype != qb.dtype:
+        kb, vb = xp.astype(kb, qb.dtype), xp.astype(vb, qb.dtype)
+    scores = xp.reshape(xp.matmul(qb, kb), (nb, K, nt, G, kv_chunk))
+    if bias is not None:
+        scores = scores + xp.astype(bias, qb.dtype)
+    if allowed is not None:
+        scores = xp.where(allowed, scores, neg_inf)
+    m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
+    m_safe = xp.where(m_new == neg_inf, zero, m_new)  # rows with nothing visible yet
+    scores -= m_safe  # every array updated in place here is this block's own
+    p = be.exp_(scores)
+    alpha = xp.exp(m - m_safe)
+    l *= alpha
+    l += xp.sum(p, axis=-1, keepdims=True)
+    if keep is not None:
+        p = xp.where(keep, p, zero) * keep_scale
+    acc *= xp.reshape(alpha, (nb, K, nt * G, 1))
+    acc += xp.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb)
+    return m_new, l, acc

@@ -1,0 +1,179 @@
+"""One layer call resolved into a frozen plan: every argument checked, every choice made,
+before the layer's cache, weights or dropout stream change.
+
+Letters: B batch (all leading dimensions flattened), T query length, S key
+length, E emsize, N heads, K kv heads, H d_k, V d_v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import dropout as _dropout
+from ._backends import backend_of, device_of
+from ._core import AttentionPlan, plan_attention
+from ._validation import check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
+from .weights import STREAMS
+
+if TYPE_CHECKING:
+    from .module import MultiHeadAttention
+
+__all__ = ["CallPlan", "CallOptions", "plan_call"]
+
+_FLAGS = ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only_cache_first_head_kv",
+          "use_cached_kv", "training", "append_kv")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The keywords of a layer call, as given."""
+
+    cache_kv: bool = False
+    add_input: bool = False
+    allow_inplace: bool = False
+    save_peak_mem_factor: Any = None
+    reuse_first_head_kv: bool = False
+    only_cache_first_head_kv: bool = False
+    use_cached_kv: bool = False
+    training: bool = False
+    q_chunk_size: Any = None
+    kv_chunk_size: Any = None
+    append_kv: bool = False
+    memory_budget: Any = None
+    workers: Any = None
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one layer call does."""
+
+    #: Flattened batch rows B, query length T, and the keys/values' source length (new rows).
+    batch: int
+    q_len: int
+    kv_len: int
+    #: Where keys/values come from: ``"self"`` (x), ``"cross"`` (x_kv) or ``"cache"``.
+    kv_source: str
+    #: kv heads projected from x / x_kv: K, or 1 with ``reuse_first_head_kv``.
+    project_heads: int
+    #: None, ``"replace"`` or ``"append"``, and the cache's per-array shapes for a new one.
+    cache_mode: str | None
+    cache_shapes: tuple[tuple[int, ...], ...]
+    add_input: bool
+    #: Flattened batch ranges computed one after another (``save_peak_mem_factor``).
+    parts: tuple[tuple[int, int], ...]
+    #: Each part's result is written into ``x`` (the factor, on libraries with item assignment).
+    write_into_x: bool
+    attention: AttentionPlan
+
+
+def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
+    """Check a call of ``layer`` and resolve it; raises before anything changes."""
+    for name in _FLAGS:
+        check_bool(getattr(opts, name), name)
+    factor = check_optional_positive_int(opts.save_peak_mem_factor, "save_peak_mem_factor", minimum=2)
+    _check_flag_combinations(opts, factor)
+    if x_kv is x:
+        x_kv = None  # the reference treats x_kv identical to x as self-attention
+    _check_inputs(layer, x, x_kv, opts)
+    B, T = _flat_batch(x), x.shape[-2]
+    source = "cache" if opts.use_cached_kv else ("self" if x_kv is None else "cross")
+    new_len = T if x_kv is None else x_kv.shape[-2]
+    cache = layer._cache
+    if opts.use_cached_kv and cache.batch != B:
+        msg = f"x has {B} flattened batch rows but the cache holds {cache.batch}"
+        raise ValueError(msg)
+    mode, shapes = _cache_mode(layer, opts, B, new_len)
+    kv_len = cache.length if source == "cache" else new_len
+    if mode == "append":
+        kv_len = cache.length + new_len
+    step = B if factor is None else max(1, -(-B // factor))
+    parts = tuple((b0, min(B, b0 + step)) for b0 in range(0, B, step)) or ((0, 0),)
+    seed = None
+    if opts.training and layer.dropout_p:
+        seed = _dropout.derive_seed(layer.seed, STREAMS["dropout"], layer._calls)
+    attention = plan_attention(
+        be=layer._be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
+        dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,
+        q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size, memory_budget=opts.memory_budget,
+        workers=opts.workers, budget_divisor=factor or 1,
+    )
+    return CallPlan(
+        batch=B, q_len=T, kv_len=new_len, kv_source=source,
+        project_heads=1 if opts.reuse_first_head_kv else layer.nhead_kv, cache_mode=mode, cache_shapes=shapes,
+        add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer._be.item_assignment,
+        attention=attention,
+    )
+
+
+def _flat_batch(x: Any) -> int:
+    B = 1
+    for n in x.shape[:-2]:
+        B *= n
+    return B
+
+
+def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:
+    if opts.cache_kv and opts.use_cached_kv:
+        msg = "cache_kv and use_cached_kv cannot both be True: a call either stores new keys/values or uses stored ones"
+        raise ValueError(msg)
+    if opts.append_kv and not opts.cache_kv:
+        msg = "append_kv=True needs cache_kv=True, got cache_kv=False"
+        raise ValueError(msg)
+    if factor is not None and not opts.allow_inplace:
+        msg = f"save_peak_mem_factor={factor} writes results into x and needs allow_inplace=True, got allow_inplace=False"
+        raise ValueError(msg)
+
+
+def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> None:
+    be = backend_of(x, x_kv, names=("x", "x_kv"))
+    if be.xp is not layer.xp:
+        msg = f"x must be an array of the layer's namespace {layer._be.name}, got {be.name}; use .to()"
+        raise TypeError(msg)
+    if device_of(x) != layer.device:
+        msg = f"x must be on the layer's device {layer.device}, got {device_of(x)}; use .to()"
+        raise ValueError(msg)
+    E = layer.emsize
+    if x.ndim < 2:
+        msg = f"x must have shape [..., seq_len, emsize={E}], got shape {shape_str(x.shape)}"
+        raise ValueError(msg)
+    check_shape_and_dtype(x, "x", (*x.shape[:-1], E), legend="[..., seq_len, emsize]", dtype=layer.dtype, be=be)
+    if x_kv is not None:
+        check_shape_and_dtype(x_kv, "x_kv", (*x.shape[:-2], None, E), legend="[..., kv_len, emsize]",
+                              dtype=layer.dtype, be=be)
+    if opts.use_cached_kv:
+        if layer._cache is None:
+            msg = "use_cached_kv=True but the cache is empty; call with cache_kv=True first or pass precomputed keys/values"
+            raise ValueError(msg)
+        if x_kv is not None:
+            msg = "use_cached_kv=True takes keys/values from the cache, so x_kv must be None"
+            raise ValueError(msg)
+    elif not layer._has_kv_weights():
+        msg = "this layer has no key/value weights (precomputed keys/values); call it with use_cached_kv=True"
+        raise ValueError(msg)
+    if opts.reuse_first_head_kv and x_kv is None and not opts.use_cached_kv:
+        msg = "reuse_first_head_kv=True is for cross-attention and needs x_kv, got x_kv=None"
+        raise ValueError(msg)
+
+
+def _cache_mode(layer: "MultiHeadAttention", opts: CallOptions, B: int,
+                new_len: int) -> tuple[str | None, tuple[tuple[int, ...], ...]]:
+    """Whether the call replaces or appends to the cache, and the shapes a new cache would have."""
+    if not opts.cache_kv:
+        return None, ()
+    kh = 1 if (opts.reuse_first_head_kv or opts.only_cache_first_head_kv) else layer.nhead_kv
+    if layer._w["w_kv"] is not None or layer._w["w_qkv"] is not None:
+        shapes: tuple[tuple[int, ...], ...] = ((B, new_len, 2, kh, layer.d_k),)
+    else:
+        shapes = ((B, new_len, kh, layer.d_k), (B, new_len, kh, layer.d_v))
+    if not (opts.append_kv and layer._cache is not None):
+        return "replace", shapes
+    have = layer._cache.layout()
+    want = [(s[0], *s[2:]) for s in shapes]
+    if have != want:
+        msg = (
+            f"append_kv=True must match the cached layout [batch, *, ...] {have}, got {want} "
+            "(same batch, kv heads and only_cache_first_head_kv/reuse_first_head_kv setting)"
+        )
+        raise ValueError(msg)
+    return "append", shapes
