@@ -20,6 +20,7 @@ from helpers import BACKEND_IDS, make_backend  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CuPy with a CUDA device")
     config.addinivalue_line("markers", "reference: compares against tabpfn 2.2.1 / torch")
+    config.addinivalue_line("markers", "slow: long tests (CI runs them; deselect locally with -m 'not slow')")
     try:
         import array_api_strict
 
@@ -40,7 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _params() -> list:
     params = []
     for name in BACKEND_IDS:
-        marks = [pytest.mark.gpu] if name == "cupy" else []
+        # JAX compiles every operation for every new shape when it runs eagerly: its cases are slow.
+        marks = [pytest.mark.gpu] if name == "cupy" else [pytest.mark.slow] if name == "jax" else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 

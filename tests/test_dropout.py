@@ -110,6 +110,7 @@ def test_drop_rate_matches_p(p):
     assert stats.binomtest(dropped, keep.size, p).pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_mean_over_seeds_is_the_no_dropout_output():
     stats = require("scipy.stats")
     q, k, v = qkv(3, B=1, T=3, S=6, N=2, K=1)

@@ -124,6 +124,7 @@ def test_cache_kv_without_append_replaces():
     assert layer.kv_cache.shape == (2, 3, 2, 2, 3)
 
 
+@pytest.mark.slow
 def test_save_peak_mem_factor_lowers_peak_memory():
     # A wide flattened batch: projections and output scale with it; the factor splits them.
     layer = MultiHeadAttention(emsize=96, nhead=4, d_k=24, d_v=24, seed=0)
@@ -143,6 +144,7 @@ def test_save_peak_mem_factor_lowers_peak_memory():
     assert peaks[8] < 0.5 * peaks[None], peaks
 
 
+@pytest.mark.slow
 def test_long_sequence_memory_is_bounded_by_default():
     # B=1, H=6, L=16384, d=32, float32: the score matrix alone would be 6.4 GB.
     rng = np.random.default_rng(10)

@@ -44,6 +44,7 @@ def test_broadcast_bad_rank():
         broadcast_kv_across_heads(np.zeros(3), 2)
 
 
+@pytest.mark.slow
 def test_grouped_attention_allocates_no_repeated_kv():
     # 8 query heads on 1 kv head: a repeated copy of K and V would be 8x their size.
     rng = np.random.default_rng(0)

@@ -1,0 +1,73 @@
+"""JAX with ``jax_enable_x64`` switched off (its default): float32 and the same dropout bits as
+everywhere else through uint32 Philox lanes. The backend-parametrised suite covers JAX with x64 on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_close, direct, keep_mask, layer_keep_mask, naive_attention, require
+from mha_cupy import MultiHeadAttention, scaled_dot_product_attention
+from mha_cupy import dropout as D
+from mha_cupy._backends import resolve_backend, to_numpy
+
+jax = require("jax", reason="needs jax (pip install jax)")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def jnp():
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        yield resolve_backend("jax").xp
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def test_without_x64_jax_offers_no_float64_and_says_so(jnp):
+    be = resolve_backend("jax")
+    assert "float64" not in be.float_dtypes() and be.philox_lanes() == jnp.uint32
+    with pytest.raises(TypeError, match=r"dtype must be one of the floating dtypes \[.*'float32'.*\] of jax, got 'float64'"):
+        MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", xp="jax")
+    with pytest.raises(TypeError, match="dtype must be one of the floating dtypes"):
+        MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", seed=0).to("jax")
+
+
+def test_weights_are_bitwise_numpys(jnp):
+    kw = dict(emsize=24, nhead=4, d_k=6, d_v=5, share_kv_across_n_heads=2, seed=8)
+    ours, ref = MultiHeadAttention(xp="jax", **kw), MultiHeadAttention(**kw)
+    for name in ("w_q", "w_k", "w_v", "w_out"):
+        assert getattr(ours, name).dtype == jnp.float32
+        np.testing.assert_array_equal(to_numpy(getattr(ours, name)), np.asarray(getattr(ref, name)))
+
+
+def test_dropout_masks_are_bitwise_the_documented_ones(jnp):
+    idx = [jnp.reshape(jnp.arange(n, dtype=jnp.uint32), s)
+           for n, s in ((2, (2, 1, 1, 1)), (3, (1, 3, 1, 1)), (5, (1, 1, 5, 1)), (6, (1, 1, 1, 6)))]
+    np.testing.assert_array_equal(to_numpy(D.keep_mask(77, 0.4, *idx)), keep_mask(77, 0.4, 2, 3, 5, 6))
+
+
+def test_attention_with_dropout_and_causal(jnp):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 4, 3), (2, 7, 2, 3), (2, 7, 2, 2)))
+    got = scaled_dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), dropout_p=0.3, seed=5, is_causal=True,
+                                       q_chunk_size=2, kv_chunk_size=3)
+    expected = naive_attention(q, k, v, is_causal=True, keep=keep_mask(5, 0.3, 2, 4, 5, 7), dropout_p=0.3)
+    assert_close(got, expected, xp=jnp, dtype=jnp.float32)
+
+
+def test_layer_caches_streaming_and_training(jnp):
+    rng = np.random.default_rng(2)
+    layer = MultiHeadAttention(emsize=12, nhead=4, d_k=3, d_v=3, share_kv_across_n_heads=2, dropout_p=0.2,
+                               xp="jax", seed=3)
+    x = rng.standard_normal((2, 6, 12)).astype(np.float32)
+    x_new = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    out = layer(jnp.asarray(x), training=True, add_input=True, allow_inplace=True, save_peak_mem_factor=2)
+    assert_close(out, direct(layer, x, add_input=True, keep=layer_keep_mask(layer, 0, 2, 6, 6)), xp=jnp, dtype=jnp.float32)
+    for start, stop in ((0, 2), (2, 6)):
+        layer(jnp.asarray(x[:, start:stop]), cache_kv=True, append_kv=True)
+    assert layer.kv_cache.shape == (2, 6, 2, 2, 3)
+    got = layer(jnp.asarray(x_new), use_cached_kv=True)
+    assert_close(got, direct(layer, x_new, x), xp=jnp, dtype=jnp.float32)
