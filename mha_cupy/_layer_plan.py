@@ -27,21 +27,21 @@ _FLAGS = ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only
 
 @dataclass(frozen=True)
 class CallOptions:
-    """The keywords of a layer call, as given."""
+    """The keywords of a layer call, as given (their defaults live in ``MultiHeadAttention.__call__`` alone)."""
 
-    cache_kv: bool = False
-    add_input: bool = False
-    allow_inplace: bool = False
-    save_peak_mem_factor: Any = None
-    reuse_first_head_kv: bool = False
-    only_cache_first_head_kv: bool = False
-    use_cached_kv: bool = False
-    training: bool = False
-    q_chunk_size: Any = None
-    kv_chunk_size: Any = None
-    append_kv: bool = False
-    memory_budget: Any = None
-    workers: Any = None
+    cache_kv: Any
+    add_input: Any
+    allow_inplace: Any
+    save_peak_mem_factor: Any
+    reuse_first_head_kv: Any
+    only_cache_first_head_kv: Any
+    use_cached_kv: Any
+    training: Any
+    q_chunk_size: Any
+    kv_chunk_size: Any
+    append_kv: Any
+    memory_budget: Any
+    workers: Any
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     try:
-        resolve_backend(args.xp)
+        for name in {args.xp, getattr(args, "other", args.xp)}:
+            resolve_backend(name).enable_float64()  # the fixtures and comparisons include float64
     except BackendUnavailableError as exc:
         print(f"mha-cupy: {exc}", file=sys.stderr)
         return 2

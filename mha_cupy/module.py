@@ -10,6 +10,7 @@ anything changes, then executed here.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from . import dropout as _dropout
@@ -326,13 +327,8 @@ class MultiHeadAttention:
         array, shape ``[..., T, E]``
             Same namespace, device and dtype as ``x``.
         """
-        opts = CallOptions(
-            cache_kv=cache_kv, add_input=add_input, allow_inplace=allow_inplace,
-            save_peak_mem_factor=save_peak_mem_factor, reuse_first_head_kv=reuse_first_head_kv,
-            only_cache_first_head_kv=only_cache_first_head_kv, use_cached_kv=use_cached_kv, training=training,
-            q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size, append_kv=append_kv,
-            memory_budget=memory_budget, workers=workers,
-        )
+        given = locals()
+        opts = CallOptions(**{f.name: given[f.name] for f in fields(CallOptions)})
         plan = plan_call(self, x, x_kv, opts)
         return self._run(plan, x, None if x_kv is x else x_kv)
 

@@ -102,7 +102,6 @@ def test_low_precision_computes_in_float32(backend, dtype):
         with pytest.raises(TypeError, match=f"dtype must be one of the floating dtypes .* got '{dtype}'"):
             MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype=dtype, xp=backend.xp)
         return
-    from mha_cupy._backends import convert
 
     q, k, v = data(11, T=33, S=40)
     low = [backend.asarray(a) for a in (q, k, v)]

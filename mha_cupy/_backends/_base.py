@@ -148,6 +148,10 @@ class Backend:
             raise TypeError(msg)
         return available[name]
 
+    def enable_float64(self) -> None:
+        """Make float64 available where the library gates it behind a switch (JAX's ``jax_enable_x64``);
+        for whole-process tools such as ``mha-cupy verify``, never called by the library itself."""
+
     def compute_dtype(self, dtype: Any) -> Any:
         """Dtype of logits, softmax and accumulation: float64 for float64, else float32."""
         return self.xp.float64 if dtype == self.xp.float64 else self.xp.float32

@@ -35,6 +35,11 @@ class JaxBackend(Backend):
         # The namespace info answers None ("JAX decides"); arrays report a concrete device.
         return jax.config.jax_default_device or jax.devices()[0]
 
+    def enable_float64(self) -> None:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
     def is_cpu(self, device: Any) -> bool:
         return device.platform == "cpu"
 
