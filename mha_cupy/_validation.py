@@ -66,7 +66,7 @@ def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend) -> None:
         if x.dtype != dtype:
             msg = f"{name} must have dtype {be.dtype_name(dtype)}, got {be.dtype_name(x.dtype)} (no implicit casts)"
             raise TypeError(msg)
-    elif not any(x.dtype == dt for dt in be.float_dtypes().values()):
+    elif not be.xp.isdtype(x.dtype, "real floating"):
         msg = f"{name} must have a real floating dtype, got {be.dtype_name(x.dtype)}"
         raise TypeError(msg)
 

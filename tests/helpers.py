@@ -179,3 +179,20 @@ def direct_kv(layer: Any, x: Any, heads: int | None = None) -> tuple[np.ndarray,
         (w["w_qkv"][1], w["w_qkv"][2]) if w["w_qkv"] is not None else (w["w_k"], w["w_v"]))
     x = np.asarray(to_numpy(x), dtype=np.float64)
     return np.einsum("bse,khe->bskh", x, w_k[:heads]), np.einsum("bse,kve->bskv", x, w_v[:heads])
+
+
+def philox_by_the_book(counter, key):
+    """Philox4x32-10 written out from Salmon et al. (SC'11), Python ints only: the independent reference."""
+    (c0, c1, c2, c3), (k0, k1), mask = counter, key, 2**32 - 1
+    for r in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+def uniform_by_the_book(seed, stream, size, bits):
+    words = [philox_by_the_book((n & 0xFFFFFFFF, n >> 32, stream, 0), (seed & 0xFFFFFFFF, seed >> 32)) for n in range(size)]
+    if bits == 53:
+        return np.array([((w0 >> 5) * 2.0**26 + (w1 >> 6)) * 2.0**-53 for w0, w1, _, _ in words])
+    return np.array([(w0 >> 8) * 2.0**-24 for w0, _, _, _ in words])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import keep_mask, naive_attention, require
+from helpers import keep_mask, naive_attention, philox_by_the_book, require, uniform_by_the_book
 from mha_cupy import dropout as D
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._backends import resolve_backend, to_numpy
@@ -17,16 +17,6 @@ KAT = [
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
-
-
-def philox_by_the_book(counter, key):
-    """Philox4x32-10 written out from Salmon et al. (SC'11), Python ints only: the independent reference."""
-    (c0, c1, c2, c3), (k0, k1), mask = counter, key, 2**32 - 1
-    for r in range(10):
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
-        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
-    return c0, c1, c2, c3
 
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
@@ -131,13 +121,6 @@ def test_keep_threshold_edges():
 def test_derive_seed_streams_differ():
     seeds = {D.derive_seed(5, 7, i) for i in range(100)} | {D.derive_seed(6, 7, 0)}
     assert len(seeds) == 101 and all(0 <= s < 2**64 for s in seeds)
-
-
-def uniform_by_the_book(seed, stream, size, bits):
-    words = [philox_by_the_book((n & 0xFFFFFFFF, n >> 32, stream, 0), D.split_seed(seed)) for n in range(size)]
-    if bits == 53:
-        return np.array([((w0 >> 5) * 2.0**26 + (w1 >> 6)) * 2.0**-53 for w0, w1, _, _ in words])
-    return np.array([(w0 >> 8) * 2.0**-24 for w0, _, _, _ in words])
 
 
 def test_uniform_is_identical_across_backends(backend):

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from helpers import assert_close, require
+from helpers import assert_close, require, uniform_by_the_book
 from mha_cupy import MultiHeadAttention, convert_torch_nn_multihead_attention_state_dict as convert_sd
 from mha_cupy._backends import to_numpy
-from mha_cupy.weights import input_weight_bound, output_weight_bound
+from mha_cupy.weights import STREAMS, input_weight_bound, output_weight_bound
 
 
 def test_bounds_are_tabpfns():
@@ -21,12 +21,14 @@ def test_bounds_are_tabpfns():
 def test_init_is_uniform_within_bounds_and_identical_on_every_backend(backend):
     stats = require("scipy.stats")
     kw = dict(emsize=48, nhead=4, d_k=12, d_v=12, share_kv_across_n_heads=2, init_gain=0.5, seed=17)
-    ref = MultiHeadAttention(dtype="float64", **kw)
     ours = MultiHeadAttention(dtype="float64", xp=backend.xp, device=backend.device, **kw)
-    for name in ("w_q", "w_kv", "w_out"):
-        np.testing.assert_array_equal(to_numpy(getattr(ours, name)), np.asarray(getattr(ref, name)))
-    w = np.asarray(ref.w_kv).ravel()
     bound = input_weight_bound(4, 12, 48, 0.5)
+    bounds = {"w_q": bound, "w_kv": bound, "w_out": output_weight_bound(4, 12, 48)}
+    for name, b in bounds.items():  # weight = (2u - 1) * bound, u from the weight's Philox stream
+        w = to_numpy(getattr(ours, name))
+        u = uniform_by_the_book(17, STREAMS[name], w.size, 53).reshape(w.shape)
+        np.testing.assert_array_equal(w, (u * 2.0 - 1.0) * b)
+    w = to_numpy(ours.w_kv).ravel()
     assert np.abs(w).max() <= bound
     assert stats.kstest(w, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
 

@@ -143,13 +143,11 @@ def convert(x: Any, target: Backend, device: Any = None) -> Any:
         return None
     source = backend_of(x, names=("x",))
     if source.xp is target.xp:
-        if device is None or device_of(x) == device:
-            return x
-        return target.xp.asarray(x, device=device)
+        return x if device is None or device_of(x) == device else array_api_compat.to_device(x, device)
     try:
         moved = target.xp.from_dlpack(x)
         if device is not None and device_of(moved) != device:
-            moved = target.xp.asarray(moved, device=device)
+            moved = array_api_compat.to_device(moved, device)
         return moved
     except Exception:  # noqa: BLE001 - DLPack across devices or dtypes is refused; go through the host
         pass
