@@ -18,12 +18,10 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 # tabpfn 2.2.1 pins scikit-learn < 1.7, which needs SciPy's array API mode beside array-api-compat.
@@ -36,6 +34,9 @@ CASES = {
     "save_peak": ("layer E=96, H=4, d=24, x [128, 256, 96] float32, add_input+allow_inplace: factor None vs 8",
                   ["mha_cupy", "mha_cupy_f8", "tabpfn", "tabpfn_f8"]),
 }
+
+
+from _common import machine, versions  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -113,51 +114,6 @@ def _child(case: str, impl: str, repeats: int) -> dict:
             "median_s": statistics.median(times), "sample": sample.ravel()[:8].tolist()}
 
 
-def _versions() -> dict:
-    import array_api_compat
-    import numpy
-
-    import mha_cupy
-
-    v = {"python": platform.python_version(), "numpy": numpy.__version__, "array_api_compat": array_api_compat.__version__,
-         "mha_cupy": mha_cupy.__version__}
-    try:
-        import torch
-
-        v["torch"] = torch.__version__
-        v["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    try:
-        v["tabpfn"] = metadata.version("tabpfn")
-    except metadata.PackageNotFoundError:
-        pass
-    try:
-        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        v["numpy_blas"] = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # noqa: BLE001
-        pass
-    return v
-
-
-def _machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = _status_total()
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "platform": platform.platform(),
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-
-
-def _status_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -184,7 +140,7 @@ def main() -> int:
 
     now = _dt.datetime.now(_dt.timezone.utc)
     result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": _machine(), "versions": _versions(), "cases": {c: CASES[c][0] for c in args.cases.split(",")},
+              "machine": machine(), "versions": versions(), "cases": {c: CASES[c][0] for c in args.cases.split(",")},
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
