@@ -375,8 +375,10 @@ class MultiHeadAttention:
             if plan.cache_mode == "append":
                 k, v = self._cache.keys_values(b0, b1)
         heads = attend(q, k, v, xp=xp, plan=plan.attention, batch_offset=b0)
-        N, V = self.nhead, self.d_v
-        return xp.matmul(xp.reshape(heads, (b1 - b0, q.shape[1], N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)))
+        N, V, T = self.nhead, self.d_v, q.shape[1]
+        # One 2-D GEMM over all rows: a batched [b, T, NV] @ [NV, E] runs as b small GEMMs in NumPy.
+        y = xp.matmul(xp.reshape(heads, ((b1 - b0) * T, N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)))
+        return xp.reshape(y, (b1 - b0, T, self.emsize))
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
         """Queries ``[b, T, N, H]``, keys ``[b, S, kh, H]`` and values ``[b, S, kh, V]`` of one batch part."""
@@ -395,9 +397,10 @@ class MultiHeadAttention:
         return q, self._project(src, w["w_k"][:kh, ...], (kh, H)), self._project(src, w["w_v"][:kh, ...], (kh, V))
 
     def _project(self, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
-        """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``."""
+        """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``, as one 2-D GEMM over the b L rows."""
         xp = self.xp
-        y = xp.matmul(x, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
+        rows = xp.reshape(x, (x.shape[0] * x.shape[1], self.emsize))
+        y = xp.matmul(rows, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
         return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
 
     def _w_q(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, ContextManager
 
@@ -16,6 +17,16 @@ __all__ = ["DEFAULT_DTYPE", "NumpyBackend"]
 #: The layer's default dtype, spelled as in the reference API; it means float32 of
 #: whichever namespace the layer lives in.
 DEFAULT_DTYPE = numpy.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS, found once (finding it costs ~3 ms a call)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # still correct, only slower
+        return None
+    return ThreadpoolController()
 
 
 class NumpyBackend(Backend):
@@ -37,11 +48,8 @@ class NumpyBackend(Backend):
     def parallel_section(self) -> ContextManager[None]:
         # NumPy releases the GIL in its kernels; OpenBLAS is held to one thread so that
         # the workers do not oversubscribe the cores.
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # still correct, only slower
-            return contextlib.nullcontext()
-        return threadpool_limits(limits=1, user_api="blas")
+        controller = _blas_controller()
+        return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
     def to_numpy(self, x: Any) -> numpy.ndarray:
         return numpy.asarray(x)
