@@ -104,6 +104,12 @@ def set_memory_budget(value: int | str | None) -> int | None:
     return previous
 
 
+def _balanced(length: int, chunk: int) -> int:
+    """The smallest chunk that covers ``length`` in as many pieces as ``chunk`` does (256 = 128 + 128,
+    not 222 + 34): a short last piece costs a whole step's overhead for little work."""
+    return -(-length // -(-length // chunk)) if chunk > 0 else chunk
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """Block sizes of the attention loop: batch rows, query rows, key rows."""
@@ -125,6 +131,7 @@ def plan_chunks(
     dropout: bool,
     masked: bool,
     budget: int,
+    biased: bool = False,
     q_chunk: int | None = None,
     kv_chunk: int | None = None,
     workers: int = 1,
@@ -142,16 +149,18 @@ def plan_chunks(
     explicit_kv = kv_chunk
     share = max(1, budget // max(1, workers))
 
-    # Bytes per score element: the tile, its exponentials and two temporaries,
-    # a boolean mask, and the int64 lanes of the dropout hash.
-    per_score = 4 * compute_itemsize + (1 if masked else 0) + (48 if dropout else 0)
+    # Bytes per score element alive at once in one step (``_core._online_softmax_step``): the tile and
+    # one temporary (the exponentials where they cannot be taken in place), one more for a mask's
+    # ``where``, a bias sum or the dropout select, the boolean mask, and the dropout hash's 64-bit lanes
+    # (ten alive at its peak: ~80-90 bytes per score measured in float32, `test_working_set_stays_within_the_budget`).
+    per_score = compute_itemsize * (2 + masked + biased + dropout) + masked + 80 * dropout
     # Bytes per (batch, query, head) row outside the tile: scaled q, accumulator, its update, max and sum.
     per_row = (d_k + 2 * d_v + 4) * compute_itemsize
 
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
     if kv_chunk is None:
         default = DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK
-        kv_chunk = min(kv_len, default, max(0, (share // heads - per_row) // per_score))
+        kv_chunk = _balanced(kv_len, min(kv_len, default, max(0, (share // heads - per_row) // per_score)))
     kv_chunk = min(kv_chunk, kv_len)
     row_bytes = heads * (kv_chunk * per_score + per_row)
     rows = share // row_bytes
@@ -166,7 +175,7 @@ def plan_chunks(
         if on_cpu:
             rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
         rows = min(rows, max(1, -(-batch * q_len // max(1, workers))))
-        q_chunk = min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows)
+        q_chunk = _balanced(q_len, min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows))
     q_chunk = min(q_chunk, q_len)
     b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1
     return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)

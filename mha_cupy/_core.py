@@ -55,6 +55,7 @@ def plan_attention(
     dtype: Any,
     scale: float,
     masked: bool = False,
+    biased: bool = False,
     is_causal: bool = False,
     dropout_p: float = 0.0,
     seed: int | None = None,
@@ -77,7 +78,7 @@ def plan_attention(
     budget = max(1, resolve_memory_budget(memory_budget, be=be, device=device) // budget_divisor)
     chunks = plan_chunks(
         batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=V, compute_itemsize=be.itemsize(be.compute_dtype(dtype)),
-        dropout=dropout_p > 0, masked=masked or is_causal, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
+        dropout=dropout_p > 0, masked=masked or is_causal, biased=biased, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
         workers=workers, on_cpu=be.is_cpu(device),
     )
     key = _dropout.split_seed(seed) if dropout_p > 0 else None

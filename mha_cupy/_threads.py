@@ -1,16 +1,27 @@
-"""The thread pool over independent attention blocks, for CPU libraries whose element-wise
-kernels run on one core (NumPy: its adapter asks for one worker per core and holds BLAS to one
-thread inside the pool). Libraries that parallelise every operation themselves get one worker.
+"""The thread pool over independent pieces of work, for CPU libraries whose element-wise kernels
+run on one core (NumPy: its adapter asks for one worker per core and holds BLAS to one thread
+inside ``parallel_section``, so that BLAS's own threads neither oversubscribe the cores nor spin
+beside ours). Libraries that parallelise every operation themselves get one worker.
 """
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from ._backends import Backend
+from ._backends import Backend, device_of
 
-__all__ = ["run_blocks"]
+__all__ = ["run_blocks", "matmul_rows"]
+
+#: Fewest rows per worker for which ``matmul_rows`` splits a product.
+MIN_ROWS_PER_WORKER = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per worker count for the process: starting threads on every call costs more than small blocks."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mha_cupy")
 
 
 def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple], workers: int, be: Backend) -> None:
@@ -19,6 +30,22 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple], workers: int, b
         for blk in blocks:
             fn(*blk)
         return
-    with be.parallel_section(), ThreadPoolExecutor(max_workers=min(workers, len(blocks))) as pool:
-        for _ in pool.map(lambda blk: fn(*blk), blocks):
+    with be.parallel_section():
+        for _ in _pool(min(workers, len(blocks))).map(lambda blk: fn(*blk), blocks):
             pass
+
+
+def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int) -> Any:
+    """``a [M, K] @ b [K, N]``, its rows split over ``workers`` threads (each a one-thread GEMM) where the
+    library parallelises through our pool; one ``matmul`` elsewhere."""
+    xp, rows = be.xp, a.shape[0]
+    if workers <= 1 or rows < workers * MIN_ROWS_PER_WORKER or not be.item_assignment:
+        return xp.matmul(a, b)
+    out = xp.empty((rows, b.shape[1]), dtype=a.dtype, device=device_of(a))
+    step = -(-rows // workers)
+
+    def part(i0: int) -> None:
+        be.matmul_into(a[i0:i0 + step, ...], b, out[i0:i0 + step, ...])
+
+    run_blocks(part, [(i0,) for i0 in range(0, rows, step)], workers, be)
+    return out

@@ -102,7 +102,7 @@ def scaled_dot_product_attention(
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(
         be=be, device=device_of(q), shape=(B, T, S, N, H, v.shape[3]), dtype=q.dtype, scale=scale,
-        masked=mask is not None, is_causal=is_causal, dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size,
+        masked=mask is not None, biased=bias is not None, is_causal=is_causal, dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size,
         kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers,
     )
     return attend(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias)

@@ -18,6 +18,7 @@ from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_ba
 from ._cache import KVCache
 from ._core import attend
 from ._layer_plan import CallOptions, CallPlan, plan_call
+from ._threads import matmul_rows
 from ._validation import (
     check_bool,
     check_finite_real,
@@ -377,30 +378,33 @@ class MultiHeadAttention:
         heads = attend(q, k, v, xp=xp, plan=plan.attention, batch_offset=b0)
         N, V, T = self.nhead, self.d_v, q.shape[1]
         # One 2-D GEMM over all rows: a batched [b, T, NV] @ [NV, E] runs as b small GEMMs in NumPy.
-        y = xp.matmul(xp.reshape(heads, ((b1 - b0) * T, N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)))
+        y = matmul_rows(xp.reshape(heads, ((b1 - b0) * T, N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)),
+                        be=self._be, workers=plan.attention.workers)
         return xp.reshape(y, (b1 - b0, T, self.emsize))
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
         """Queries ``[b, T, N, H]``, keys ``[b, S, kh, H]`` and values ``[b, S, kh, V]`` of one batch part."""
         N, H, V, kh, w = self.nhead, self.d_k, self.d_v, plan.project_heads, self._w
         if plan.kv_source == "cache":
-            return (self._project(x, self._w_q(), (N, H)), *self._cache.keys_values(b0, b1))
+            return (self._project(plan, x, self._w_q(), (N, H)), *self._cache.keys_values(b0, b1))
         if w["w_qkv"] is not None and plan.kv_source == "self":
-            qkv = self._project(x, w["w_qkv"], (3, N, H))
+            qkv = self._project(plan, x, w["w_qkv"], (3, N, H))
             return qkv[:, :, 0, ...], qkv[:, :, 1, ...], qkv[:, :, 2, ...]
-        q = self._project(x, self._w_q(), (N, H))
+        q = self._project(plan, x, self._w_q(), (N, H))
         src = x if x_kv is None else x_kv
         w_kv = w["w_kv"] if w["w_qkv"] is None else w["w_qkv"][1:, ...]
         if w_kv is not None:
-            kv = self._project(src, w_kv[:, :kh, ...], (2, kh, H))
+            kv = self._project(plan, src, w_kv[:, :kh, ...], (2, kh, H))
             return q, kv[:, :, 0, ...], kv[:, :, 1, ...]
-        return q, self._project(src, w["w_k"][:kh, ...], (kh, H)), self._project(src, w["w_v"][:kh, ...], (kh, V))
+        return (q, self._project(plan, src, w["w_k"][:kh, ...], (kh, H)),
+                self._project(plan, src, w["w_v"][:kh, ...], (kh, V)))
 
-    def _project(self, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
+    def _project(self, plan: CallPlan, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
         """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``, as one 2-D GEMM over the b L rows."""
         xp = self.xp
         rows = xp.reshape(x, (x.shape[0] * x.shape[1], self.emsize))
-        y = xp.matmul(rows, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
+        y = matmul_rows(rows, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))), be=self._be,
+                        workers=plan.attention.workers)
         return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
 
     def _w_q(self) -> Any:

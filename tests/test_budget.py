@@ -64,7 +64,7 @@ def shape(**kw):
 @pytest.mark.parametrize("budget", [2**20, 8 * 2**20, 32 * 2**20, 256 * 2**20])
 def test_plan_fits_budget(budget):
     plan = plan_chunks(**shape(budget=budget))
-    tile = 6 * plan.batch * plan.q * (plan.kv * 16 + (32 + 64 + 4) * 4)
+    tile = 6 * plan.batch * plan.q * (plan.kv * 8 + (32 + 64 + 4) * 4)  # two float32 tiles alive per step
     assert tile <= budget
     assert plan.kv <= 4096 and plan.q >= 1
 
@@ -103,3 +103,27 @@ def test_is_cpu():
     torch = require("torch", reason="needs torch")
     assert resolve_backend("torch").is_cpu(torch.device("cpu"))
     assert not resolve_backend("torch").is_cpu(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(dropout_p=0.1, seed=1), dict(bias=True)],
+                         ids=["plain", "causal", "dropout", "bias"])
+def test_working_set_stays_within_the_budget(kw):
+    """The planner's bytes-per-score model is honest: traced peak minus the output stays under the budget."""
+    import tracemalloc
+
+    import numpy as np
+
+    from mha_cupy import scaled_dot_product_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2048, 6, 32), dtype=np.float32) for _ in range(3))
+    if kw.get("bias"):
+        kw = dict(bias=rng.standard_normal((2048, 1, 2048), dtype=np.float32))
+    budget = 2 * 2**20
+    tracemalloc.start()
+    try:
+        out = scaled_dot_product_attention(q, k, v, memory_budget=budget, workers=1, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - out.nbytes <= budget, f"{(peak - out.nbytes) / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"

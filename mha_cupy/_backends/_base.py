@@ -179,6 +179,10 @@ class Backend:
         """``exp(x)``, written into ``x`` where the library can (the array must be the caller's own)."""
         return self.xp.exp(x)
 
+    def matmul_into(self, a: Any, b: Any, out: Any) -> None:
+        """Write ``a @ b`` into ``out`` (the caller's own array), without a temporary where the library can."""
+        out[...] = self.xp.matmul(a, b)
+
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         """``fn`` made fast for this library (JAX: ``jax.jit``); as it is where arrays run eagerly."""
         return fn

@@ -56,3 +56,6 @@ class NumpyBackend(Backend):
 
     def exp_(self, x: Any) -> Any:
         return numpy.exp(x, out=x)
+
+    def matmul_into(self, a: Any, b: Any, out: Any) -> None:
+        numpy.matmul(a, b, out=out)
