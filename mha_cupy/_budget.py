@@ -21,6 +21,7 @@ __all__ = [
     "ACCELERATOR_Q_CHUNK",
     "DEFAULT_KV_CHUNK",
     "DEFAULT_Q_CHUNK",
+    "MIN_ROWS_PER_WORKER",
     "TILE_ELEMENTS",
     "ChunkPlan",
     "get_memory_budget",
@@ -39,6 +40,10 @@ ACCELERATOR_KV_CHUNK = 4096
 #: Score elements per block that the planner aims for (4 MiB of float32): tiles that
 #: stay in cache; measured 3-6 MiB fastest for NumPy on a 2-core x86 machine.
 TILE_ELEMENTS = 2**20
+#: Fewest (batch x query) rows per worker for which the planner splits the queries between the
+#: workers; below it, a call keeps its queries in one block and splits the keys instead
+#: (``_core``), so that K and V are read once in all rather than once per worker.
+MIN_ROWS_PER_WORKER = 64
 #: Largest query chunk the planner picks by itself on a CPU.
 DEFAULT_Q_CHUNK = 1024
 #: The same on an accelerator (not measured on a GPU yet): with 4096-key chunks, a
@@ -160,6 +165,8 @@ def plan_chunks(
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
     if kv_chunk is None:
         default = DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK
+        if on_cpu:  # few queries in all: longer key chunks keep the tile near TILE_ELEMENTS
+            default = max(default, TILE_ELEMENTS // (heads * batch * q_len))
         kv_chunk = _balanced(kv_len, min(kv_len, default, max(0, (share // heads - per_row) // per_score)))
     kv_chunk = min(kv_chunk, kv_len)
     row_bytes = heads * (kv_chunk * per_score + per_row)
@@ -174,7 +181,9 @@ def plan_chunks(
             raise ValueError(msg)
         if on_cpu:
             rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
-        rows = min(rows, max(1, -(-batch * q_len // max(1, workers))))
+        per_worker = -(-batch * q_len // max(1, workers))
+        if per_worker >= MIN_ROWS_PER_WORKER:  # else one block, and the keys are split between the workers
+            rows = min(rows, per_worker)
         q_chunk = _balanced(q_len, min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows))
     q_chunk = min(q_chunk, q_len)
     b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1

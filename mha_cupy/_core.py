@@ -39,6 +39,16 @@ class AttentionPlan:
     dropout_p: float = 0.0
     #: Philox key ``(low, high)`` of the dropout seed; None without dropout.
     dropout_key: tuple[int, int] | None = None
+    #: Key ranges per block computed on separate workers and merged by log-sum-exp (few blocks, many keys).
+    key_splits: int = 1
+    #: Also return the log-sum-exp ``[B, T, N]`` of each query row's logits.
+    with_lse: bool = False
+
+    def key_ranges(self, s_end: int) -> list[tuple[int, int]]:
+        """``key_splits`` ranges of whole key chunks covering ``[0, s_end)`` (fewer when there are fewer chunks)."""
+        chunks = -(-s_end // self.chunks.kv)
+        per = -(-chunks // max(1, min(self.key_splits, chunks))) * self.chunks.kv
+        return [(s0, min(s_end, s0 + per)) for s0 in range(0, s_end, per)] or [(0, 0)]
 
     def blocks(self, batch: int, q_len: int) -> list[tuple[int, int, int, int]]:
         """The (batch rows, query rows) blocks ``(b0, b1, t0, t1)``, batch-major."""
@@ -64,6 +74,7 @@ def plan_attention(
     memory_budget: Any = None,
     workers: Any = None,
     budget_divisor: int = 1,
+    return_lse: bool = False,
 ) -> AttentionPlan:
     """Validate the tuning keywords and resolve them into a plan.
 
@@ -83,7 +94,17 @@ def plan_attention(
     )
     key = _dropout.split_seed(seed) if dropout_p > 0 else None
     return AttentionPlan(be=be, scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
-                         dropout_p=dropout_p if key is not None else 0.0, dropout_key=key)
+                         dropout_p=dropout_p if key is not None else 0.0, dropout_key=key,
+                         key_splits=_key_splits(chunks, B, T, S, workers, be), with_lse=return_lse)
+
+
+def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Backend) -> int:
+    """Split the keys when there are fewer (batch, query) blocks than workers, so that every worker has
+    work (TabPFN's test rows over many training rows: a handful of queries, hundreds of thousands of keys)."""
+    blocks = -(-max(B, 1) // chunks.batch) * -(-max(T, 1) // chunks.q)
+    if workers <= 1 or blocks >= workers or not be.item_assignment:
+        return 1
+    return max(1, min(workers // blocks, -(-S // chunks.kv)))
 
 
 def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = None, bias: Any = None,
@@ -92,25 +113,64 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
 
     ``mask`` and ``bias`` are 4-D (``check_mask``); ``batch_offset`` is added to
     batch indices for the dropout counter when ``q`` is a slice of a larger
-    batch. Blocks write their own slices of the output (or, where arrays are
-    immutable, are concatenated), so the result does not depend on the order
-    or the number of workers.
+    batch. Returns the output ``[B,T,N,V]``, or ``(output, lse)`` with
+    ``plan.with_lse`` (``lse [B,T,N]`` in the compute dtype). Blocks write their
+    own slices (or, where arrays are immutable, are concatenated), and key
+    ranges split over workers merge exactly by log-sum-exp, so the result does
+    not depend on the order or the number of workers beyond rounding.
     """
     B, T, N, _ = q.shape
     core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset)
     blocks = plan.blocks(B, T)
     if not plan.be.item_assignment:
-        rows = [[core.block(*blk) for blk in blocks if blk[0] == b0] for b0 in range(0, B, plan.chunks.batch)]
-        if not rows:
-            return xp.empty((B, T, N, v.shape[3]), dtype=q.dtype, device=device_of(q))
-        return xp.concat([xp.concat(r, axis=1) if len(r) > 1 else r[0] for r in rows], axis=0)
+        return _assemble([core.finish(*core.partial(*blk, 0, core.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
     out = xp.empty((B, T, N, v.shape[3]), dtype=q.dtype, device=device_of(q))
+    lse = xp.empty((B, T, N), dtype=core.cdt, device=device_of(q)) if plan.with_lse else None
 
-    def write(b0: int, b1: int, t0: int, t1: int) -> None:
-        out[b0:b1, t0:t1, ...] = core.block(b0, b1, t0, t1)
+    def write(blk: tuple[int, int, int, int], states: list[tuple[Any, Any, Any]]) -> None:
+        res, block_lse = core.finish(*_merge(states, xp=xp))
+        out[blk[0]:blk[1], blk[2]:blk[3], ...] = res
+        if lse is not None:
+            lse[blk[0]:blk[1], blk[2]:blk[3], ...] = block_lse
 
-    run_blocks(write, blocks, plan.workers, plan.be)
-    return out
+    if plan.key_splits == 1:
+        run_blocks(lambda *blk: write(blk, [core.partial(*blk, 0, core.s_end(blk[3]))]), blocks, plan.workers, plan.be)
+    else:
+        tasks = [(i, s0, s1) for i, blk in enumerate(blocks) for s0, s1 in plan.key_ranges(core.s_end(blk[3]))]
+        states: dict[int, list[Any]] = {i: [] for i in range(len(blocks))}
+        run_blocks(lambda i, s0, s1: states[i].append(core.partial(*blocks[i], s0, s1)), tasks, plan.workers, plan.be)
+        for i, blk in enumerate(blocks):
+            write(blk, states[i])
+    return out if lse is None else (out, lse)
+
+
+def _assemble(results: list[tuple[Any, Any]], plan: AttentionPlan, B: int, *, xp: Any) -> Any:
+    """Concatenate the blocks' results (batch-major) where arrays are immutable."""
+    per_row = len(results) // -(-B // plan.chunks.batch) if results else 0
+
+    def join(parts: list[Any]) -> Any:
+        rows = [parts[r:r + per_row] for r in range(0, len(parts), per_row)]
+        return xp.concat([xp.concat(r, axis=1) if len(r) > 1 else r[0] for r in rows], axis=0)
+
+    out = join([r for r, _ in results])
+    return (out, join([lse for _, lse in results])) if plan.with_lse else out
+
+
+def _merge(states: list[tuple[Any, Any, Any]], *, xp: Any) -> tuple[Any, Any, Any]:
+    """One online-softmax state ``(m, l, acc)`` from the states of disjoint key ranges (log-sum-exp)."""
+    if len(states) == 1:
+        return states[0]
+    m = states[0][0]
+    for m_i, _, _ in states[1:]:
+        m = xp.maximum(m, m_i)
+    m_safe = xp.where(xp.isinf(m), xp.zeros_like(m), m)  # ranges with nothing visible contribute nothing
+    l, acc = None, None
+    for m_i, l_i, acc_i in states:
+        w = xp.exp(m_i - m_safe)
+        l = l_i * w if l is None else l + l_i * w
+        w_rows = xp.reshape(w, (acc_i.shape[0], acc_i.shape[1], acc_i.shape[2], 1))
+        acc = acc_i * w_rows if acc is None else acc + acc_i * w_rows
+    return m, l, acc
 
 
 def _slice_or_all(size: int, start: int, stop: int) -> slice:
@@ -174,28 +234,40 @@ class _Core:
             self._index(tsl.start, tsl.stop, 2, lanes), self._index(ssl.start, ssl.stop, 4, lanes),
             key=self.plan.dropout_key, threshold=self.threshold)
 
-    def block(self, b0: int, b1: int, t0: int, t1: int) -> Any:
-        """The output rows ``[b0:b1, t0:t1]`` as ``[b, t, N, V]`` in the output dtype."""
+    def s_end(self, t1: int) -> int:
+        """Keys visible to any query of rows ``< t1`` (all, unless causal)."""
+        return max(0, min(self.S, t1 + self.shift)) if self.plan.is_causal else self.S
+
+    def partial(self, b0: int, b1: int, t0: int, t1: int, s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
+        """The online-softmax state ``(m, l, acc)`` of block ``[b0:b1, t0:t1]`` over keys ``[s_lo, s_hi)``."""
         xp, K, G, H, V, cdt = self.xp, self.K, self.G, self.H, self.V, self.cdt
         nb, nt = b1 - b0, t1 - t0
-        s_end = max(0, min(self.S, t1 + self.shift)) if self.plan.is_causal else self.S
         qb = xp.permute_dims(xp.reshape(self.q[b0:b1, t0:t1, ...], (nb, nt, K, G, H)), (0, 2, 1, 3, 4))
         qb = xp.reshape(xp.astype(qb, cdt), (nb, K, nt * G, H)) * self.plan.scale
         m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=self.dev)
         l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=self.dev)
         acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
-        for s0 in range(0, s_end, self.plan.chunks.kv):
-            bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + self.plan.chunks.kv))
+        for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
+            bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
             kb = xp.permute_dims(self.k[bsl, ssl, ...], (0, 2, 3, 1))  # [b, K, H, s]
             vb = xp.permute_dims(self.v[bsl, ssl, ...], (0, 2, 1, 3))  # [b, K, s, V]
             bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
             keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
             m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, self._allowed(bsl, tsl, ssl), keep, self.consts,
                                   be=self.plan.be, keep_scale=self.keep_scale)
-        l = xp.where(l == self.consts[1], self.consts[2], l)  # fully masked rows: acc is 0, output 0
-        res = xp.reshape(acc / xp.reshape(l, (nb, K, nt * G, 1)), (nb, K, nt, G, V))
+        return m, l, acc
+
+    def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
+        """The output rows ``[b, t, N, V]`` (output dtype) and, with ``plan.with_lse``, their log-sum-exp ``[b, t, N]``."""
+        xp, (nb, K, nt, G, _), V = self.xp, m.shape, self.V
+        empty = l == self.consts[1]  # fully masked rows: acc is 0, output 0, lse -inf
+        res = xp.reshape(acc / xp.reshape(xp.where(empty, self.consts[2], l), (nb, K, nt * G, 1)), (nb, K, nt, G, V))
         res = xp.reshape(xp.permute_dims(res, (0, 2, 1, 3, 4)), (nb, nt, self.N, V))
-        return xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
+        res = xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
+        if not self.plan.with_lse:
+            return res, None
+        lse = xp.where(empty, self.consts[0], m + xp.log(xp.where(empty, self.consts[2], l)))
+        return res, xp.reshape(xp.permute_dims(lse, (0, 2, 1, 3, 4)), (nb, nt, self.N))
 
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,

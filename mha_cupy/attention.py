@@ -31,6 +31,7 @@ def scaled_dot_product_attention(
     kv_chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     workers: int | None = None,
+    return_lse: bool = False,
 ) -> Any:
     """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
 
@@ -72,14 +73,21 @@ def scaled_dot_product_attention(
     workers : int, optional
         Threads over independent (batch, query) blocks; default the number of
         cores for NumPy (BLAS then runs single-threaded inside each) and 1 for
-        libraries that parallelise by themselves (PyTorch, CuPy, JAX).
+        libraries that parallelise by themselves (PyTorch, CuPy, JAX). When
+        there are fewer (batch, query) blocks than workers, the keys are split
+        between them and the partial results merged by log-sum-exp.
+    return_lse : bool
+        Also return the log-sum-exp of each query row's scaled, biased and
+        masked logits.
 
     Returns
     -------
-    array, shape ``[B, T, N, V]``
-        Same library, device and dtype as ``q``. Logits, softmax and
-        accumulation run in float32 or wider. A query row that may attend no
-        key (fully masked) returns zeros, where PyTorch returns NaN.
+    array, shape ``[B, T, N, V]``, or ``(out, lse)`` with ``return_lse``
+        Same library, device and dtype as ``q``; ``lse [B, T, N]`` is float32
+        (float64 for float64 inputs), ``-inf`` for a row with no visible key.
+        Logits, softmax and accumulation run in float32 or wider. A query row
+        that may attend no key (fully masked) returns zeros, where PyTorch
+        returns NaN.
     """
     be = backend_of(q, k, v, mask, bias, names=("q", "k", "v", "mask", "bias"))
     xp = be.xp
@@ -98,11 +106,12 @@ def scaled_dot_product_attention(
     if seed is not None:
         _dropout.split_seed(seed)
     is_causal = check_bool(is_causal, "is_causal")
+    return_lse = check_bool(return_lse, "return_lse")
     mask = check_mask(mask, "mask", (B, T, N, S), be=be)
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(
         be=be, device=device_of(q), shape=(B, T, S, N, H, v.shape[3]), dtype=q.dtype, scale=scale,
         masked=mask is not None, biased=bias is not None, is_causal=is_causal, dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size,
-        kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers,
+        kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers, return_lse=return_lse,
     )
     return attend(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias)

@@ -196,3 +196,25 @@ def uniform_by_the_book(seed, stream, size, bits):
     if bits == 53:
         return np.array([((w0 >> 5) * 2.0**26 + (w1 >> 6)) * 2.0**-53 for w0, w1, _, _ in words])
     return np.array([(w0 >> 8) * 2.0**-24 for w0, _, _, _ in words])
+
+
+def naive_lse(q, k, *, scale=None, mask=None, bias=None, is_causal=False):
+    """Independent float64 log-sum-exp ``[B, T, N]`` of the scaled, biased, masked logits (-inf: no key)."""
+    q, k = (np.asarray(to_numpy(a), dtype=np.float64) for a in (q, k))
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    k = np.repeat(k, N // K, axis=2)
+    logits = np.einsum("bthd,bshd->btsh", q, k) * (1.0 / np.sqrt(H) if scale is None else scale)
+    logits = np.moveaxis(logits, 3, 2)  # [B, T, N, S]
+    if bias is not None:
+        logits = logits + np.asarray(to_numpy(bias), dtype=np.float64)
+    allowed = np.ones((B, T, N, S), dtype=bool)
+    if mask is not None:
+        allowed &= np.asarray(to_numpy(mask), dtype=bool)
+    if is_causal:
+        allowed &= (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None, :, None, :]
+    logits = np.where(allowed, logits, -np.inf)
+    mx = logits.max(axis=-1)
+    safe = np.where(np.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(logits - safe[..., None]).sum(axis=-1)) if S else np.full((B, T, N), -np.inf)

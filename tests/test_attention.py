@@ -279,3 +279,58 @@ def test_inputs_are_not_modified():
     sdpa(q, k, v, q_chunk_size=2, kv_chunk_size=3, dropout_p=0.2, seed=1)
     for a, b in zip((q, k, v), copies):
         np.testing.assert_array_equal(a, b)
+
+
+# -- log-sum-exp and split keys ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(mask=True), dict(bias=True)],
+                         ids=["plain", "causal", "mask", "bias"])
+def test_return_lse_equals_direct_computation(backend, kw):
+    from helpers import naive_lse
+
+    q, k, v = data(21, T=6, S=9)
+    rng = np.random.default_rng(22)
+    host = {}
+    if kw.get("mask"):
+        host["mask"] = rng.random((2, 6, 6, 9)) > 0.4
+        host["mask"][0, 2] = False  # a row with no visible key: lse -inf, output 0
+    if kw.get("bias"):
+        host["bias"] = rng.standard_normal((6, 6, 9))
+    extra = {name: backend.asarray(a) for name, a in host.items()}
+    causal = kw.get("is_causal", False)
+    out, lse = sdpa(*(backend.asarray(a) for a in (q, k, v)), is_causal=causal, return_lse=True,
+                    q_chunk_size=4, kv_chunk_size=4, **extra)
+    expected = naive_lse(q, k, is_causal=causal, **host)
+    assert tuple(lse.shape) == (2, 6, 6) and lse.dtype == backend.xp.float64
+    got = to_numpy(lse)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-12 * max(1.0, np.abs(expected[finite]).max()))
+    assert_close(out, naive_attention(q, k, v, is_causal=causal, **host), xp=backend.xp, dtype=backend.xp.float64,
+                 tol=1e-12)
+
+
+def test_lse_is_float32_for_half_and_single_precision():
+    q, k, v = (a.astype(np.float32) for a in data(23))
+    _, lse = sdpa(q, k, v, return_lse=True)
+    assert lse.dtype == np.float32
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(dropout_p=0.3, seed=9)], ids=["plain", "causal", "dropout"])
+def test_keys_split_across_workers_when_blocks_are_few(kw):
+    from mha_cupy._backends import resolve_backend
+    from mha_cupy._core import plan_attention
+
+    q, k, v = data(24, B=1, T=3, S=200, N=4, K=1, H=8, V=5)
+    plan = plan_attention(be=resolve_backend("numpy"), device="cpu", shape=(1, 3, 200, 4, 8, 5), dtype=np.float64,
+                          scale=0.3, kv_chunk_size=16, workers=4, dropout_p=kw.get("dropout_p", 0.0), seed=kw.get("seed"))
+    assert plan.key_splits == 4 and plan.key_ranges(200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    keep = keep_mask(9, 0.3, 1, 4, 3, 200) if "seed" in kw else None
+    expected = naive_attention(q, k, v, is_causal=kw.get("is_causal", False), keep=keep, dropout_p=kw.get("dropout_p", 0.0))
+    for workers in (1, 2, 4):
+        got, lse = sdpa(q, k, v, kv_chunk_size=16, workers=workers, return_lse=True, **kw)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+        from helpers import naive_lse
+
+        np.testing.assert_allclose(lse, naive_lse(q, k, is_causal=kw.get("is_causal", False)), rtol=0, atol=1e-12)

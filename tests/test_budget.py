@@ -127,3 +127,12 @@ def test_working_set_stays_within_the_budget(kw):
     finally:
         tracemalloc.stop()
     assert peak - out.nbytes <= budget, f"{(peak - out.nbytes) / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"
+
+
+def test_few_queries_get_one_block_and_long_key_chunks():
+    # q [1, 8, 8 heads] over 262144 keys on 2 workers: one block (the keys are split between the
+    # workers, tests/test_attention.py), key chunks long enough for a ~1M-score tile.
+    plan = plan_chunks(**shape(q_len=8, kv_len=262144, heads=8, d_k=64, d_v=64), workers=2)
+    assert (plan.batch, plan.q) == (1, 8) and plan.kv == 2**20 // 64
+    many = plan_chunks(**shape(q_len=4096, kv_len=4096), workers=2)
+    assert many.kv == 512 and many.q < 4096  # enough queries: they are split, chunks stay cache-sized
