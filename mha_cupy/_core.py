@@ -24,7 +24,12 @@ from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
 from ._threads import run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
-__all__ = ["AttentionPlan", "plan_attention", "attend"]
+__all__ = ["AttentionPlan", "plan_attention", "attend", "INVARIANT_CHUNKS"]
+
+#: The tiles of ``batch_invariant`` calls: 32 queries (padded) by 512 keys, one batch row per block
+#: unless the library computes each matrix of a batched product on its own (``Backend``). Every GEMM
+#: and reduction a query row goes through then has one shape, whatever the call's other rows and lengths.
+INVARIANT_CHUNKS = ChunkPlan(batch=1, q=32, kv=512)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class AttentionPlan:
     key_splits: int = 1
     #: Also return the log-sum-exp ``[B, T, N]`` of each query row's logits.
     with_lse: bool = False
+    #: Fixed tiles (queries padded to whole tiles, no key splits): every row's result is bitwise the
+    #: same whatever else is in the call.
+    batch_invariant: bool = False
 
     def key_ranges(self, s_end: int) -> list[tuple[int, int]]:
         """``key_splits`` ranges of whole key chunks covering ``[0, s_end)`` (fewer when there are fewer chunks)."""
@@ -75,12 +83,15 @@ def plan_attention(
     workers: Any = None,
     budget_divisor: int = 1,
     return_lse: bool = False,
+    batch_invariant: bool = False,
 ) -> AttentionPlan:
     """Validate the tuning keywords and resolve them into a plan.
 
     ``shape`` is ``(B, T, S, N, H, V)`` of one block of work (for the layer,
     one ``save_peak_mem_factor`` part); ``budget_divisor`` divides the memory
-    budget (the factor bounds the attention's working set too).
+    budget (the factor bounds the attention's working set too). With
+    ``batch_invariant`` the tiles are ``INVARIANT_CHUNKS`` whatever the budget
+    and chunk sizes say (they are still validated).
     """
     B, T, S, N, H, V = shape
     q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
@@ -92,10 +103,14 @@ def plan_attention(
         dropout=dropout_p > 0, masked=masked or is_causal, biased=biased, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
         workers=workers, on_cpu=be.is_cpu(device),
     )
+    if batch_invariant:
+        rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q if be.batched_matmul_per_matrix else 1
+        chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
     key = _dropout.split_seed(seed) if dropout_p > 0 else None
     return AttentionPlan(be=be, scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
                          dropout_p=dropout_p if key is not None else 0.0, dropout_key=key,
-                         key_splits=_key_splits(chunks, B, T, S, workers, be), with_lse=return_lse)
+                         key_splits=1 if batch_invariant else _key_splits(chunks, B, T, S, workers, be),
+                         with_lse=return_lse, batch_invariant=batch_invariant)
 
 
 def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Backend) -> int:
@@ -119,13 +134,32 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
     ranges split over workers merge exactly by log-sum-exp, so the result does
     not depend on the order or the number of workers beyond rounding.
     """
-    B, T, N, _ = q.shape
-    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset)
+    T = q.shape[1]
+    if plan.batch_invariant and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
+        q, mask, bias = (_pad_queries(a, -T % plan.chunks.q, fill, xp=xp) for a, fill in ((q, 0.0), (mask, True), (bias, 0.0)))
+    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset, q_len=T)
+    result = _run(core, xp=xp)
+    if q.shape[1] == T:
+        return result
+    return (result[0][:, :T, ...], result[1][:, :T, ...]) if plan.with_lse else result[:, :T, ...]
+
+
+def _pad_queries(a: Any, pad: int, fill: float | bool, *, xp: Any) -> Any:
+    """``a`` with ``pad`` rows of ``fill`` appended along its query axis (kept when it broadcasts)."""
+    if a is None or a.shape[1] == 1:
+        return a
+    tail = xp.full((a.shape[0], pad, *a.shape[2:]), fill, dtype=a.dtype, device=device_of(a))
+    return xp.concat([a, tail], axis=1)
+
+
+def _run(core: "_Core", *, xp: Any) -> Any:
+    """Every block of ``core``'s problem: written in place, or concatenated where arrays are immutable."""
+    plan, (B, T, N, _) = core.plan, core.q.shape
     blocks = plan.blocks(B, T)
     if not plan.be.item_assignment:
         return _assemble([core.finish(*core.partial(*blk, 0, core.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
-    out = xp.empty((B, T, N, v.shape[3]), dtype=q.dtype, device=device_of(q))
-    lse = xp.empty((B, T, N), dtype=core.cdt, device=device_of(q)) if plan.with_lse else None
+    out = xp.empty((B, T, N, core.V), dtype=core.q.dtype, device=core.dev)
+    lse = xp.empty((B, T, N), dtype=core.cdt, device=core.dev) if plan.with_lse else None
 
     def write(blk: tuple[int, int, int, int], states: list[tuple[Any, Any, Any]]) -> None:
         res, block_lse = core.finish(*_merge(states, xp=xp))
@@ -190,13 +224,13 @@ class _Core:
     """One attention problem; ``block`` computes the rows of one (batch, query) block."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
-                 batch_offset: int) -> None:
+                 batch_offset: int, q_len: int | None = None) -> None:
         self.q, self.k, self.v, self.xp, self.plan = q, k, v, xp, plan
         self.mask, self.bias, self.batch_offset = mask, bias, batch_offset
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.N // self.K
-        self.shift = self.S - q.shape[1]  # bottom-right causal alignment
+        self.shift = self.S - (q.shape[1] if q_len is None else q_len)  # bottom-right causal alignment
         self.dev = device_of(q)
         cdt = self.cdt = plan.be.compute_dtype(q.dtype)
         self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["CallPlan", "CallOptions", "plan_call"]
 
 _FLAGS = ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only_cache_first_head_kv",
-          "use_cached_kv", "training", "append_kv")
+          "use_cached_kv", "training", "append_kv", "batch_invariant")
+#: Rows of every projection GEMM of a ``batch_invariant`` call.
+INVARIANT_GEMM_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class CallOptions:
     append_kv: Any
     memory_budget: Any
     workers: Any
+    batch_invariant: Any
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class CallPlan:
     #: Each part's result is written into ``x`` (the factor, on libraries with item assignment).
     write_into_x: bool
     attention: AttentionPlan
+    #: Rows of every projection GEMM (``batch_invariant``), or None for one GEMM over all rows.
+    gemm_tile: int | None = None
 
 
 def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
@@ -96,13 +101,13 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
         be=layer._be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
         dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,
         q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size, memory_budget=opts.memory_budget,
-        workers=opts.workers, budget_divisor=factor or 1,
+        workers=opts.workers, budget_divisor=factor or 1, batch_invariant=opts.batch_invariant,
     )
     return CallPlan(
         batch=B, q_len=T, kv_len=new_len, kv_source=source,
         project_heads=1 if opts.reuse_first_head_kv else layer.nhead_kv, cache_mode=mode, cache_shapes=shapes,
         add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer._be.item_assignment,
-        attention=attention,
+        attention=attention, gemm_tile=INVARIANT_GEMM_ROWS if opts.batch_invariant else None,
     )
 
 

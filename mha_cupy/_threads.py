@@ -35,9 +35,15 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple], workers: int, b
             pass
 
 
-def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int) -> Any:
+def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, tile: int | None = None) -> Any:
     """``a [M, K] @ b [K, N]``, its rows split over ``workers`` threads (each a one-thread GEMM) where the
-    library parallelises through our pool; one ``matmul`` elsewhere."""
+    library parallelises through our pool; one ``matmul`` elsewhere.
+
+    With ``tile``, every product is ``[tile, K] @ [K, N]`` (the last rows padded with zeros), so each
+    row's result does not depend on how many rows came with it (``batch_invariant``).
+    """
+    if tile is not None:
+        return _matmul_tiles(a, b, be=be, workers=workers, tile=tile)
     xp, rows = be.xp, a.shape[0]
     if workers <= 1 or rows < workers * MIN_ROWS_PER_WORKER or not be.item_assignment:
         return xp.matmul(a, b)
@@ -49,3 +55,20 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int) -> Any:
 
     run_blocks(part, [(i0,) for i0 in range(0, rows, step)], workers, be)
     return out
+
+
+def _matmul_tiles(a: Any, b: Any, *, be: Backend, workers: int, tile: int) -> Any:
+    xp, rows = be.xp, a.shape[0]
+    pad = -rows % tile
+    if pad:
+        a = xp.concat([a, xp.zeros((pad, a.shape[1]), dtype=a.dtype, device=device_of(a))], axis=0)
+    starts = range(0, rows + pad, tile)
+    if not be.item_assignment:
+        return xp.concat([xp.matmul(a[i0:i0 + tile, ...], b) for i0 in starts], axis=0)[:rows, ...]
+    out = xp.empty((rows + pad, b.shape[1]), dtype=a.dtype, device=device_of(a))
+
+    def part(i0: int) -> None:
+        be.matmul_into(a[i0:i0 + tile, ...], b, out[i0:i0 + tile, ...])
+
+    run_blocks(part, [(i0,) for i0 in starts], workers, be)
+    return out[:rows, ...]

@@ -32,6 +32,7 @@ def scaled_dot_product_attention(
     memory_budget: int | str | None = None,
     workers: int | None = None,
     return_lse: bool = False,
+    batch_invariant: bool = False,
 ) -> Any:
     """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
 
@@ -79,6 +80,12 @@ def scaled_dot_product_attention(
     return_lse : bool
         Also return the log-sum-exp of each query row's scaled, biased and
         masked logits.
+    batch_invariant : bool
+        Every output row is bitwise the same whatever else is in the call
+        (other batch rows, other queries, the query length, chunk sizes,
+        workers): fixed tiles of 64 queries (the last padded) by 512 keys,
+        one batch row each, no key splits. Costs the padding and smaller
+        tiles (see the README).
 
     Returns
     -------
@@ -107,11 +114,13 @@ def scaled_dot_product_attention(
         _dropout.split_seed(seed)
     is_causal = check_bool(is_causal, "is_causal")
     return_lse = check_bool(return_lse, "return_lse")
+    batch_invariant = check_bool(batch_invariant, "batch_invariant")
     mask = check_mask(mask, "mask", (B, T, N, S), be=be)
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(
         be=be, device=device_of(q), shape=(B, T, S, N, H, v.shape[3]), dtype=q.dtype, scale=scale,
         masked=mask is not None, biased=bias is not None, is_causal=is_causal, dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size,
         kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers, return_lse=return_lse,
+        batch_invariant=batch_invariant,
     )
     return attend(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias)

@@ -285,6 +285,7 @@ class MultiHeadAttention:
         append_kv: bool = False,
         memory_budget: int | str | None = None,
         workers: int | None = None,
+        batch_invariant: bool = False,
     ) -> Any:
         """Attention of ``x`` over ``x_kv`` (or itself, or the cache).
 
@@ -322,6 +323,10 @@ class MultiHeadAttention:
         append_kv : bool
             With ``cache_kv``: append to the existing cache (amortised O(new)
             growth) and attend to the whole updated cache.
+        batch_invariant : bool
+            Every output row bitwise the same whatever else is in the call:
+            projections in fixed 128-row GEMMs and attention in fixed tiles
+            (see ``scaled_dot_product_attention``).
 
         Returns
         -------
@@ -379,7 +384,7 @@ class MultiHeadAttention:
         N, V, T = self.nhead, self.d_v, q.shape[1]
         # One 2-D GEMM over all rows: a batched [b, T, NV] @ [NV, E] runs as b small GEMMs in NumPy.
         y = matmul_rows(xp.reshape(heads, ((b1 - b0) * T, N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)),
-                        be=self._be, workers=plan.attention.workers)
+                        be=self._be, workers=plan.attention.workers, tile=plan.gemm_tile)
         return xp.reshape(y, (b1 - b0, T, self.emsize))
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
@@ -404,7 +409,7 @@ class MultiHeadAttention:
         xp = self.xp
         rows = xp.reshape(x, (x.shape[0] * x.shape[1], self.emsize))
         y = matmul_rows(rows, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))), be=self._be,
-                        workers=plan.attention.workers)
+                        workers=plan.attention.workers, tile=plan.gemm_tile)
         return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
 
     def _w_q(self) -> Any:

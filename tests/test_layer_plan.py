@@ -18,7 +18,8 @@ def make(**kw):
 def options(**kw):
     defaults = dict(cache_kv=False, add_input=False, allow_inplace=False, save_peak_mem_factor=None,
                     reuse_first_head_kv=False, only_cache_first_head_kv=False, use_cached_kv=False, training=False,
-                    q_chunk_size=None, kv_chunk_size=None, append_kv=False, memory_budget=None, workers=None)
+                    q_chunk_size=None, kv_chunk_size=None, append_kv=False, memory_budget=None, workers=None,
+                    batch_invariant=False)
     return CallOptions(**{**defaults, **kw})
 
 

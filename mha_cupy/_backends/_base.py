@@ -57,6 +57,9 @@ class Backend:
     install_hint: ClassVar[str] = ""
     #: Whether arrays support ``x[idx] = y`` (JAX's do not: results are assembled functionally).
     item_assignment: ClassVar[bool] = True
+    #: Whether each matrix of a batched ``matmul`` is computed on its own, its bits independent of the
+    #: batch count (``batch_invariant`` blocks may then hold several batch rows). Unknown: False.
+    batched_matmul_per_matrix: ClassVar[bool] = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp

@@ -33,6 +33,8 @@ class NumpyBackend(Backend):
     name = "numpy"
     package = "numpy"
     install_hint = "pip install numpy"
+    # numpy/_core/src/umath/matmul.c.src: the gufunc's outer loop calls BLAS once per matrix of the stack.
+    batched_matmul_per_matrix = True
 
     @staticmethod
     def is_namespace(module: Any) -> bool:

@@ -1,0 +1,77 @@
+"""batch_invariant=True: a row's result is bitwise the same whatever else is in the call.
+
+Checked on NumPy and torch (CPU), the libraries whose BLAS picks kernels by matrix shape;
+the values are checked against the independent float64 computation as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_close, direct, naive_attention, require
+from mha_cupy import MultiHeadAttention, scaled_dot_product_attention
+from mha_cupy._backends import resolve_backend, to_numpy
+
+LIBRARIES = ["numpy", "torch"]
+
+
+def host(a):
+    return np.asarray(to_numpy(a))
+
+
+def lib(name):
+    if name == "torch":
+        require("torch")
+    return resolve_backend(name)
+
+
+@pytest.mark.parametrize("name", LIBRARIES)
+def test_attention_rows_do_not_depend_on_the_rest_of_the_call(name):
+    be = lib(name)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((3, 300, 6, 32), (3, 700, 2, 32), (3, 700, 2, 32)))
+    Q, Kk, Vv = (be.from_numpy(a, be.default_device()) for a in (q, k, v))
+    whole = host(scaled_dot_product_attention(Q, Kk, Vv, batch_invariant=True))
+    variants = {
+        "7 queries": (scaled_dot_product_attention(Q[:, :7], Kk, Vv, batch_invariant=True), np.s_[:, :7]),
+        "queries 130:137": (scaled_dot_product_attention(Q[:, 130:137], Kk, Vv, batch_invariant=True), np.s_[:, 130:137]),
+        "one batch row": (scaled_dot_product_attention(Q[1:2], Kk[1:2], Vv[1:2], batch_invariant=True), np.s_[1:2]),
+        "chunks and workers": (scaled_dot_product_attention(Q, Kk, Vv, batch_invariant=True, q_chunk_size=5,
+                                                           kv_chunk_size=33, workers=1, memory_budget="1MiB"), np.s_[:]),
+    }
+    for what, (got, rows) in variants.items():
+        np.testing.assert_array_equal(host(got), whole[rows], err_msg=what)
+    assert_close(be.from_numpy(whole, be.default_device()), naive_attention(q, k, v), xp=be.xp, dtype=be.xp.float32)
+
+
+@pytest.mark.parametrize("name", LIBRARIES)
+def test_causal_with_lse_and_dropout(name):
+    be = lib(name)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 70, 4, 8)).astype(np.float32) for _ in range(3))
+    Q, Kk, Vv = (be.from_numpy(a, be.default_device()) for a in (q, k, v))
+    kw = dict(batch_invariant=True, return_lse=True, dropout_p=0.2, seed=3)
+    out, lse = scaled_dot_product_attention(Q, Kk, Vv, **kw)
+    part, part_lse = scaled_dot_product_attention(Q[1:], Kk[1:], Vv[1:], **kw)
+    # Dropout counters use the row's batch index: batch row 1 alone is batch row 0 of that call.
+    assert host(out).shape == (2, 70, 4, 8) and host(lse).shape == (2, 70, 4)
+    np.testing.assert_array_equal(host(part_lse), host(lse)[1:])
+    plain_out = host(scaled_dot_product_attention(Q, Kk, Vv, batch_invariant=True, is_causal=True))
+    np.testing.assert_allclose(plain_out, naive_attention(q, k, v, is_causal=True), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LIBRARIES)
+def test_layer_rows_do_not_depend_on_the_rest_of_the_call(name):
+    be = lib(name)
+    rng = np.random.default_rng(2)
+    layer = MultiHeadAttention(emsize=48, nhead=6, d_k=8, d_v=8, seed=4, xp=be.xp)
+    x = rng.standard_normal((4, 300, 48)).astype(np.float32)
+    x_kv = rng.standard_normal((4, 520, 48)).astype(np.float32)
+    X, XKV = (be.from_numpy(a, be.default_device()) for a in (x, x_kv))
+    whole = host(layer(X, XKV, batch_invariant=True))
+    np.testing.assert_array_equal(host(layer(X[:, :7], XKV, batch_invariant=True)), whole[:, :7])
+    np.testing.assert_array_equal(host(layer(X[2:3, 50:61], XKV[2:3], batch_invariant=True)), whole[2:3, 50:61])
+    factor = layer(be.xp.asarray(X, copy=True), XKV, batch_invariant=True, save_peak_mem_factor=3, allow_inplace=True)
+    np.testing.assert_array_equal(host(factor), whole)
+    assert_close(be.from_numpy(whole, be.default_device()), direct(layer, x, x_kv), xp=be.xp, dtype=be.xp.float32)
