@@ -141,6 +141,7 @@ def plan_chunks(
     kv_chunk: int | None = None,
     workers: int = 1,
     on_cpu: bool = True,
+    divisor: int = 1,
 ) -> ChunkPlan:
     """Choose block sizes whose working set fits ``budget`` bytes.
 
@@ -150,9 +151,11 @@ def plan_chunks(
     small enough that every worker gets one. Explicit ``q_chunk`` /
     ``kv_chunk`` (validated by the caller) are taken as given, clipped to the
     lengths; the budget then sizes what is left, down to blocks of one batch row.
+    ``divisor`` (``save_peak_mem_factor``) divides each worker's share, but on a
+    CPU not below one cache-sized tile: smaller tiles would cost speed for
+    memory the factor's batch split already saves.
     """
     explicit_kv = kv_chunk
-    share = max(1, budget // max(1, workers))
 
     # Bytes per score element alive at once in one step (``_core._online_softmax_step``): the tile and
     # one temporary (the exponentials where they cannot be taken in place), one more for a mask's
@@ -161,6 +164,10 @@ def plan_chunks(
     per_score = compute_itemsize * (2 + masked + biased + dropout) + masked + 80 * dropout
     # Bytes per (batch, query, head) row outside the tile: scaled q, accumulator, its update, max and sum.
     per_row = (d_k + 2 * d_v + 4) * compute_itemsize
+    share = max(1, budget // max(1, workers))
+    if divisor > 1:
+        floor = min(share, TILE_ELEMENTS * per_score) if on_cpu else 1
+        share = max(share // divisor, floor)
 
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
     if kv_chunk is None:

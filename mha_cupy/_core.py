@@ -89,7 +89,8 @@ def plan_attention(
 
     ``shape`` is ``(B, T, S, N, H, V)`` of one block of work (for the layer,
     one ``save_peak_mem_factor`` part); ``budget_divisor`` divides the memory
-    budget (the factor bounds the attention's working set too). With
+    budget (the factor bounds the attention's working set too, down to
+    cache-sized tiles on CPUs: see ``plan_chunks``). With
     ``batch_invariant`` the tiles are ``INVARIANT_CHUNKS`` whatever the budget
     and chunk sizes say (they are still validated).
     """
@@ -97,11 +98,11 @@ def plan_attention(
     q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
     kv_chunk = check_optional_positive_int(kv_chunk_size, "kv_chunk_size")
     workers = be.default_workers(device) if workers is None else check_positive_int(workers, "workers")
-    budget = max(1, resolve_memory_budget(memory_budget, be=be, device=device) // budget_divisor)
+    budget = resolve_memory_budget(memory_budget, be=be, device=device)
     chunks = plan_chunks(
         batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=V, compute_itemsize=be.itemsize(be.compute_dtype(dtype)),
         dropout=dropout_p > 0, masked=masked or is_causal, biased=biased, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
-        workers=workers, on_cpu=be.is_cpu(device),
+        workers=workers, on_cpu=be.is_cpu(device), divisor=budget_divisor,
     )
     if batch_invariant:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q if be.batched_matmul_per_matrix else 1
