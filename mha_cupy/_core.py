@@ -171,11 +171,15 @@ def _run(core: "_Core", *, xp: Any) -> Any:
     if plan.key_splits == 1:
         run_blocks(lambda *blk: write(blk, [core.partial(*blk, 0, core.s_end(blk[3]))]), blocks, plan.workers, plan.be)
     else:
-        tasks = [(i, s0, s1) for i, blk in enumerate(blocks) for s0, s1 in plan.key_ranges(core.s_end(blk[3]))]
-        states: dict[int, list[Any]] = {i: [] for i in range(len(blocks))}
-        run_blocks(lambda i, s0, s1: states[i].append(core.partial(*blocks[i], s0, s1)), tasks, plan.workers, plan.be)
-        for i, blk in enumerate(blocks):
-            write(blk, states[i])
+        ranges = [plan.key_ranges(core.s_end(blk[3])) for blk in blocks]
+        states: list[list[Any]] = [[None] * len(r) for r in ranges]
+
+        def part(i: int, j: int) -> None:  # merged in range order below: the same bits on every run
+            states[i][j] = core.partial(*blocks[i], *ranges[i][j])
+
+        run_blocks(part, [(i, j) for i, r in enumerate(ranges) for j in range(len(r))], plan.workers, plan.be)
+        for blk, block_states in zip(blocks, states):
+            write(blk, block_states)
     return out if lse is None else (out, lse)
 
 

@@ -328,6 +328,9 @@ def test_keys_split_across_workers_when_blocks_are_few(kw):
     assert plan.key_splits == 4 and plan.key_ranges(200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
     keep = keep_mask(9, 0.3, 1, 4, 3, 200) if "seed" in kw else None
     expected = naive_attention(q, k, v, is_causal=kw.get("is_causal", False), keep=keep, dropout_p=kw.get("dropout_p", 0.0))
+    first = sdpa(q, k, v, kv_chunk_size=16, workers=4, **kw)
+    for _ in range(5):  # partial results merge in key order, whichever worker finishes first
+        np.testing.assert_array_equal(sdpa(q, k, v, kv_chunk_size=16, workers=4, **kw), first)
     for workers in (1, 2, 4):
         got, lse = sdpa(q, k, v, kv_chunk_size=16, workers=workers, return_lse=True, **kw)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
