@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backends import Backend, resolve_backend
+from ._validation import check_positive_int
 
 __all__ = [
     "ACCELERATOR_KV_CHUNK",
@@ -62,23 +63,24 @@ _budget_override: int | None = None
 
 
 def parse_memory_budget(value: Any, name: str = "memory_budget") -> int:
-    """Bytes from an int or a string such as ``"256MB"`` (10**6) or ``"32MiB"`` (2**20)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        msg = f"{name} must be a number of bytes (int) or a string such as '256MB', got {type(value).__name__} {value!r}"
-        raise TypeError(msg)
-    if isinstance(value, str):
-        match = _BUDGET_RE.match(value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            msg = f"{name} must look like '256MB', '64MiB' or '1GB' (units {sorted(u for u in _UNITS if u)}), got {value!r}"
-            raise ValueError(msg)
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
-    else:
-        nbytes = value
-    if nbytes <= 0:
-        msg = f"{name} must be a positive number of bytes, got {value!r}"
+    """Bytes from an integral scalar or a string such as ``"256MB"`` (10**6) or ``"32MiB"`` (2**20)."""
+    expected = "a number of bytes (int) or a string such as '256MB'"
+    if not isinstance(value, str):
+        nbytes = check_positive_int(value, name) if not isinstance(value, float) else None
+        if nbytes is None:
+            msg = f"{name} must be {expected}, got float {value!r}"
+            raise TypeError(msg)
+        return nbytes
+    match = _BUDGET_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        msg = f"{name} must look like '256MB', '64MiB' or '1GB' (units {sorted(u for u in _UNITS if u)}), got {value!r}"
         raise ValueError(msg)
-    return nbytes
+    amount = float(match.group(1)) * _UNITS[unit]
+    if not 1 <= amount < 2**63:
+        msg = f"{name} must be between 1 byte and 2**63 bytes, got {value!r}"
+        raise ValueError(msg)
+    return int(amount)
 
 
 def resolve_memory_budget(value: Any, *, be: Backend, device: Any) -> int:
@@ -178,7 +180,7 @@ def plan_chunks(
     kv_chunk = min(kv_chunk, kv_len)
     row_bytes = heads * (kv_chunk * per_score + per_row)
     rows = share // row_bytes
-    if q_chunk is None:
+    if q_chunk is None or kv_chunk < 1:
         if rows < 1 or kv_chunk < 1:
             need = heads * (min(kv_len, explicit_kv or 1) * per_score + per_row) * max(1, workers)
             msg = (

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import dropout as _dropout
 from ._backends import backend_of, device_of
 from ._core import AttentionPlan, plan_attention
-from ._validation import check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
+from ._validation import check_array, check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
 from .weights import STREAMS
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:
 
 
 def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> None:
+    check_array(x, "x")
     be = backend_of(x, x_kv, names=("x", "x_kv"))
     if be.xp is not layer.xp:
         msg = f"x must be an array of the layer's namespace {layer._be.name}, got {be.name}; use .to()"

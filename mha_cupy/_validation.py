@@ -8,6 +8,8 @@ weight or a random stream.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any, Sequence
 
 from ._backends import Backend
@@ -19,6 +21,8 @@ __all__ = [
     "check_positive_int",
     "check_optional_positive_int",
     "check_probability",
+    "check_int_in",
+    "check_array",
     "check_bool",
     "check_finite_real",
     "check_scale",
@@ -71,15 +75,40 @@ def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend) -> None:
         raise TypeError(msg)
 
 
-def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    """``value`` must be an int (not bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        msg = f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}"
+def _as_int(value: Any, name: str, expected: str) -> int:
+    """``value`` as a Python int: any integral scalar (``operator.index``), never a bool."""
+    if isinstance(value, bool):
+        msg = f"{name} must be {expected}, got bool {value!r}"
         raise TypeError(msg)
-    if value < minimum:
-        msg = f"{name} must be an int >= {minimum}, got {value}"
+    try:
+        return operator.index(value)
+    except TypeError:
+        msg = f"{name} must be {expected}, got {type(value).__name__} {value!r}"
+        raise TypeError(msg) from None
+
+
+def _as_float(value: Any, name: str, expected: str) -> float:
+    """``value`` as a finite Python float: any real scalar (``numbers.Real``), never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be {expected}, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        msg = f"{name} must be {expected}, got {value!r}"
         raise ValueError(msg)
-    return value
+    return result
+
+
+def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """``value`` must be an integral scalar (not bool) ``>= minimum``; returned as a Python int."""
+    result = _as_int(value, name, f"an int >= {minimum}")
+    if result < minimum:
+        msg = f"{name} must be an int >= {minimum}, got {result}"
+        raise ValueError(msg)
+    return result
 
 
 def check_optional_positive_int(value: Any, name: str, *, minimum: int = 1) -> int | None:
@@ -87,15 +116,22 @@ def check_optional_positive_int(value: Any, name: str, *, minimum: int = 1) -> i
     return None if value is None else check_positive_int(value, name, minimum=minimum)
 
 
+def check_int_in(value: Any, name: str, low: int, high: int, text: str) -> int:
+    """``value`` must be an integral scalar in ``[low, high)`` (``text`` spells the range for messages)."""
+    result = _as_int(value, name, f"an int in {text}")
+    if not low <= result < high:
+        msg = f"{name} must be an int in {text}, got {result}"
+        raise ValueError(msg)
+    return result
+
+
 def check_probability(value: Any, name: str) -> float:
     """``value`` must be a real number in ``[0, 1]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}"
-        raise TypeError(msg)
-    if not 0.0 <= value <= 1.0:
+    result = _as_float(value, name, "a float in [0, 1]")
+    if not 0.0 <= result <= 1.0:
         msg = f"{name} must be a float in [0, 1], got {value}"
         raise ValueError(msg)
-    return float(value)
+    return result
 
 
 def check_bool(value: Any, name: str) -> bool:
@@ -107,24 +143,22 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def check_finite_real(value: Any, name: str) -> float:
-    """``value`` must be a real number (not bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a float, got {type(value).__name__} {value!r}"
+    """``value`` must be a finite real number (not bool)."""
+    return _as_float(value, name, "a finite float")
+
+
+def check_array(value: Any, name: str) -> None:
+    """A required array argument must not be None (other non-arrays are refused by ``backend_of``)."""
+    if value is None:
+        msg = f"{name} must be an array, got None"
         raise TypeError(msg)
-    return float(value)
 
 
 def check_scale(scale: Any, d_k: int) -> float:
     """The logit scale: ``scale`` if given (a finite real number), else ``1 / sqrt(d_k)``."""
     if scale is None:
         return 1.0 / math.sqrt(d_k) if d_k else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        msg = f"scale must be a finite float or None, got {type(scale).__name__} {scale!r}"
-        raise TypeError(msg)
-    if not math.isfinite(scale):
-        msg = f"scale must be a finite float or None, got {scale!r}"
-        raise ValueError(msg)
-    return float(scale)
+    return _as_float(scale, "scale", "a finite float or None")
 
 
 def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backend, dtype: Any = None) -> Any:

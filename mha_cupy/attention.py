@@ -11,7 +11,7 @@ from typing import Any
 from . import dropout as _dropout
 from ._backends import backend_of, device_of
 from ._core import attend, plan_attention
-from ._validation import check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
+from ._validation import check_array, check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -96,6 +96,8 @@ def scaled_dot_product_attention(
         that may attend no key (fully masked) returns zeros, where PyTorch
         returns NaN.
     """
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_array(a, name)
     be = backend_of(q, k, v, mask, bias, names=("q", "k", "v", "mask", "bias"))
     xp = be.xp
     check_shape_and_dtype(q, "q", (None, None, None, None), legend="[batch, q_len, heads, d_k]", be=be)

@@ -61,13 +61,14 @@ def _bench(args: argparse.Namespace) -> int:
     from .attention import scaled_dot_product_attention
     from .dropout import uniform
 
+    B, T, S, N, K, H = args.batch, args.q_len, args.kv_len, args.heads, args.kv_heads, args.dim
+    if K < 1 or N % K:
+        print(f"mha-cupy bench: --heads must be a multiple of --kv-heads, got --heads {N} --kv-heads {K}", file=sys.stderr)
+        return 2
     xp = resolve_backend(args.xp).xp
     dtype = getattr(xp, args.dtype)
-    dev = None
-    B, T, S, N, K, H = args.batch, args.q_len, args.kv_len, args.heads, args.kv_heads, args.dim
-    q = uniform(1, 1, (B, T, N, H), dtype, xp=xp, device=dev)
-    k = uniform(1, 2, (B, S, K, H), dtype, xp=xp, device=dev)
-    v = uniform(1, 3, (B, S, K, H), dtype, xp=xp, device=dev)
+    q, k, v = (uniform(1, i, shape, dtype, xp=xp, device=None)
+               for i, shape in ((1, (B, T, N, H)), (2, (B, S, K, H)), (3, (B, S, K, H))))
 
     def median_time(fn) -> float:
         fn()  # warm-up
@@ -78,17 +79,31 @@ def _bench(args: argparse.Namespace) -> int:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    ours = median_time(lambda: to_numpy(scaled_dot_product_attention(q, k, v, is_causal=args.causal)))
-    print(f"mha_cupy ({args.xp}) B={B} T={T} S={S} N={N} K={K} d={H} {args.dtype}: median {ours:.4f} s")
+    def ours_fn():
+        return to_numpy(scaled_dot_product_attention(q, k, v, is_causal=args.causal))
+
     try:
         import torch
+        from torch.nn.attention.bias import causal_lower_right
     except ImportError:
+        print(f"mha_cupy ({args.xp}) B={B} T={T} S={S} N={N} K={K} d={H} {args.dtype}: median {median_time(ours_fn):.4f} s")
         print("torch is not installed: no side-by-side figure")
         return 0
     tq, tk, tv = (torch.from_numpy(to_numpy(a)).transpose(1, 2) for a in (q, k, v))
-    with torch.no_grad():
-        theirs = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(
-            tq, tk, tv, is_causal=args.causal, enable_gqa=True))
+    # Our causal mask is aligned bottom-right; torch's is_causal is top-left, so give it the same mask.
+    causal = dict(attn_mask=causal_lower_right(T, S)) if args.causal and T != S else dict(is_causal=args.causal)
+
+    def theirs_fn():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **causal)
+
+    err = scaled_error(ours_fn(), theirs_fn().transpose(1, 2).numpy())
+    if not err <= tolerance(args.dtype):
+        print(f"mha-cupy bench: outputs differ from torch's (scaled error {err:.2e}); nothing timed", file=sys.stderr)
+        return 1
+    ours, theirs = median_time(ours_fn), median_time(theirs_fn)
+    print(f"mha_cupy ({args.xp}) B={B} T={T} S={S} N={N} K={K} d={H} {args.dtype}: median {ours:.4f} s "
+          f"(outputs agree with torch's: scaled error {err:.1e})")
     print(f"torch {torch.__version__} SDPA (CPU): median {theirs:.4f} s; mha_cupy / torch = {ours / theirs:.2f}")
     return 0
 

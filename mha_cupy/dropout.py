@@ -28,6 +28,7 @@ from typing import Any
 import array_api_compat
 
 from ._backends import resolve_backend
+from ._validation import check_int_in
 
 __all__ = [
     "philox4x32",
@@ -132,12 +133,7 @@ def random_seed() -> int:
 
 def split_seed(seed: int) -> tuple[int, int]:
     """The Philox key ``(low word, high word)`` of a seed in ``[0, 2**64)``."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        msg = f"seed must be an int in [0, 2**64), got {type(seed).__name__} {seed!r}"
-        raise TypeError(msg)
-    if not 0 <= seed < 2**64:
-        msg = f"seed must be an int in [0, 2**64), got {seed}"
-        raise ValueError(msg)
+    seed = check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
     return seed & _MASK32, seed >> 32
 
 

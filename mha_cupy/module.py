@@ -22,6 +22,7 @@ from ._threads import matmul_rows
 from ._validation import (
     check_bool,
     check_finite_real,
+    check_int_in,
     check_positive_int,
     check_precomputed_combination,
     check_probability,
@@ -120,8 +121,7 @@ class MultiHeadAttention:
         self.scale = check_scale(softmax_scale, d_k)
         check_bool(initialize_output_to_zero, "initialize_output_to_zero")
         self.init_gain = check_finite_real(init_gain, "init_gain")
-        self.seed = _dropout.random_seed() if seed is None else seed
-        _dropout.split_seed(self.seed)
+        self.seed = _dropout.random_seed() if seed is None else check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
         self._calls = 0
 
         precomputed = (precomputed_k, precomputed_v, precomputed_kv)
@@ -135,7 +135,7 @@ class MultiHeadAttention:
         present = [p for p in precomputed if p is not None]
         if device is None:
             device = device_of(present[0]) if present else self._be.default_device()
-        self.device = device
+        self.device = self._be.check_device(device)
         self._w: dict[str, Any] = {}
         self._cache: KVCache | None = None
         weights = initial_weights(self, with_kv=not present, zero_output=initialize_output_to_zero)
@@ -198,6 +198,9 @@ class MultiHeadAttention:
             return a.shape[axis] if a.ndim > axis and a.shape[axis] in (1, K) else K
 
         if pre_kv is not None:
+            if H != V:
+                msg = f"precomputed_kv stacks keys and values of one size and needs d_k == d_v, got d_k {H} and d_v {V}; use precomputed_k and precomputed_v"
+                raise ValueError(msg)
             check_shape_and_dtype(pre_kv, "precomputed_kv", (None, None, 2, cached_heads(pre_kv, 3), H),
                                   legend="[batch, kv_len, 2, kv_heads or 1, d_k]", dtype=dt, be=be)
             return KVCache((pre_kv,), pre_kv.shape[1])
@@ -252,7 +255,7 @@ class MultiHeadAttention:
         new = object.__new__(MultiHeadAttention)
         new.__dict__.update(self.__dict__)
         new._be, new.xp, new.dtype = target, target.xp, dtype
-        new.device = target.default_device() if device is None else device
+        new.device = target.default_device() if device is None else target.check_device(device)
         new._w = {n: convert(a, target, new.device) for n, a in self._w.items()}
         if self._cache is not None:
             new._cache = self._cache.moved(lambda a: convert(a, target, new.device))

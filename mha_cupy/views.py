@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._backends import backend_of
-from ._validation import check_positive_int, shape_str
+from ._validation import check_array, check_positive_int, shape_str
 
 __all__ = ["broadcast_kv_across_heads"]
 
@@ -30,10 +30,15 @@ def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
         Reshaping the result to ``[..., K * n, H]`` would copy; the attention
         core never does that, it folds the ``n`` query heads into GEMM rows.
     """
+    check_array(kv, "kv")
     xp = backend_of(kv, names=("kv",)).xp
     n = check_positive_int(n, "n")
     if kv.ndim < 2:
         msg = f"kv must have at least 2 dimensions [..., kv_heads, d], got shape {shape_str(kv.shape)}"
         raise ValueError(msg)
-    expanded = xp.expand_dims(kv, axis=-2)
-    return xp.broadcast_to(expanded, (*kv.shape[:-1], n, kv.shape[-1]))
+    shape = (*kv.shape[:-1], n, kv.shape[-1])
+    try:
+        return xp.broadcast_to(xp.expand_dims(kv, axis=-2), shape)
+    except (ValueError, RuntimeError, OverflowError) as exc:  # the library's limit on a view's size
+        msg = f"n={n} asks for a view of shape {shape_str(shape)}, which {type(kv).__module__.split('.')[0]} refuses ({exc})"
+        raise ValueError(msg) from None

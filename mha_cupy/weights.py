@@ -158,6 +158,7 @@ def convert_torch_nn_multihead_attention_state_dict(
     else:
         out = {"w_qkv": w_in, "w_out": w_out}
     target = source if xp is None else resolve_backend(xp)
+    device = None if device is None else target.check_device(device)
     # Contiguous copies: the results become the module's own parameters.
     if target is source and device is None:
         return {k: src.asarray(v, copy=True) for k, v in out.items()}

@@ -244,7 +244,7 @@ def test_bad_arrays(change, exc, match):
         (dict(kv_chunk_size=True), TypeError, "kv_chunk_size must be an int"),
         (dict(memory_budget=10), ValueError, "memory_budget of 10 bytes is too small for one query row"),
         (dict(memory_budget="lots"), ValueError, "memory_budget must look like"),
-        (dict(memory_budget=-1), ValueError, "memory_budget must be a positive"),
+        (dict(memory_budget=-1), ValueError, "memory_budget must be an int >= 1, got -1"),
         (dict(dropout_p=1.5), ValueError, r"dropout_p must be a float in \[0, 1\], got 1.5"),
         (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
         (dict(scale="big"), TypeError, "scale must be a finite float"),

@@ -65,3 +65,14 @@ def test_unavailable_backend_exits_with_reason(capsys, monkeypatch):
 def test_bad_command():
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_bench_refuses_heads_that_kv_heads_do_not_divide(capsys):
+    assert main(["bench", "--heads", "6", "--kv-heads", "4", "--q-len", "8", "--kv-len", "8"]) == 2
+    assert "--heads must be a multiple of --kv-heads, got --heads 6 --kv-heads 4" in capsys.readouterr().err
+
+
+def test_bench_causal_with_different_lengths_compares_like_with_like(capsys):
+    assert main(["bench", "--causal", "--q-len", "16", "--kv-len", "40", "--heads", "2", "--kv-heads", "1",
+                 "--repeats", "1"]) == 0
+    assert "outputs agree with torch's" in capsys.readouterr().out

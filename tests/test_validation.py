@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mha_cupy import MultiHeadAttention
+import mha_cupy
+from helpers import naive_attention, require
+from mha_cupy import MultiHeadAttention, broadcast_kv_across_heads
+from mha_cupy import convert_torch_nn_multihead_attention_state_dict as convert_sd
+from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._backends import resolve_backend
 from mha_cupy._validation import check_probability, check_shape_and_dtype, shape_str
 
@@ -28,7 +32,7 @@ X = np.random.default_rng(0).standard_normal((2, 3, 8))
         (dict(dtype="int8"), TypeError, "dtype must be one of the floating dtypes"),
         (dict(softmax_scale="x"), TypeError, "scale must be a finite float"),
         (dict(initialize_output_to_zero=1), TypeError, "initialize_output_to_zero must be a bool"),
-        (dict(init_gain="1"), TypeError, "init_gain must be a float"),
+        (dict(init_gain="1"), TypeError, "init_gain must be a finite float, got str"),
         (dict(seed=2**64), ValueError, "seed must be an int in"),
         (dict(xp="tensorflow"), ValueError, "xp must be a namespace module or one of"),
         (dict(precomputed_k=np.zeros((1, 2, 4, 2))), ValueError, "precomputed_k and precomputed_v come together"),
@@ -138,3 +142,62 @@ def test_helpers():
         check_shape_and_dtype(np.zeros(2), "a", (2, None), legend="[r, c]", be=resolve_backend("numpy"))
     with pytest.raises(TypeError, match="p must be a float"):
         check_probability("0.5", "p")
+
+
+# -- the bad calls the reliability issue listed, each refused with a message naming the argument -------
+
+Q = np.ones((1, 4, 2, 3))
+
+
+def _torch_layer(**kw):
+    require("torch")
+    return layer(xp="torch", **kw)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: layer(d_v=3, precomputed_kv=np.zeros((2, 3, 2, 4, 2))), ValueError, "precomputed_kv .* needs d_k == d_v, got d_k 2 and d_v 3"),
+        (lambda: sdpa(Q, Q, Q, memory_budget=1, q_chunk_size=1), ValueError, "memory_budget of 1 bytes is too small"),
+        (lambda: sdpa(Q, Q, Q, memory_budget="1e400"), ValueError, "memory_budget must be between 1 byte and 2\\*\\*63 bytes, got '1e400'"),
+        (lambda: mha_cupy.set_memory_budget("1e400"), ValueError, "memory_budget must be between"),
+        (lambda: sdpa(Q, Q, Q, scale=10**400), ValueError, "scale must be a finite float or None"),
+        (lambda: layer(softmax_scale=10**400), ValueError, "scale must be a finite float or None"),
+        (lambda: layer(init_gain=10**400), ValueError, "init_gain must be a finite float"),
+        (lambda: layer(init_gain=float("nan")), ValueError, "init_gain must be a finite float, got nan"),
+        (lambda: layer(init_gain=float("inf")), ValueError, "init_gain must be a finite float, got inf"),
+        (lambda: sdpa(None, Q, Q), TypeError, "q must be an array, got None"),
+        (lambda: layer()(None), TypeError, "x must be an array, got None"),
+        (lambda: broadcast_kv_across_heads(None, 2), TypeError, "kv must be an array, got None"),
+        (lambda: broadcast_kv_across_heads(Q, 10**20), ValueError, "n=100000000000000000000 asks for a view"),
+        (lambda: _torch_layer(device="bogus"), ValueError, "device must be a torch device .* got 'bogus'"),
+        (lambda: _torch_layer(device="cuda"), ValueError, "device 'cuda' is not available here"),
+        (lambda: layer().to("torch", device="cuda"), ValueError, "device 'cuda' is not available here"),
+        (lambda: layer(device="gpu"), ValueError, "device must be one of numpy's devices \\['cpu'\\], got 'gpu'"),
+        (lambda: layer(dtype=None), TypeError, "dtype must be one of the floating dtypes .* got None"),
+        (lambda: convert_sd({"in_proj_weight": np.zeros((24, 8)), "out_proj.weight": np.zeros((8, 8))}, 2,
+                            disable_stacked_w_qkv="no"), TypeError, "disable_stacked_w_qkv must be a bool"),
+        (lambda: layer(seed=np.int64(-1)), ValueError, r"seed must be an int in \[0, 2\*\*64\), got -1"),
+    ],
+)
+def test_listed_bad_calls(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_numpy_scalars_are_accepted_like_their_python_twins():
+    m = layer(seed=np.int64(3), emsize=np.int64(8), init_gain=np.float32(0.5))
+    assert m.seed == 3 and isinstance(m.seed, int) and m.emsize == 8
+    q = np.random.default_rng(0).standard_normal((1, 4, 2, 3))
+    expected = naive_attention(q, q, q, scale=0.5)
+    got = sdpa(q, q, q, scale=np.float32(0.5), q_chunk_size=np.int64(2), kv_chunk_size=np.int32(3), workers=np.int8(2))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_zero_lengths_give_empty_or_zero_outputs():
+    m = layer()
+    empty = m(np.ones((2, 0, 8)))
+    assert empty.shape == (2, 0, 8)
+    no_keys = m(X, np.ones((2, 0, 8)))
+    assert no_keys.shape == X.shape and np.all(no_keys == 0)  # no visible key: zeros, like a fully masked row
+    np.testing.assert_allclose(m(X, np.ones((2, 0, 8)), add_input=True), X, rtol=0, atol=0)

@@ -99,6 +99,14 @@ class Backend:
         """Whether arrays on ``device`` live in host memory (tiles then follow CPU caches)."""
         return True
 
+    def check_device(self, device: Any) -> Any:
+        """``device`` as this library's device object, or a ValueError naming it and the devices there are."""
+        devices = list(self.xp.__array_namespace_info__().devices())
+        if any(device == d for d in devices):
+            return device
+        msg = f"device must be one of {self.name}'s devices {devices}, got {device!r}"
+        raise ValueError(msg)
+
     def default_workers(self, device: Any) -> int:
         """Threads over independent blocks when the caller names none."""
         return 1
@@ -142,6 +150,9 @@ class Backend:
     def float_dtype(self, spec: Any) -> Any:
         """``spec`` (a name, a NumPy dtype or a dtype of this library) as this library's float dtype."""
         available = self.float_dtypes()
+        if spec is None:
+            msg = f"dtype must be one of the floating dtypes {sorted(available)} of {self.name}, got None"
+            raise TypeError(msg)
         name = spec if isinstance(spec, str) else self.dtype_name(spec)
         if name not in available and not isinstance(spec, str):
             with contextlib.suppress(TypeError):

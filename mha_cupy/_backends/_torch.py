@@ -31,6 +31,19 @@ class TorchBackend(Backend):
     def is_cpu(self, device: Any) -> bool:
         return device.type == "cpu"
 
+    def check_device(self, device: Any) -> Any:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            msg = f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})"
+            raise ValueError(msg) from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            msg = f"device {device!r} is not available here (torch.cuda.is_available() is {torch.cuda.is_available()}, {torch.cuda.device_count()} CUDA devices)"
+            raise ValueError(msg)
+        return dev
+
     def free_memory(self, device: Any) -> int:
         import torch
 
