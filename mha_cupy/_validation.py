@@ -154,11 +154,11 @@ def check_array(value: Any, name: str) -> None:
         raise TypeError(msg)
 
 
-def check_scale(scale: Any, d_k: int) -> float:
+def check_scale(scale: Any, d_k: int, name: str = "scale") -> float:
     """The logit scale: ``scale`` if given (a finite real number), else ``1 / sqrt(d_k)``."""
     if scale is None:
         return 1.0 / math.sqrt(d_k) if d_k else 1.0
-    return _as_float(scale, "scale", "a finite float or None")
+    return _as_float(scale, name, "a finite float or None")
 
 
 def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backend, dtype: Any = None) -> Any:

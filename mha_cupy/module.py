@@ -116,9 +116,9 @@ class MultiHeadAttention:
             raise ValueError(msg)
         self.nhead_kv = nhead // share_kv_across_n_heads
         self.dropout_p = None if dropout_p is None else check_probability(dropout_p, "dropout_p")
-        self.softmax_scale = None if softmax_scale is None else check_scale(softmax_scale, d_k)
         #: The logit scale every call uses, resolved once.
-        self.scale = check_scale(softmax_scale, d_k)
+        self.scale = check_scale(softmax_scale, d_k, "softmax_scale")
+        self.softmax_scale = None if softmax_scale is None else self.scale
         check_bool(initialize_output_to_zero, "initialize_output_to_zero")
         self.init_gain = check_finite_real(init_gain, "init_gain")
         self.seed = _dropout.random_seed() if seed is None else check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
