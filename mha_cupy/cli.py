@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._backends import BACKEND_NAMES, BackendUnavailableError, convert, resolve_backend, to_numpy
+from ._validation import check_positive_int
 from .testing import scaled_error, tolerance
 
 
@@ -42,6 +43,8 @@ def _compare(args: argparse.Namespace) -> int:
     from .dropout import uniform
     from .module import MultiHeadAttention
 
+    for name in ("emsize", "nhead", "batch", "length"):
+        check_positive_int(getattr(args, name), f"--{name}")
     a = MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=args.emsize // args.nhead,
                            d_v=args.emsize // args.nhead, dtype=args.dtype, xp=args.other, seed=args.seed)
     b = a.to(args.xp)
@@ -61,6 +64,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .attention import scaled_dot_product_attention
     from .dropout import uniform
 
+    for name in ("batch", "q_len", "kv_len", "heads", "dim", "repeats"):
+        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
     B, T, S, N, K, H = args.batch, args.q_len, args.kv_len, args.heads, args.kv_heads, args.dim
     if K < 1 or N % K:
         print(f"mha-cupy bench: --heads must be a multiple of --kv-heads, got --heads {N} --kv-heads {K}", file=sys.stderr)
@@ -144,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendUnavailableError as exc:
         print(f"mha-cupy: {exc}", file=sys.stderr)
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as exc:  # a bad option value reaching the library: one line, not a traceback
+        print(f"mha-cupy {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

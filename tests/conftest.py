@@ -13,8 +13,15 @@ import os
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from helpers import BACKEND_IDS, make_backend  # noqa: E402
+
+
+# Property tests: derandomised, moderate counts in CI; `--hypothesis-profile=long` for many more.
+settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:

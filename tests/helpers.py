@@ -105,6 +105,8 @@ def naive_attention(q, k, v, *, scale=None, mask=None, bias=None, is_causal=Fals
     q, k, v = (np.asarray(to_numpy(a), dtype=np.float64) for a in (q, k, v))
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
+    if T == 0 or S == 0:  # no query, or no visible key: zeros
+        return np.zeros((B, T, N, v.shape[3]))
     G = N // K
     k = np.repeat(k, G, axis=2)
     v = np.repeat(v, G, axis=2)
@@ -157,7 +159,8 @@ def direct(layer: Any, x: Any, x_kv: Any = None, *, reuse_first_head_kv: bool = 
     x = np.asarray(to_numpy(x), dtype=np.float64)
     src = x if x_kv is None else np.asarray(to_numpy(x_kv), dtype=np.float64)
     E = x.shape[-1]
-    xf, sf = x.reshape(-1, x.shape[-2], E), src.reshape(-1, src.shape[-2], E)
+    B = int(np.prod(x.shape[:-2]))
+    xf, sf = x.reshape(B, x.shape[-2], E), src.reshape(B, src.shape[-2], E)
     w_q = w["w_q"][0] if w["w_q"] is not None else w["w_qkv"][0]
     w_k, w_v = (w["w_kv"][0], w["w_kv"][1]) if w["w_kv"] is not None else (
         (w["w_qkv"][1], w["w_qkv"][2]) if w["w_qkv"] is not None else (w["w_k"], w["w_v"]))

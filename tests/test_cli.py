@@ -76,3 +76,29 @@ def test_bench_causal_with_different_lengths_compares_like_with_like(capsys):
     assert main(["bench", "--causal", "--q-len", "16", "--kv-len", "40", "--heads", "2", "--kv-heads", "1",
                  "--repeats", "1"]) == 0
     assert "outputs agree with torch's" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["bench", "--q-len", "x"], "argument --q-len: invalid int value: 'x'"),
+        (["bench", "--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["bench", "--xp", "tensorflow"], "argument --xp: invalid choice"),
+        (["compare", "--xp", "numpy", "--nhead", "0"], "--nhead must be an int >= 1, got 0"),
+        (["compare", "--xp", "numpy", "--emsize", "-4"], "--emsize must be an int >= 1, got -4"),
+        (["bench", "--heads", "0", "--kv-heads", "0"], "--heads must be an int >= 1, got 0"),
+        (["bench", "--repeats", "0", "--q-len", "4", "--kv-len", "4"], "--repeats must be an int >= 1, got 0"),
+        (["bench", "--heads", "6", "--kv-heads", "0"], "--heads must be a multiple of --kv-heads"),
+        (["verify", "--xp"], "argument --xp: expected one argument"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(argv, match, capsys):
+    import re
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err), err
+    assert "Traceback" not in err
