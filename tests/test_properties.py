@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from helpers import direct, keep_mask, naive_attention, require
+from helpers import direct, keep_mask, make_backend, naive_attention, require
+from mha_cupy._backends import to_numpy
 from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
 
@@ -107,8 +108,13 @@ def test_dropout_uses_the_documented_mask_at_any_chunking(problem, chunk, p, see
     q, k, v, _ = problem
     B, T, N, _ = q.shape
     keep = keep_mask(seed, p, B, N, T, k.shape[1])
+    expected = naive_attention(q, k, v, keep=keep, dropout_p=p)
     got = sdpa(q, k, v, dropout_p=p, seed=seed, q_chunk_size=chunk[0], kv_chunk_size=chunk[1], workers=chunk[2])
-    np.testing.assert_allclose(got, naive_attention(q, k, v, keep=keep, dropout_p=p), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    for name in ("torch", "array_api_strict"):  # the same mask from every library's Philox lanes
+        other = make_backend(name)
+        got = sdpa(*(other.asarray(a) for a in (q, k, v)), dropout_p=p, seed=seed, kv_chunk_size=chunk[1])
+        np.testing.assert_allclose(to_numpy(got), expected, rtol=0, atol=ATOL)
 
 
 @given(st.floats(0.05, 0.95), st.integers(0, 2**63 - 1))
