@@ -21,7 +21,7 @@ from typing import Any
 from . import dropout as _dropout
 from ._backends import Backend, device_of
 from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
-from ._threads import run_blocks
+from ._threads import INVARIANT_COLUMNS, run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
 __all__ = ["AttentionPlan", "plan_attention", "attend", "INVARIANT_CHUNKS"]
@@ -135,20 +135,26 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
     ranges split over workers merge exactly by log-sum-exp, so the result does
     not depend on the order or the number of workers beyond rounding.
     """
-    T = q.shape[1]
+    T, V = q.shape[1], v.shape[3]
+    if plan.batch_invariant and V % INVARIANT_COLUMNS:  # value columns padded too (see INVARIANT_COLUMNS)
+        v = xp.concat([v, xp.zeros((*v.shape[:3], -V % INVARIANT_COLUMNS), dtype=v.dtype, device=device_of(v))],
+                      axis=3)
     if plan.batch_invariant and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
-        q, mask, bias = (_pad_queries(a, -T % plan.chunks.q, fill, xp=xp) for a, fill in ((q, 0.0), (mask, True), (bias, 0.0)))
+        pad = -T % plan.chunks.q
+        q = _pad_queries(q, pad, 0.0, xp=xp)
+        mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
+                      for a, fill in ((mask, True), (bias, 0.0)))
     core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset, q_len=T)
     result = _run(core, xp=xp)
-    if q.shape[1] == T:
+    if q.shape[1] == T and v.shape[3] == V:
         return result
-    return (result[0][:, :T, ...], result[1][:, :T, ...]) if plan.with_lse else result[:, :T, ...]
+    out = result[0] if plan.with_lse else result
+    out = out[:, :T, :, :V]
+    return (out, result[1][:, :T, ...]) if plan.with_lse else out
 
 
 def _pad_queries(a: Any, pad: int, fill: float | bool, *, xp: Any) -> Any:
-    """``a`` with ``pad`` rows of ``fill`` appended along its query axis (kept when it broadcasts)."""
-    if a is None or a.shape[1] == 1:
-        return a
+    """``a`` with ``pad`` rows of ``fill`` appended along its query axis."""
     tail = xp.full((a.shape[0], pad, *a.shape[2:]), fill, dtype=a.dtype, device=device_of(a))
     return xp.concat([a, tail], axis=1)
 

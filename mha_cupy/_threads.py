@@ -12,10 +12,14 @@ from typing import Any, Callable, Sequence
 
 from ._backends import Backend, device_of
 
-__all__ = ["run_blocks", "matmul_rows"]
+__all__ = ["INVARIANT_COLUMNS", "run_blocks", "matmul_rows"]
 
 #: Fewest rows per worker for which ``matmul_rows`` splits a product.
 MIN_ROWS_PER_WORKER = 256
+#: ``batch_invariant`` products are padded to a multiple of this many output columns: torch's CPU
+#: GEMMs give a row other bits at another position in the product otherwise (measured with 5, 7 and 9
+#: columns; 16 and 32 do not).
+INVARIANT_COLUMNS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,8 +43,9 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, tile: int | None =
     """``a [M, K] @ b [K, N]``, its rows split over ``workers`` threads (each a one-thread GEMM) where the
     library parallelises through our pool; one ``matmul`` elsewhere.
 
-    With ``tile``, every product is ``[tile, K] @ [K, N]`` (the last rows padded with zeros), so each
-    row's result does not depend on how many rows came with it (``batch_invariant``).
+    With ``tile``, every product is ``[tile, K] @ [K, N]`` (the last rows, and the columns up to a
+    multiple of ``INVARIANT_COLUMNS``, padded with zeros), so each row's result does not depend on how
+    many rows came with it (``batch_invariant``).
     """
     if tile is not None:
         return _matmul_tiles(a, b, be=be, workers=workers, tile=tile)
@@ -58,17 +63,19 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, tile: int | None =
 
 
 def _matmul_tiles(a: Any, b: Any, *, be: Backend, workers: int, tile: int) -> Any:
-    xp, rows = be.xp, a.shape[0]
+    xp, rows, cols = be.xp, a.shape[0], b.shape[1]
     pad = -rows % tile
     if pad:
         a = xp.concat([a, xp.zeros((pad, a.shape[1]), dtype=a.dtype, device=device_of(a))], axis=0)
+    if cols % INVARIANT_COLUMNS:
+        b = xp.concat([b, xp.zeros((b.shape[0], -cols % INVARIANT_COLUMNS), dtype=b.dtype, device=device_of(b))], axis=1)
     starts = range(0, rows + pad, tile)
     if not be.item_assignment:
-        return xp.concat([xp.matmul(a[i0:i0 + tile, ...], b) for i0 in starts], axis=0)[:rows, ...]
+        return xp.concat([xp.matmul(a[i0:i0 + tile, ...], b) for i0 in starts], axis=0)[:rows, :cols]
     out = xp.empty((rows + pad, b.shape[1]), dtype=a.dtype, device=device_of(a))
 
     def part(i0: int) -> None:
         be.matmul_into(a[i0:i0 + tile, ...], b, out[i0:i0 + tile, ...])
 
     run_blocks(part, [(i0,) for i0 in starts], workers, be)
-    return out[:rows, ...]
+    return out[:rows, :cols]
