@@ -14,7 +14,7 @@ import numpy as np
 import mha_cupy
 from mha_cupy.testing import assert_close
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "mha_cupy" / "fixtures"
 
 
 def main() -> int:

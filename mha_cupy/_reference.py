@@ -7,6 +7,7 @@ and the tests only. The reference needs ``pip install ".[reference]"``
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from .weights import convert_torch_nn_multihead_attention_state_dict
 
 __all__ = [
     "WEIGHT_NAMES",
+    "packaged_fixtures",
     "load_npz",
     "reference_layer",
     "reference_weights",
@@ -30,6 +32,11 @@ __all__ = [
 ]
 
 WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
+
+
+def packaged_fixtures() -> Path:
+    """The folder of reference fixtures installed with the package (``manifest.json`` and one ``.npz`` per case)."""
+    return Path(str(importlib.resources.files("mha_cupy") / "fixtures"))
 
 
 def load_npz(path: Any) -> dict[str, numpy.ndarray]:

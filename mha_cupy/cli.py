@@ -1,7 +1,8 @@
 """The ``mha-cupy`` command line: verify fixtures, compare backends.
 
 ``mha-cupy verify [--fixtures DIR] [--xp NAME]``
-    Replay every reference fixture on a backend; exit 1 on any mismatch.
+    Replay every reference fixture (by default those installed with the package) on a backend;
+    exit 1 on any mismatch.
 ``mha-cupy compare --xp NAME [--other NAME] [--dtype float32]``
     Run one random layer on two backends and print the scaled difference.
 ``mha-cupy bench [--xp NAME] [--q-len 4096 ...]``
@@ -23,11 +24,13 @@ from .testing import scaled_error, tolerance
 
 
 def _verify(args: argparse.Namespace) -> int:
-    directory = Path(args.fixtures)
+    from ._reference import packaged_fixtures, verify_fixtures
+
+    directory = packaged_fixtures() if args.fixtures is None else Path(args.fixtures)
     if not (directory / "manifest.json").is_file():
-        print(f"no manifest.json in {directory}; pass --fixtures DIR (the repository's fixtures/)", file=sys.stderr)
+        print(f"no manifest.json in {directory}; pass --fixtures DIR, or leave it out for the fixtures installed "
+              "with mha_cupy", file=sys.stderr)
         return 2
-    from ._reference import verify_fixtures
 
     rows = verify_fixtures(directory, xp=args.xp)
     width = max(len(f"{r['case_id']}:{r['key']}") for r in rows)
@@ -114,10 +117,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mha-cupy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mha-cupy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="replay the tabpfn reference fixtures")
-    p.add_argument("--fixtures", default="fixtures", help="folder holding manifest.json (default: ./fixtures)")
+    p.add_argument("--fixtures", default=None,
+                   help="folder holding manifest.json (default: the fixtures installed with mha_cupy)")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES)
     p.set_defaults(run=_verify)
     c = sub.add_parser("compare", help="the same random layer on two backends")

@@ -8,7 +8,7 @@ import pytest
 
 from mha_cupy.cli import main
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "mha_cupy" / "fixtures"
 
 
 def test_verify_passes_on_the_fixtures(capsys):
@@ -102,3 +102,22 @@ def test_bad_options_exit_2_with_one_line(argv, match, capsys):
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err), err
     assert "Traceback" not in err
+
+
+def test_verify_from_any_directory_uses_the_installed_fixtures(tmp_path):
+    import subprocess
+    import sys
+
+    # -m from another folder: the installed package and its package data, not this checkout's files.
+    run = subprocess.run([sys.executable, "-m", "mha_cupy", "verify", "--xp", "numpy"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 failed" in run.stdout and "basic_self_attn_small:output" in run.stdout
+
+
+def test_version(capsys):
+    from mha_cupy import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"mha-cupy {__version__}"

@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_close
 from mha_cupy._reference import replay_fixture
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "mha_cupy" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 CASES = {c["case_id"]: c for c in MANIFEST["cases"]}
 
