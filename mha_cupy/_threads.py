@@ -47,35 +47,27 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, tile: int | None =
     multiple of ``INVARIANT_COLUMNS``, padded with zeros), so each row's result does not depend on how
     many rows came with it (``batch_invariant``).
     """
-    if tile is not None:
-        return _matmul_tiles(a, b, be=be, workers=workers, tile=tile)
-    xp, rows = be.xp, a.shape[0]
-    if workers <= 1 or rows < workers * MIN_ROWS_PER_WORKER or not be.item_assignment:
-        return xp.matmul(a, b)
-    out = xp.empty((rows, b.shape[1]), dtype=a.dtype, device=device_of(a))
-    step = -(-rows // workers)
+    xp, rows, cols = be.xp, a.shape[0], b.shape[1]
+    if tile is None:
+        if workers <= 1 or rows < workers * MIN_ROWS_PER_WORKER or not be.item_assignment:
+            return xp.matmul(a, b)
+        return _matmul_blocks(a, b, -(-rows // workers), be=be, workers=workers)
+    if rows % tile:
+        a = xp.concat([a, xp.zeros((-rows % tile, a.shape[1]), dtype=a.dtype, device=device_of(a))], axis=0)
+    if cols % INVARIANT_COLUMNS:
+        b = xp.concat([b, xp.zeros((b.shape[0], -cols % INVARIANT_COLUMNS), dtype=b.dtype, device=device_of(b))], axis=1)
+    return _matmul_blocks(a, b, tile, be=be, workers=workers)[:rows, :cols]
+
+
+def _matmul_blocks(a: Any, b: Any, step: int, *, be: Backend, workers: int) -> Any:
+    """``a @ b`` as products of ``step`` rows each (written in place, or concatenated where arrays are immutable)."""
+    xp, starts = be.xp, range(0, a.shape[0], step)
+    if not be.item_assignment:
+        return xp.concat([xp.matmul(a[i0:i0 + step, ...], b) for i0 in starts], axis=0)
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=device_of(a))
 
     def part(i0: int) -> None:
         be.matmul_into(a[i0:i0 + step, ...], b, out[i0:i0 + step, ...])
 
-    run_blocks(part, [(i0,) for i0 in range(0, rows, step)], workers, be)
-    return out
-
-
-def _matmul_tiles(a: Any, b: Any, *, be: Backend, workers: int, tile: int) -> Any:
-    xp, rows, cols = be.xp, a.shape[0], b.shape[1]
-    pad = -rows % tile
-    if pad:
-        a = xp.concat([a, xp.zeros((pad, a.shape[1]), dtype=a.dtype, device=device_of(a))], axis=0)
-    if cols % INVARIANT_COLUMNS:
-        b = xp.concat([b, xp.zeros((b.shape[0], -cols % INVARIANT_COLUMNS), dtype=b.dtype, device=device_of(b))], axis=1)
-    starts = range(0, rows + pad, tile)
-    if not be.item_assignment:
-        return xp.concat([xp.matmul(a[i0:i0 + tile, ...], b) for i0 in starts], axis=0)[:rows, :cols]
-    out = xp.empty((rows + pad, b.shape[1]), dtype=a.dtype, device=device_of(a))
-
-    def part(i0: int) -> None:
-        be.matmul_into(a[i0:i0 + tile, ...], b, out[i0:i0 + tile, ...])
-
     run_blocks(part, [(i0,) for i0 in starts], workers, be)
-    return out[:rows, :cols]
+    return out
