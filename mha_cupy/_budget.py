@@ -64,13 +64,8 @@ _budget_override: int | None = None
 
 def parse_memory_budget(value: Any, name: str = "memory_budget") -> int:
     """Bytes from an integral scalar or a string such as ``"256MB"`` (10**6) or ``"32MiB"`` (2**20)."""
-    expected = "a number of bytes (int) or a string such as '256MB'"
     if not isinstance(value, str):
-        nbytes = check_positive_int(value, name) if not isinstance(value, float) else None
-        if nbytes is None:
-            msg = f"{name} must be {expected}, got float {value!r}"
-            raise TypeError(msg)
-        return nbytes
+        return check_positive_int(value, name)
     match = _BUDGET_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:

@@ -232,7 +232,8 @@ def _block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, 
 
 
 class _Core:
-    """One attention problem; ``block`` computes the rows of one (batch, query) block."""
+    """One attention problem: ``partial`` computes a (batch, query) block's online-softmax state over a key
+    range, ``finish`` turns a (merged) state into output rows and their log-sum-exp."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
                  batch_offset: int, q_len: int | None = None) -> None:

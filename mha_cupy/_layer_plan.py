@@ -7,6 +7,7 @@ length, E emsize, N heads, K kv heads, H d_k, V d_v.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     if x_kv is x:
         x_kv = None  # the reference treats x_kv identical to x as self-attention
     _check_inputs(layer, x, x_kv, opts)
-    B, T = _flat_batch(x), x.shape[-2]
+    B, T = math.prod(x.shape[:-2]), x.shape[-2]
     source = "cache" if opts.use_cached_kv else ("self" if x_kv is None else "cross")
     new_len = T if x_kv is None else x_kv.shape[-2]
     cache = layer._cache
@@ -109,13 +110,6 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
         add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer._be.item_assignment,
         attention=attention, gemm_tile=INVARIANT_GEMM_ROWS if opts.batch_invariant else None,
     )
-
-
-def _flat_batch(x: Any) -> int:
-    B = 1
-    for n in x.shape[:-2]:
-        B *= n
-    return B
 
 
 def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:

@@ -339,13 +339,13 @@ class MultiHeadAttention:
         given = locals()
         opts = CallOptions(**{f.name: given[f.name] for f in fields(CallOptions)})
         plan = plan_call(self, x, x_kv, opts)
-        return self._run(plan, x, None if x_kv is x else x_kv)
+        return self._run(plan, x, x_kv)
 
     def _run(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """Execute a resolved call: the only place a call changes the layer."""
         xp, E = self.xp, self.emsize
         x_flat = xp.reshape(x, (plan.batch, plan.q_len, E))
-        kv_flat = None if x_kv is None else xp.reshape(x_kv, (plan.batch, plan.kv_len, E))
+        kv_flat = xp.reshape(x_kv, (plan.batch, plan.kv_len, E)) if plan.kv_source == "cross" else None
         if plan.attention.dropout_key is not None:
             self._calls += 1
         offset = self._prepare_cache(plan)
