@@ -1,0 +1,105 @@
+"""Where a score tile's time goes in NumPy, beside torch's fused attention on the same tile, on one core.
+
+Run from the repository root (needs torch):
+
+    python benchmarks/bench_passes.py [--repeats 200] [--out benchmarks/results]
+
+One tile is ``q [T, d] @ k.T -> s [T, S]``, the softmax passes over ``s`` and
+``s @ v``: exactly the NumPy calls our chunk loop makes per tile (max, subtract
+in place, exp in place, row sum), each timed alone (medians), beside
+``torch.nn.functional.scaled_dot_product_attention`` on the same numbers
+(torch's CPU flash kernel fuses the passes over cache-sized blocks). One BLAS
+and one torch thread, so the figures are per core. The question it answers:
+how far the GEMMs alone already are from torch's whole call, and what the
+element-wise passes add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import machine, versions
+
+TILES = ((256, 1024, 32), (1024, 1024, 32), (512, 4096, 32), (8, 4096, 64))
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(T: int, S: int, d: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((n, d), dtype=np.float32) for n in (T, S, S))
+    q *= d**-0.5
+    s, m, out = np.empty((T, S), np.float32), np.empty((T, 1), np.float32), np.empty((T, d), np.float32)
+    np.matmul(q, k.T, out=s)
+    np.max(s, axis=1, keepdims=True, out=m)
+    scores, shifted = s.copy(), s - m  # each pass reads real values, never its own output (exp of exp overflows)
+    passes = {
+        "gemm_qk": lambda: np.matmul(q, k.T, out=s),
+        "max": lambda: np.max(scores, axis=1, keepdims=True, out=m),
+        "subtract": lambda: np.subtract(scores, m, out=s),
+        "exp": lambda: np.exp(shifted, out=s),
+        "sum": lambda: np.sum(s, axis=1, keepdims=True, out=m),
+        "gemm_pv": lambda: np.matmul(s, v, out=out),
+    }
+    row = {name: _median_ms(fn, repeats) for name, fn in passes.items()}
+    tq, tk, tv = (torch.from_numpy(a)[None, None] for a in (q * d**0.5, k, v))
+    row["torch_sdpa"] = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeats)
+    gemm = row["gemm_qk"] + row["gemm_pv"]
+    elementwise = row["max"] + row["subtract"] + row["exp"] + row["sum"]
+    return {"tile": [T, S, d], "ms": row, "gemm_ms": gemm, "elementwise_ms": elementwise,
+            "gemm_over_torch": gemm / row["torch_sdpa"], "total_over_torch": (gemm + elementwise) / row["torch_sdpa"]}
+
+
+def main() -> int:
+    from threadpoolctl import threadpool_limits
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls per pass (default 200)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        rows = [measure(*tile, args.repeats) for tile in TILES]
+    now = _dt.datetime.now(_dt.timezone.utc)
+    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "machine": machine(), "versions": versions(), "rows": rows}
+    lines = [f"# One score tile: NumPy's passes beside torch's fused SDPA, one core ({result['date']})", "",
+             f"- command: `{result['command']}`", f"- machine: {result['machine']}", f"- versions: {result['versions']}",
+             "- float32, medians in ms; q pre-scaled; one BLAS thread, one torch thread", "",
+             "| tile T x S x d | QK GEMM | max | subtract | exp | sum | PV GEMM | GEMMs | element-wise | torch SDPA "
+             "| GEMMs / torch | NumPy total / torch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {' x '.join(map(str, r['tile']))} | " + " | ".join(f"{ms[k]:.3f}" for k in (
+            "gemm_qk", "max", "subtract", "exp", "sum", "gemm_pv")) + f" | {r['gemm_ms']:.3f} | {r['elementwise_ms']:.3f} "
+            f"| {ms['torch_sdpa']:.3f} | {r['gemm_over_torch']:.2f} | {r['total_over_torch']:.2f} |")
+        print(lines[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"passes-{now:%Y-%m-%dT%H%M}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
