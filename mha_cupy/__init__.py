@@ -3,6 +3,7 @@
 from ._budget import get_memory_budget, set_memory_budget
 from ._backends import BackendUnavailableError
 from .attention import scaled_dot_product_attention
+from .comparison import Comparison, compare
 from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads
 from .weights import convert_torch_nn_multihead_attention_state_dict
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "Comparison",
+    "compare",
     "MultiHeadAttention",
     "convert_torch_nn_multihead_attention_state_dict",
     "broadcast_kv_across_heads",
