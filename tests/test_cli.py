@@ -1,28 +1,52 @@
-"""The ``mha-cupy`` command line."""
+"""The ``mha-cupy`` command line: every command, its JSON, its exit codes and its one-line errors."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mha_cupy.cli import main
+from helpers import require
+from mha_cupy.cli import build_parser, main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "mha_cupy" / "fixtures"
 
 
+def run_json(argv, capsys):
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own refusals and --version
+        return exc.code
+
+
+# -- verify -----------------------------------------------------------------------------------------
+
+
 def test_verify_passes_on_the_fixtures(capsys):
-    assert main(["verify", "--fixtures", str(FIXTURES), "--xp", "array_api_strict"]) == 0
+    assert main(["verify", "--fixtures", str(FIXTURES), "--xp", "array_api_strict", "numpy"]) == 0
     out = capsys.readouterr().out
-    assert "basic_self_attn_small:output" in out and "0 failed" in out
+    assert "basic_self_attn_small:output" in out
+    assert "array_api_strict: 58 passed, 0 failed" in out and "numpy: 58 passed, 0 failed" in out
 
 
-def test_verify_fails_on_a_wrong_fixture(tmp_path, capsys):
-    import json
-    import shutil
+def test_verify_json(capsys):
+    code, data = run_json(["verify", "--xp", "numpy"], capsys)
+    assert code == 0 and data["ok"] and data["failed"] == {"numpy": 0}
+    row = data["results"]["numpy"][0]
+    assert set(row) == {"case_id", "key", "dtype", "error", "tolerance", "ok"} and row["error"] <= row["tolerance"]
 
-    import numpy as np
 
+def _corrupted_fixture(tmp_path):
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["case_id"] == "softmax_scale")
     manifest["cases"] = [case]
@@ -30,9 +54,12 @@ def test_verify_fails_on_a_wrong_fixture(tmp_path, capsys):
     data = dict(np.load(FIXTURES / case["filename"]))
     data["output"] = data["output"] + 1e-6  # beyond the float64 tolerance
     np.savez(tmp_path / case["filename"], **data)
-    assert main(["verify", "--fixtures", str(tmp_path)]) == 1
+    return tmp_path
+
+
+def test_verify_fails_on_a_corrupted_fixture(tmp_path, capsys):
+    assert main(["verify", "--fixtures", str(_corrupted_fixture(tmp_path)), "--xp", "numpy"]) == 1
     assert "FAIL" in capsys.readouterr().out
-    shutil.rmtree(tmp_path)
 
 
 def test_verify_without_manifest(tmp_path, capsys):
@@ -40,84 +67,165 @@ def test_verify_without_manifest(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_compare_backends(capsys):
-    assert main(["compare", "--xp", "array_api_strict", "--length", "16"]) == 0
-    assert "scaled max error" in capsys.readouterr().out
-
-
-def test_bench_runs_small(capsys):
-    assert main(["bench", "--q-len", "32", "--kv-len", "48", "--heads", "4", "--kv-heads", "2", "--repeats", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "mha_cupy (numpy)" in out and "median" in out
-
-
-def test_unavailable_backend_exits_with_reason(capsys, monkeypatch):
-    import sys
+def test_verify_skips_unusable_backends_by_default_and_refuses_named_ones(monkeypatch, capsys):
     import types
 
     fake = types.ModuleType("cupy")
     fake.is_available = lambda: False
+    fake.ndarray = type("ndarray", (), {})  # array-api-compat looks the type up in every loaded library
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    from mha_cupy.cli import _verify
+
+    names, skipped = _verify._backends(None)
+    assert "cupy" not in names and "numpy" in names and "no usable CUDA driver or GPU" in skipped["cupy"]
     assert main(["verify", "--xp", "cupy"]) == 2
     assert "no usable CUDA driver or GPU" in capsys.readouterr().err
 
 
-def test_bad_command():
-    with pytest.raises(SystemExit):
-        main(["fly"])
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_installed_command_from_any_directory(tmp_path, corrupt):
+    # The installed package and its package data from another folder, not this checkout's files.
+    (tmp_path / "f").mkdir()
+    argv = ["verify", "--xp", "numpy"] + (["--fixtures", str(_corrupted_fixture(tmp_path / "f"))] if corrupt else [])
+    run = subprocess.run([sys.executable, "-m", "mha_cupy", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == (1 if corrupt else 0), run.stdout + run.stderr
+    assert ("numpy: 0 passed, 1 failed" if corrupt else "numpy: 58 passed, 0 failed") in run.stdout
 
 
-def test_bench_refuses_heads_that_kv_heads_do_not_divide(capsys):
-    assert main(["bench", "--heads", "6", "--kv-heads", "4", "--q-len", "8", "--kv-len", "8"]) == 2
-    assert "--heads must be a multiple of --kv-heads, got --heads 6 --kv-heads 4" in capsys.readouterr().err
+# -- info -------------------------------------------------------------------------------------------
+
+
+def test_info(capsys):
+    code, data = run_json(["info"], capsys)
+    assert code == 0 and data["packages"]["numpy"] == np.__version__
+    assert data["backends"]["numpy"]["usable"] and data["backends"]["numpy"]["memory_budget"] == 32 * 2**20
+    assert set(data["backends"]) >= {"numpy", "array_api_strict", "torch", "jax", "cupy", "dask"}
+    for row in data["backends"].values():
+        assert row["usable"] or row["reason"]
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "BLAS:" in out and re.search(r"^numpy\s+cpu\s+32\.0 MiB", out, re.M)
+
+
+# -- compare ----------------------------------------------------------------------------------------
+
+
+def test_compare_backends(capsys):
+    code, data = run_json(["compare", "--xp", "array_api_strict", "--other", "numpy", "--length", "16",
+                           "--dtype", "float64"], capsys)
+    assert code == 0 and data["comparison"]["ok"] and data["comparison"]["scaled_error"] <= 1e-10
+    assert data["comparison"]["shape"] == [2, 16, 64]
+
+
+def test_compare_against_float64_and_its_tolerance_flags(capsys):
+    assert main(["compare", "--against", "float64", "--length", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mha_cupy on numpy vs mha_cupy in float64 on numpy, float32") and "ok: scaled error" in out
+    assert main(["compare", "--against", "float64", "--length", "16", "--rtol", "0"]) == 1
+    assert "FAIL: scaled error" in capsys.readouterr().out
+
+
+def test_compare_against_tabpfn(capsys):
+    require("tabpfn")
+    code, data = run_json(["compare", "--against", "tabpfn", "--length", "24", "--kv-share", "2",
+                           "--save-peak-mem-factor", "2", "--add-input", "--allow-inplace"], capsys)
+    assert code == 0 and data["reference"].startswith("tabpfn 2.2.1") and data["comparison"]["scaled_error"] <= 1e-5
+
+
+def test_compare_against_torch_nn(capsys):
+    require("torch")
+    code, data = run_json(["compare", "--against", "torch-nn", "--dtype", "float64", "--length", "12",
+                           "--kv-length", "20"], capsys)
+    assert code == 0 and data["comparison"]["scaled_error"] <= 1e-10
+    assert main(["compare", "--against", "torch-nn", "--kv-share", "2"]) == 2
+    assert "torch.nn.MultiheadAttention has no equivalent of --kv-share" in capsys.readouterr().err
+
+
+# -- bench ------------------------------------------------------------------------------------------
+
+
+def test_bench_sweep_json_and_plot(tmp_path, capsys):
+    require("torch")
+    require("matplotlib")
+    png = tmp_path / "bench.png"
+    code, data = run_json(["bench", "--q-len", "32,64", "--kv-len", "48", "--heads", "4", "--kv-heads", "2",
+                           "--repeats", "2", "--plot", str(png)], capsys)
+    assert code == 0 and [(r["q_len"], r["kv_len"]) for r in data["rows"]] == [(32, 48), (64, 48)]
+    row = data["rows"][0]
+    assert row["agree"] and row["ours_s"] > 0 and row["torch_gflops"] > 0
+    assert row["ours_peak_bytes"] >= 0 and row["torch_peak_bytes"] >= 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and data["plot"] == str(png)
 
 
 def test_bench_causal_with_different_lengths_compares_like_with_like(capsys):
+    require("torch")
     assert main(["bench", "--causal", "--q-len", "16", "--kv-len", "40", "--heads", "2", "--kv-heads", "1",
-                 "--repeats", "1"]) == 0
-    assert "outputs agree with torch's" in capsys.readouterr().out
+                 "--repeats", "1", "--no-memory"]) == 0
+    assert re.search(r"^16\s+40\s", capsys.readouterr().out, re.M)
+
+
+def test_bench_times_nothing_when_outputs_differ(monkeypatch, capsys):
+    require("torch")
+    from mha_cupy.cli import _bench
+
+    real = _bench._callables
+
+    def wrong(*args):
+        ours, theirs = real(*args)
+        return (lambda: ours() + 1e-3), theirs
+
+    monkeypatch.setattr(_bench, "_callables", wrong)
+    code, data = run_json(["bench", "--q-len", "8", "--repeats", "1", "--no-memory"], capsys)
+    assert code == 1 and not data["rows"][0]["agree"] and "ours_s" not in data["rows"][0]
+
+
+# -- the parser, errors and exit codes --------------------------------------------------------------
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "verify" in a.choices)
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help text"
+    assert "exit codes:" in parser.format_help()
 
 
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["bench", "--q-len", "x"], "argument --q-len: invalid int value: 'x'"),
+        (["bench", "--q-len", "x"], "argument --q-len: expected positive integers separated by commas, got 'x'"),
+        (["bench", "--q-len", "0"], "argument --q-len: expected positive integers"),
         (["bench", "--dtype", "int8"], "argument --dtype: invalid choice"),
         (["bench", "--xp", "tensorflow"], "argument --xp: invalid choice"),
-        (["compare", "--xp", "numpy", "--nhead", "0"], "--nhead must be an int >= 1, got 0"),
-        (["compare", "--xp", "numpy", "--emsize", "-4"], "--emsize must be an int >= 1, got -4"),
+        (["bench", "--q-len", "1,2", "--kv-len", "3,4,5"], "--kv-len must give one length or one per --q-len"),
+        (["compare", "--against", "float64", "--nhead", "0"], "--nhead must be an int >= 1, got 0"),
+        (["compare", "--against", "float64", "--emsize", "-4"], "--emsize must be an int >= 1, got -4"),
+        (["compare", "--against", "float64", "--emsize", "10", "--nhead", "4"], "--emsize must be a multiple of --nhead"),
+        (["compare", "--against", "float64", "--save-peak-mem-factor", "2"], "needs allow_inplace=True"),
+        (["compare", "--xp", "numpy"], "one of the arguments --other --against is required"),
+        (["compare", "--against", "float64", "--rtol", "-1"], "rtol must be a finite number >= 0, got -1.0"),
         (["bench", "--heads", "0", "--kv-heads", "0"], "--heads must be an int >= 1, got 0"),
         (["bench", "--repeats", "0", "--q-len", "4", "--kv-len", "4"], "--repeats must be an int >= 1, got 0"),
-        (["bench", "--heads", "6", "--kv-heads", "0"], "--heads must be a multiple of --kv-heads"),
-        (["verify", "--xp"], "argument --xp: expected one argument"),
+        (["bench", "--heads", "6", "--kv-heads", "4"], "--heads must be a multiple of --kv-heads, got --heads 6"),
+        (["verify", "--xp"], "argument --xp: expected at least one argument"),
+        (["fly"], "argument COMMAND: invalid choice: 'fly'"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(argv, match, capsys):
-    import re
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    code = exit_code(argv)
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err), err
     assert "Traceback" not in err
 
 
-def test_verify_from_any_directory_uses_the_installed_fixtures(tmp_path):
-    import subprocess
-    import sys
-
-    # -m from another folder: the installed package and its package data, not this checkout's files.
-    run = subprocess.run([sys.executable, "-m", "mha_cupy", "verify", "--xp", "numpy"], cwd=tmp_path,
-                         capture_output=True, text=True, check=False)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "0 failed" in run.stdout and "basic_self_attn_small:output" in run.stdout
+def test_errors_in_json_mode_are_json_too(capsys):
+    code, data = run_json(["compare", "--against", "float64", "--nhead", "0"], capsys)
+    assert code == 2 and data == {"command": "compare", "exit_code": 2, "error": "--nhead must be an int >= 1, got 0"}
 
 
 def test_version(capsys):
     from mha_cupy import __version__
 
-    with pytest.raises(SystemExit) as info:
-        main(["--version"])
-    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"mha-cupy {__version__}"
+    assert exit_code(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mha-cupy {__version__}"

@@ -126,6 +126,10 @@ class Backend:
         """Bytes an accelerator can still allocate (its driver's free memory plus the library's cached pool)."""
         return CPU_MEMORY_BUDGET
 
+    def describe_device(self, device: Any) -> dict[str, Any]:
+        """What ``mha-cupy info`` shows of a device beyond its name in the library (accelerators: model, memory)."""
+        return {}
+
     # -- dtypes -----------------------------------------------------------------------------
 
     def float_dtypes(self) -> dict[str, Any]:

@@ -62,6 +62,14 @@ class CupyBackend(Backend):
         free, _ = device.mem_info
         return int(free) + int(cupy.get_default_memory_pool().free_bytes())
 
+    def describe_device(self, device: Any) -> dict[str, Any]:
+        import cupy
+
+        free, total = device.mem_info
+        name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]  # bytes, per CUDA's cudaDeviceProp
+        return {"name": name.decode() if isinstance(name, bytes) else str(name), "memory_total": int(total),
+                "memory_free": int(free)}
+
     def to_numpy(self, x: Any) -> numpy.ndarray:
         return x.get()
 

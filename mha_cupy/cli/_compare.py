@@ -1,0 +1,189 @@
+"""``mha-cupy compare``: one layer configuration on two backends, or against tabpfn, torch.nn or float64."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ._report import EXIT_MISMATCH, EXIT_OK, CliError, Report
+
+AGAINST = ("tabpfn", "torch-nn", "float64")
+#: Call keywords tabpfn's layer shares with ours; the others (chunking, budget, batch_invariant) are ours alone.
+SHARED_CALL = ("save_peak_mem_factor", "reuse_first_head_kv", "add_input", "allow_inplace")
+OURS_CALL = ("q_chunk_size", "kv_chunk_size", "memory_budget", "batch_invariant")
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    from .._backends import BACKEND_NAMES
+
+    p = sub.add_parser("compare", parents=parents, help="one random layer on two backends, or against a reference",
+                       description="Build one layer with random weights, run it on random inputs with --xp and with "
+                       "the reference (--other backend, or --against tabpfn / torch-nn / float64), and print "
+                       "mha_cupy.compare's verdict. Exit 1 when the difference exceeds the dtype's tolerance.")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--other", choices=BACKEND_NAMES, help="reference: our layer, same weights, on this backend")
+    ref.add_argument("--against", choices=AGAINST, help="reference: tabpfn 2.2.1's layer, torch.nn.MultiheadAttention "
+                     "(both on torch's CPU, same weights), or our layer in float64 on NumPy")
+    p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="the backend under test (default numpy)")
+    p.add_argument("--dtype", default="float32", choices=("float64", "float32", "float16"), help="default float32")
+    for name, default, what in (("batch", 2, "batch size"), ("length", 128, "query length T"),
+                                ("emsize", 64, "embedding size E"), ("nhead", 4, "query heads N"),
+                                ("kv-share", 1, "query heads per key/value head (share_kv_across_n_heads)"),
+                                ("seed", 0, "seed of weights and inputs")):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="allowed scaled error (default: the tolerance of the lower precision, e.g. 1e-5 for float32)")
+    p.add_argument("--atol", type=float, default=None, help="allowed absolute error on top (default 0)")
+    p.add_argument("--kv-length", type=int, default=None, help="key/value length S: cross-attention on a second "
+                   "input x_kv (default: self-attention)")
+    p.add_argument("--save-peak-mem-factor", type=int, default=None, help="layer call keyword (default None)")
+    p.add_argument("--reuse-first-head-kv", action="store_true", help="layer call keyword (needs --kv-length)")
+    p.add_argument("--add-input", action="store_true", help="layer call keyword: add x to the output")
+    p.add_argument("--allow-inplace", action="store_true", help="layer call keyword (each side gets its own copy of x)")
+    p.add_argument("--q-chunk-size", type=int, default=None, help="ours only: queries per tile (default: from the budget)")
+    p.add_argument("--kv-chunk-size", type=int, default=None, help="ours only: keys per tile (default: from the budget)")
+    p.add_argument("--memory-budget", default=None, help="ours only: bytes or '64MiB' (default: the device's)")
+    p.add_argument("--batch-invariant", action="store_true", help="ours only: fixed-shape GEMMs per row")
+    p.set_defaults(run=run)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: its name and a function returning its output as an array."""
+
+    name: str
+    output: Callable[[], Any]
+
+
+def run(args: argparse.Namespace) -> Report:
+    from ..comparison import compare
+
+    layer = _our_layer(args)
+    x, x_kv = _inputs(args)
+    build = {"tabpfn": _tabpfn, "torch-nn": _torch_nn, "float64": _float64}.get(args.against, _other)
+    ours, reference = build(args, layer, x, x_kv)
+    c = compare(ours.output(), reference.output(), rtol=args.rtol, atol=args.atol)
+    shapes = f"x {list(x.shape)}" + ("" if x_kv is None else f", x_kv {list(x_kv.shape)}")
+    config = {k: v for k, v in vars(args).items() if k not in ("run", "json", "command")}
+    text = f"{ours.name} vs {reference.name}, {args.dtype}, E={args.emsize} N={args.nhead}, {shapes}: {c}"
+    data = {"config": config, "actual": ours.name, "reference": reference.name, "comparison": c.to_dict()}
+    return Report(EXIT_OK if c.ok else EXIT_MISMATCH, data, text)
+
+
+def _our_layer(args: argparse.Namespace) -> Any:
+    from .._validation import check_positive_int
+    from ..module import MultiHeadAttention
+
+    for name in ("batch", "length", "emsize", "nhead", "kv_share") + (("kv_length",) if args.kv_length is not None else ()):
+        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.emsize % args.nhead:
+        msg = f"--emsize must be a multiple of --nhead, got --emsize {args.emsize} --nhead {args.nhead}"
+        raise CliError(msg)
+    d = args.emsize // args.nhead
+    return MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=d, d_v=d, share_kv_across_n_heads=args.kv_share,
+                              dtype=args.dtype, xp="numpy", seed=args.seed)
+
+
+def _inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Random inputs in [-0.5, 0.5), on NumPy in ``--dtype``; each side converts them."""
+    from .._backends import resolve_backend
+    from ..dropout import uniform
+
+    xp = resolve_backend("numpy").xp
+
+    def draw(stream: int, length: int) -> Any:
+        return uniform(args.seed, stream, (args.batch, length, args.emsize), getattr(xp, args.dtype), xp=xp,
+                       device=None) - 0.5
+
+    return draw(101, args.length), None if args.kv_length is None else draw(102, args.kv_length)
+
+
+def _call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) not in (None, False)}
+
+
+def _ours(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> Side:
+    from .._backends import convert, resolve_backend
+
+    be = resolve_backend(args.xp)
+    mine = layer.to(args.xp)
+    xs = [None if a is None else convert(a, be, mine.device) for a in (x, x_kv)]
+    kwargs = _call_kwargs(args, SHARED_CALL + OURS_CALL)
+    return Side(f"mha_cupy on {args.xp}", lambda: mine(*_copies(be.xp, xs), **kwargs))
+
+
+def _copies(xp: Any, arrays: list[Any]) -> list[Any]:
+    # allow_inplace may overwrite x: every call gets fresh inputs, so the sides never share one.
+    return [None if a is None else xp.asarray(a, copy=True) for a in arrays]
+
+
+def _other(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
+    theirs = argparse.Namespace(**{**vars(args), "xp": args.other})
+    return _ours(args, layer, x, x_kv), _ours(theirs, layer, x, x_kv)
+
+
+def _float64(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
+    from ..module import MultiHeadAttention
+
+    wide = MultiHeadAttention(emsize=layer.emsize, nhead=layer.nhead, d_k=layer.d_k, d_v=layer.d_v,
+                              share_kv_across_n_heads=layer.share_kv_across_n_heads, dtype="float64", xp="numpy")
+    xp = layer.xp
+    wide.set_parameters(**{n: xp.astype(w, xp.float64) for n in ("w_out", "w_qkv", "w_q", "w_kv", "w_k", "w_v")
+                           if (w := getattr(layer, n)) is not None})
+    xs = [None if a is None else xp.astype(a, xp.float64) for a in (x, x_kv)]
+    kwargs = _call_kwargs(args, SHARED_CALL)
+    return _ours(args, layer, x, x_kv), Side("mha_cupy in float64 on numpy", lambda: wide(*_copies(xp, xs), **kwargs))
+
+
+def _torch_side(args: argparse.Namespace) -> Any:
+    if args.dtype == "float16":
+        raise CliError(f"--against {args.against} runs on torch's CPU in float64 or float32, got --dtype float16")
+    try:
+        import torch
+    except ImportError as exc:
+        raise CliError(f"--against {args.against} needs torch: pip install \".[reference]\" ({exc})") from exc
+    torch.manual_seed(args.seed)
+    return torch
+
+
+def _tabpfn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
+    from .._reference import layer_like, reference_layer
+
+    torch = _torch_side(args)
+    d = args.emsize // args.nhead
+    try:
+        ref = reference_layer(emsize=args.emsize, nhead=args.nhead, d_k=d, d_v=d, share_kv_across_n_heads=args.kv_share,
+                              dtype=args.dtype, seed=args.seed)
+    except ImportError as exc:
+        raise CliError(f"--against tabpfn needs tabpfn 2.2.1: pip install \".[reference]\" ({exc})") from exc
+    tx = [None if a is None else torch.from_numpy(a) for a in (x, x_kv)]
+    kwargs = _call_kwargs(args, SHARED_CALL)
+
+    def theirs() -> Any:
+        with torch.no_grad():
+            return ref(tx[0].clone(), tx[1], **kwargs)
+
+    return _ours(args, layer_like(ref, xp="numpy", seed=args.seed), x, x_kv), Side("tabpfn 2.2.1 on torch (CPU)", theirs)
+
+
+def _torch_nn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
+    from ..weights import convert_torch_nn_multihead_attention_state_dict
+
+    unsupported = [f"--{n.replace('_', '-')}" for n in SHARED_CALL if getattr(args, n) not in (None, False)]
+    if args.kv_share != 1:
+        unsupported.append("--kv-share")
+    if unsupported:
+        raise CliError(f"torch.nn.MultiheadAttention has no equivalent of {', '.join(unsupported)}")
+    torch = _torch_side(args)
+    nn = torch.nn.MultiheadAttention(args.emsize, args.nhead, bias=False, batch_first=True,
+                                     dtype=getattr(torch, args.dtype))
+    layer.set_parameters(**convert_torch_nn_multihead_attention_state_dict(nn.state_dict(), args.nhead, xp="numpy"))
+    tq = torch.from_numpy(x)
+    tkv = tq if x_kv is None else torch.from_numpy(x_kv)
+
+    def theirs() -> Any:
+        with torch.no_grad():
+            return nn(tq, tkv, tkv, need_weights=False)[0]
+
+    return _ours(args, layer, x, x_kv), Side(f"torch.nn.MultiheadAttention (torch {torch.__version__}, CPU)", theirs)

@@ -1,0 +1,51 @@
+"""Peak resident memory of one call, measured in a fresh process (Linux: ``/proc/self``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ._report import CliError
+
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def supported() -> bool:
+    """Whether this OS lets a process reset and read its peak RSS (Linux does)."""
+    return _STATUS.is_file() and _CLEAR_REFS.exists()
+
+
+def _status(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    msg = f"/proc/self/status has no {field}"
+    raise RuntimeError(msg)
+
+
+def peak_growth(call: Callable[[], Any]) -> int:
+    """Peak RSS growth over the RSS before ``call`` (its working set and its result), in bytes.
+
+    Only meaningful in a process that has not freed much memory before (pages
+    freed earlier are reused without growing RSS): use :func:`in_child`.
+    """
+    before = _status("VmRSS")
+    _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
+    result = call()
+    growth = _status("VmHWM") - before
+    del result
+    return growth
+
+
+def in_child(code: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python with ``payload`` as JSON on stdin; its last stdout line, parsed as JSON."""
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        msg = f"the memory measurement's child process failed: {tail}"
+        raise CliError(msg)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
