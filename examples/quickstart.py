@@ -1,6 +1,6 @@
 """Quickstart: TabPFN's attention on NumPy, checked against a fixture made by tabpfn 2.2.1.
 
-Run from the repository root: ``python examples/quickstart.py``.
+Run: ``python examples/quickstart.py`` (the fixtures ship with the package, so any directory works).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import mha_cupy
 from mha_cupy.testing import assert_close
 
-FIXTURES = Path(__file__).resolve().parent.parent / "mha_cupy" / "fixtures"
+FIXTURES = Path(mha_cupy.__file__).parent / "fixtures"  # installed with the package
 
 
 def main() -> int:

@@ -1,0 +1,37 @@
+"""Every example runs, at small sizes, from outside the checkout, and exits 0 (each checks its own numbers)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import require
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NEEDS = {"compare_with_torch.py": ("torch", "tabpfn")}
+
+
+def test_every_example_is_listed_here_and_documented():
+    names = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    assert names == sorted(CASES)
+    for name in names:
+        text = (EXAMPLES / name).read_text()
+        assert text.startswith('"""') and "Run: ``python examples/" in text, name
+
+
+CASES = {"quickstart.py": [], "swap_backends.py": ["--quick"], "compare_with_torch.py": ["--quick"],
+         "kv_cache_streaming.py": ["--quick"], "long_sequence_budget.py": ["--quick"],
+         "compare_backends_dtypes.py": ["--quick"]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example_runs(name, tmp_path):
+    for module in NEEDS.get(name, ()):
+        require(module)
+    run = subprocess.run([sys.executable, str(EXAMPLES / name), *CASES[name]], cwd=tmp_path, capture_output=True,
+                         text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ok" in run.stdout.lower()
