@@ -47,8 +47,11 @@ def _versions() -> dict[str, str | None]:
 
 
 def _blas() -> list[dict[str, Any]]:
-    import numpy  # noqa: F401 - loads the BLAS that threadpoolctl reports
     from threadpoolctl import threadpool_info
+
+    from .._backends import resolve_backend
+
+    resolve_backend("numpy")  # loads NumPy, whose BLAS threadpoolctl reports
 
     keep = ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")
     return [{k: lib.get(k) for k in keep} for lib in threadpool_info()]
