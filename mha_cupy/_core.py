@@ -124,17 +124,24 @@ def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Bac
 
 
 def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = None, bias: Any = None,
-           batch_offset: int = 0) -> Any:
+           offsets: tuple[int, int, int] = (0, 0, 0), causal_shift: int | None = None) -> Any:
     """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` under ``plan``.
 
-    ``mask`` and ``bias`` are 4-D (``check_mask``); ``batch_offset`` is added to
-    batch indices for the dropout counter when ``q`` is a slice of a larger
-    batch. Returns the output ``[B,T,N,V]``, or ``(output, lse)`` with
+    ``mask`` and ``bias`` are 4-D (``check_mask``). When the arrays are blocks
+    of a larger problem, ``offsets`` are the block's first (batch, query, key)
+    indices in it (for the dropout counter) and ``causal_shift`` is
+    ``S - T`` of the whole problem plus the query offset minus the key offset
+    (default: this call's ``S - T``). Lazy chunked arrays (Dask) run as one
+    task per block (``_dask_graph``). Returns the output ``[B,T,N,V]``, or ``(output, lse)`` with
     ``plan.with_lse`` (``lse [B,T,N]`` in the compute dtype). Blocks write their
     own slices (or, where arrays are immutable, are concatenated), and key
     ranges split over workers merge exactly by log-sum-exp, so the result does
     not depend on the order or the number of workers beyond rounding.
     """
+    if plan.be.lazy_blocks:
+        from ._dask_graph import attend_blocks
+
+        return attend_blocks(q, k, v, plan=plan, mask=mask, bias=bias, offsets=offsets, causal_shift=causal_shift)
     T, V = q.shape[1], v.shape[3]
     if plan.batch_invariant and V % INVARIANT_COLUMNS:  # value columns padded too (see INVARIANT_COLUMNS)
         v = xp.concat([v, xp.zeros((*v.shape[:3], -V % INVARIANT_COLUMNS), dtype=v.dtype, device=device_of(v))],
@@ -144,7 +151,8 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
         q = _pad_queries(q, pad, 0.0, xp=xp)
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
                       for a, fill in ((mask, True), (bias, 0.0)))
-    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, batch_offset=batch_offset, q_len=T)
+    shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
+    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift)
     result = _run(core, xp=xp)
     if q.shape[1] == T and v.shape[3] == V:
         return result
@@ -236,13 +244,13 @@ class _Core:
     range, ``finish`` turns a (merged) state into output rows and their log-sum-exp."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
-                 batch_offset: int, q_len: int | None = None) -> None:
+                 offsets: tuple[int, int, int], shift: int) -> None:
         self.q, self.k, self.v, self.xp, self.plan = q, k, v, xp, plan
-        self.mask, self.bias, self.batch_offset = mask, bias, batch_offset
+        self.mask, self.bias, self.offsets = mask, bias, offsets
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.N // self.K
-        self.shift = self.S - (q.shape[1] if q_len is None else q_len)  # bottom-right causal alignment
+        self.shift = shift  # query t sees keys s <= t + shift (causal)
         self.dev = device_of(q)
         cdt = self.cdt = plan.be.compute_dtype(q.dtype)
         self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))
@@ -274,10 +282,10 @@ class _Core:
         return allowed
 
     def _keep(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
-        bo, lanes = self.batch_offset, self.lanes
+        (bo, to, so), lanes = self.offsets, self.lanes
         return self.keep_decision(
             self._index(bsl.start + bo, bsl.stop + bo, 0, lanes), self.heads_idx,
-            self._index(tsl.start, tsl.stop, 2, lanes), self._index(ssl.start, ssl.stop, 4, lanes),
+            self._index(tsl.start + to, tsl.stop + to, 2, lanes), self._index(ssl.start + so, ssl.stop + so, 4, lanes),
             key=self.plan.dropout_key, threshold=self.threshold)
 
     def s_end(self, t1: int) -> int:

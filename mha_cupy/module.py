@@ -363,7 +363,7 @@ class MultiHeadAttention:
 
     def _prepare_cache(self, plan: CallPlan) -> int:
         """Allocate (or grow, when appending) the cache for this call's rows; return where they start."""
-        if plan.cache_mode is None:
+        if plan.cache_mode is None or self._be.lazy_blocks:  # lazy caches are stored whole by _store_lazy
             return 0
         if plan.cache_mode == "append":
             start = self._cache.length
@@ -379,16 +379,37 @@ class MultiHeadAttention:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
         xp = self.xp
         q, k, v = self._qkv(plan, x, x_kv, b0, b1)
-        if plan.cache_mode is not None:
+        if plan.cache_mode is not None and self._be.lazy_blocks:
+            k, v = self._store_lazy(plan, k, v)
+        elif plan.cache_mode is not None:
             self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v)
             if plan.cache_mode == "append":
                 k, v = self._cache.keys_values(b0, b1)
-        heads = attend(q, k, v, xp=xp, plan=plan.attention, batch_offset=b0)
+        heads = attend(q, k, v, xp=xp, plan=plan.attention, offsets=(b0, 0, 0))
         N, V, T = self.nhead, self.d_v, q.shape[1]
-        # One 2-D GEMM over all rows: a batched [b, T, NV] @ [NV, E] runs as b small GEMMs in NumPy.
-        y = matmul_rows(xp.reshape(heads, ((b1 - b0) * T, N * V)), xp.reshape(self._w["w_out"], (N * V, self.emsize)),
-                        be=self._be, workers=plan.attention.workers, tile=plan.gemm_tile)
-        return xp.reshape(y, (b1 - b0, T, self.emsize))
+        return self._rows_matmul(plan, xp.reshape(heads, (b1 - b0, T, N * V)),
+                                 xp.reshape(self._w["w_out"], (N * V, self.emsize)))
+
+    def _store_lazy(self, plan: CallPlan, k: Any, v: Any) -> tuple[Any, Any]:
+        """Cache lazy keys/values as they are, chunks included (appends concatenate); the keys and values
+        this call attends to."""
+        xp, kh = self.xp, plan.cache_shapes[0][-2]
+        k_c, v_c = k[:, :, :kh, ...], v[:, :, :kh, ...]
+        new = (xp.stack([k_c, v_c], axis=2),) if len(plan.cache_shapes) == 1 else (k_c, v_c)
+        if plan.cache_mode == "append":
+            new = tuple(xp.concat([old, a], axis=1) for old, a in zip(self._cache.views(), new))
+        self._cache = KVCache(new, new[0].shape[1])
+        return self._cache.keys_values(0, plan.batch) if plan.cache_mode == "append" else (k, v)
+
+    def _rows_matmul(self, plan: CallPlan, x: Any, w: Any) -> Any:
+        """``x [b, L, D] @ w [D, F]`` -> ``[b, L, F]``: one 2-D GEMM over the b L rows (a batched product runs
+        as b small GEMMs in NumPy); on lazy chunked arrays a broadcast product, which keeps x's chunks."""
+        xp = self.xp
+        if self._be.lazy_blocks:
+            return xp.matmul(x, w)
+        y = matmul_rows(xp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2])), w, be=self._be,
+                        workers=plan.attention.workers, tile=plan.gemm_tile)
+        return xp.reshape(y, (x.shape[0], x.shape[1], w.shape[1]))
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
         """Queries ``[b, T, N, H]``, keys ``[b, S, kh, H]`` and values ``[b, S, kh, V]`` of one batch part."""
@@ -410,9 +431,7 @@ class MultiHeadAttention:
     def _project(self, plan: CallPlan, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
         """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``, as one 2-D GEMM over the b L rows."""
         xp = self.xp
-        rows = xp.reshape(x, (x.shape[0] * x.shape[1], self.emsize))
-        y = matmul_rows(rows, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))), be=self._be,
-                        workers=plan.attention.workers, tile=plan.gemm_tile)
+        y = self._rows_matmul(plan, x, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
         return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
 
     def _w_q(self) -> Any:

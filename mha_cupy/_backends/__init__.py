@@ -18,6 +18,7 @@ import array_api_compat
 from ._array_api_strict import ArrayApiStrictBackend
 from ._base import ACCELERATOR_BUDGET_FRACTION, CPU_MEMORY_BUDGET, Backend, BackendUnavailableError
 from ._cupy import CupyBackend
+from ._dask import DaskBackend
 from ._jax import JaxBackend
 from ._numpy import DEFAULT_DTYPE, NumpyBackend
 from ._torch import TorchBackend
@@ -31,6 +32,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "CupyBackend",
+    "DaskBackend",
     "JaxBackend",
     "NumpyBackend",
     "TorchBackend",
@@ -42,7 +44,8 @@ __all__ = [
     "to_numpy",
 ]
 
-_ADAPTERS: tuple[type[Backend], ...] = (NumpyBackend, CupyBackend, TorchBackend, ArrayApiStrictBackend, JaxBackend)
+_ADAPTERS: tuple[type[Backend], ...] = (NumpyBackend, CupyBackend, TorchBackend, ArrayApiStrictBackend, JaxBackend,
+                                         DaskBackend)
 #: The names ``xp=`` accepts.
 BACKEND_NAMES = tuple(a.name for a in _ADAPTERS)
 

@@ -60,6 +60,8 @@ class Backend:
     #: Whether each matrix of a batched ``matmul`` is computed on its own, its bits independent of the
     #: batch count (``batch_invariant`` blocks may then hold several batch rows). Unknown: False.
     batched_matmul_per_matrix: ClassVar[bool] = False
+    #: Whether arrays are lazy and chunked (Dask): attention then runs one task per block of chunks.
+    lazy_blocks: ClassVar[bool] = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
