@@ -30,6 +30,10 @@ def _starts(chunks: tuple[int, ...]) -> list[int]:
 
 def check_chunks(q: Any, k: Any, v: Any, mask: Any, bias: Any) -> None:
     """Refuse chunkings the block tasks cannot take, naming the rechunk that fixes each."""
+    for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias)):
+        if a is not None and any(math.isnan(c) for axis in a.chunks for c in axis):
+            msg = f"{name} must have known chunk sizes, got {a.chunks}; call {name}.compute_chunk_sizes() first"
+            raise ValueError(msg)
     for name, a in (("q", q), ("k", k), ("v", v)):
         for axis, what in ((2, "heads"), (3, "head size")):
             if len(a.chunks[axis]) > 1:

@@ -127,6 +127,8 @@ def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:
 
 def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> None:
     check_array(x, "x")
+    if x_kv is not None:
+        check_array(x_kv, "x_kv")
     be = backend_of(x, x_kv, names=("x", "x_kv"))
     if be.xp is not layer.xp:
         msg = f"x must be an array of the layer's namespace {layer._be.name}, got {be.name}; use .to()"

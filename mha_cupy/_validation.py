@@ -148,10 +148,16 @@ def check_finite_real(value: Any, name: str) -> float:
 
 
 def check_array(value: Any, name: str) -> None:
-    """A required array argument must not be None (other non-arrays are refused by ``backend_of``)."""
+    """A required array argument must not be None (other non-arrays are refused by ``backend_of``), and
+    its shape must be known (lazy libraries may leave sizes unknown: None, or NaN in Dask)."""
     if value is None:
         msg = f"{name} must be an array, got None"
         raise TypeError(msg)
+    shape = getattr(value, "shape", ())
+    if any(n is None or n != n for n in shape):
+        msg = (f"{name} must have a known shape, got {tuple(shape)}; compute the sizes first "
+               f"(Dask: {name}.compute_chunk_sizes())")
+        raise ValueError(msg)
 
 
 def check_scale(scale: Any, d_k: int, name: str = "scale") -> float:

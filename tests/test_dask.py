@@ -90,6 +90,14 @@ def test_unsupported_chunkings_name_the_rechunk(change, match):
         mha_cupy.scaled_dot_product_attention(chunked(q, chunks["q"]), chunked(k, chunks["k"]), chunked(v, chunks["v"]))
 
 
+def test_unknown_chunk_sizes_are_refused():
+    q, k, v = problem()
+    dq = chunked(q, (2, 24, 4, 8))
+    dq = dq[dq[:, 0, 0, 0] > -100]  # boolean indexing: chunk sizes unknown until computed
+    with pytest.raises(ValueError, match=r"q must have a known shape, got \(nan, 24, 4, 8\).*q\.compute_chunk_sizes\(\)"):
+        mha_cupy.scaled_dot_product_attention(dq, chunked(k, (2, 40, 2, 8)), chunked(v, (2, 40, 2, 8)))
+
+
 def test_mask_chunked_unlike_the_keys_is_refused():
     q, k, v = problem()
     mask = chunked(np.ones((4, 24, 1, 40), bool), (2, 24, 1, 10))

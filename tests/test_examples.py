@@ -11,7 +11,7 @@ import pytest
 from helpers import require
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NEEDS = {"compare_with_torch.py": ("torch", "tabpfn")}
+NEEDS = {"compare_with_torch.py": ("torch", "tabpfn"), "dask_scale_out.py": ("dask.array", "distributed")}
 
 
 def test_every_example_is_listed_here_and_documented():
@@ -24,7 +24,7 @@ def test_every_example_is_listed_here_and_documented():
 
 CASES = {"quickstart.py": [], "swap_backends.py": ["--quick"], "compare_with_torch.py": ["--quick"],
          "kv_cache_streaming.py": ["--quick"], "long_sequence_budget.py": ["--quick"],
-         "compare_backends_dtypes.py": ["--quick"]}
+         "compare_backends_dtypes.py": ["--quick"], "dask_scale_out.py": ["--quick"]}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
