@@ -2,7 +2,7 @@
 
 from ._budget import get_memory_budget, set_memory_budget
 from ._backends import BackendUnavailableError
-from .attention import scaled_dot_product_attention
+from .attention import scaled_dot_product_attention, scaled_dot_product_attention_vjp
 from .comparison import Comparison, compare
 from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads
@@ -19,5 +19,6 @@ __all__ = [
     "broadcast_kv_across_heads",
     "get_memory_budget",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_vjp",
     "set_memory_budget",
 ]

@@ -13,7 +13,7 @@ from ._backends import backend_of, device_of
 from ._core import attend, plan_attention
 from ._validation import check_array, check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp"]
 
 
 def scaled_dot_product_attention(
@@ -96,10 +96,83 @@ def scaled_dot_product_attention(
         that may attend no key (fully masked) returns zeros, where PyTorch
         returns NaN.
     """
+    be, plan, mask, bias = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
+                                    is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+                                    memory_budget=memory_budget, workers=workers, return_lse=return_lse,
+                                    batch_invariant=batch_invariant)
+    return attend(q, k, v, xp=be.xp, plan=plan, mask=mask, bias=bias)
+
+
+def scaled_dot_product_attention_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    d_out: Any,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    is_causal: bool = False,
+    q_chunk_size: int | None = None,
+    kv_chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    workers: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """Gradients of ``sum(scaled_dot_product_attention(q, k, v, ...) * d_out)`` with respect to q, k and v.
+
+    The FlashAttention-2 backward as chunk loops: the forward's output and
+    log-sum-exp are computed once, then every score tile is recomputed from
+    them, never materialising ``[T, S]``; the working set follows
+    ``memory_budget`` like the forward's. ``mask``, ``is_causal`` and ``bias``
+    act as in the forward (``bias`` is a constant: no gradient); dropout uses
+    the forward's Philox mask, so ``seed`` is required with ``dropout_p > 0``.
+    Rows with no visible key get zero gradients.
+
+    Parameters
+    ----------
+    q, k, v
+        As in :func:`scaled_dot_product_attention`: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, V]``.
+    d_out : array, shape ``[B, T, N, V]``
+        Gradient of the output; same library, device and dtype as ``q``.
+    scale, dropout_p, seed, mask, bias, is_causal, q_chunk_size, kv_chunk_size, memory_budget, workers
+        As in :func:`scaled_dot_product_attention`.
+
+    Returns
+    -------
+    (dq, dk, dv)
+        Arrays of ``q``'s, ``k``'s and ``v``'s shapes, in ``q``'s library, device and dtype. Grouped
+        heads' gradients are summed over each group (``dk``, ``dv`` have K heads).
+    """
+    from ._backward import attend_backward
+
+    if check_probability(dropout_p, "dropout_p") > 0 and seed is None:
+        msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
+        raise ValueError(msg)
+    be, plan, mask, bias = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
+                                    is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+                                    memory_budget=memory_budget, workers=workers, return_lse=True,
+                                    batch_invariant=False, budget_divisor=2)  # three tiles live per step, not two
+    check_array(d_out, "d_out")
+    backend_of(q, d_out, names=("q", "d_out"))
+    B, T, N, _ = q.shape
+    check_shape_and_dtype(d_out, "d_out", (B, T, N, v.shape[3]), legend="[batch, q_len, heads, d_v]", dtype=q.dtype,
+                          be=be)
+    if be.lazy_blocks:
+        msg = f"scaled_dot_product_attention_vjp does not take {be.name} arrays yet; compute them into blocks first"
+        raise TypeError(msg)
+    out, lse = attend(q, k, v, xp=be.xp, plan=plan, mask=mask, bias=bias)
+    return attend_backward(q, k, v, out, lse, d_out, xp=be.xp, plan=plan, mask=mask, bias=bias)
+
+
+def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, mask: Any, bias: Any, is_causal: Any,
+             q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any, workers: Any, return_lse: Any,
+             batch_invariant: Any, budget_divisor: int = 1) -> tuple[Any, Any, Any, Any]:
+    """Every argument checked, and the call resolved: ``(backend, plan, mask, bias)``, masks 4-D."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_array(a, name)
     be = backend_of(q, k, v, mask, bias, names=("q", "k", "v", "mask", "bias"))
-    xp = be.xp
     check_shape_and_dtype(q, "q", (None, None, None, None), legend="[batch, q_len, heads, d_k]", be=be)
     B, T, N, H = q.shape
     check_shape_and_dtype(k, "k", (B, None, None, H), legend="[batch, kv_len, kv_heads, d_k]", dtype=q.dtype, be=be)
@@ -114,15 +187,13 @@ def scaled_dot_product_attention(
         seed = _dropout.random_seed()
     if seed is not None:
         _dropout.split_seed(seed)
-    is_causal = check_bool(is_causal, "is_causal")
-    return_lse = check_bool(return_lse, "return_lse")
-    batch_invariant = check_bool(batch_invariant, "batch_invariant")
     mask = check_mask(mask, "mask", (B, T, N, S), be=be)
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(
         be=be, device=device_of(q), shape=(B, T, S, N, H, v.shape[3]), dtype=q.dtype, scale=scale,
-        masked=mask is not None, biased=bias is not None, is_causal=is_causal, dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size,
-        kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers, return_lse=return_lse,
-        batch_invariant=batch_invariant,
+        masked=mask is not None, biased=bias is not None, is_causal=check_bool(is_causal, "is_causal"),
+        dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+        memory_budget=memory_budget, workers=workers, return_lse=check_bool(return_lse, "return_lse"),
+        batch_invariant=check_bool(batch_invariant, "batch_invariant"), budget_divisor=budget_divisor,
     )
-    return attend(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias)
+    return be, plan, mask, bias

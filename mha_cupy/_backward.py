@@ -1,0 +1,106 @@
+"""The backward pass of attention (FlashAttention-2's), as explicit chunk loops in the Array API.
+
+Letters as in ``_core``. Given the forward's output ``O`` and log-sum-exp ``L``
+and the output gradient ``dO``, each (batch, query) block recomputes its
+scores tile by tile, ``P = exp(scale q k^T + bias - L)`` (0 where masked), and
+with ``D = rowsum(dO * O)`` and the dropout factor ``Z`` (keep / (1 - p), or 1):
+
+    dV += (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - D),
+    dQ += scale dS K,   dK += scale dS^T Q.
+
+No score matrix larger than one tile exists; grouped heads are folded into GEMM
+rows as in the forward, so dK and dV sum over each group inside the products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_extra as xpx
+
+from ._core import AttentionPlan, _block_of, _Core
+
+__all__ = ["attend_backward"]
+
+
+def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, xp: Any, plan: AttentionPlan,
+                    mask: Any = None, bias: Any = None) -> tuple[Any, Any, Any]:
+    """Gradients ``(dq, dk, dv)`` of ``sum(out * d_out)`` for validated arrays and the forward's ``plan``.
+
+    ``out [B,T,N,V]`` and ``lse [B,T,N]`` are the forward's (``plan.with_lse``); ``d_out`` has ``out``'s shape.
+    The gradients have the inputs' shapes and dtype.
+    """
+    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), shift=k.shape[1] - q.shape[1])
+    cdt = core.cdt
+    B, T, N, H = q.shape
+    S, K, V = k.shape[1], k.shape[2], v.shape[3]
+    dq = xp.zeros((B, T, N, H), dtype=cdt, device=core.dev)
+    dk = xp.zeros((B, S, K, H), dtype=cdt, device=core.dev)
+    dv = xp.zeros((B, S, K, V), dtype=cdt, device=core.dev)
+    for b0, b1, t0, t1 in plan.blocks(B, T):
+        dq_blk, dk, dv = _block(core, out, lse, d_out, dk, dv, b0, b1, t0, t1)
+        dq = xpx.at(dq, (slice(b0, b1), slice(t0, t1), Ellipsis)).set(dq_blk)
+    return tuple(xp.astype(g, q.dtype) if g.dtype != q.dtype else g for g in (dq, dk, dv))
+
+
+def _rows(core: _Core, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
+    """Rows ``[b0:b1, t0:t1]`` of a ``[B, T, N, ...]`` array in the folded layout ``[b, K, t*G, last]``
+    (``[b, K, t*G, 1]`` for a 3-D ``[B, T, N]`` one), in the compute dtype."""
+    xp, K, G = core.xp, core.K, core.G
+    blk = a[b0:b1, t0:t1, ...]
+    last = blk.shape[3] if blk.ndim == 4 else 1
+    blk = xp.reshape(blk, (b1 - b0, t1 - t0, K, G, last))
+    blk = xp.reshape(xp.permute_dims(blk, (0, 2, 1, 3, 4)), (b1 - b0, K, (t1 - t0) * G, last))
+    return xp.astype(blk, core.cdt) if blk.dtype != core.cdt else blk
+
+
+def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int,
+           t1: int) -> tuple[Any, Any, Any]:
+    """One (batch, query) block: its dq rows ``[b, t, N, H]``, and dk, dv with its contributions added."""
+    xp, plan, K, G, H, cdt = core.xp, core.plan, core.K, core.G, core.H, core.cdt
+    nb, nt = b1 - b0, t1 - t0
+    qs = _rows(core, core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
+    do = _rows(core, d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
+    d_row = xp.sum(do * _rows(core, out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
+    l_row = _rows(core, lse, b0, b1, t0, t1)
+    l_row = xp.where(xp.isinf(l_row), xp.zeros_like(l_row), l_row)  # rows with no visible key: P is 0 there
+    dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
+    for s0 in range(0, core.s_end(t1), plan.chunks.kv):
+        bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(core.s_end(t1), s0 + plan.chunks.kv))
+        ns = ssl.stop - ssl.start
+        kb = xp.astype(xp.permute_dims(core.k[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, H]
+        vb = xp.astype(xp.permute_dims(core.v[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, V]
+        p = _probabilities(core, qs, kb, l_row, bsl, tsl, ssl)  # [b, K, t*G, s]
+        z = None
+        if plan.dropout_key is not None:
+            keep = xp.reshape(core._keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
+            z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.consts[1])
+        p_kept = p if z is None else p * z
+        dv_blk = xp.matmul(xp.matrix_transpose(p_kept), do)  # [b, K, s, V]
+        dp = xp.matmul(do, xp.matrix_transpose(vb))
+        if z is not None:
+            dp = dp * z
+        ds = p * (dp - d_row)
+        dq = dq + xp.matmul(ds, kb)
+        dk_blk = xp.matmul(xp.matrix_transpose(ds), qs)  # scale dS^T q: qs carries the scale
+        idx = (bsl, ssl, Ellipsis)
+        dk = xpx.at(dk, idx).add(xp.permute_dims(dk_blk, (0, 2, 1, 3)))
+        dv = xpx.at(dv, idx).add(xp.permute_dims(dv_blk, (0, 2, 1, 3)))
+    dq = xp.reshape(xp.permute_dims(xp.reshape(dq * plan.scale, (nb, K, nt, G, H)), (0, 2, 1, 3, 4)), (nb, nt, K * G, H))
+    return dq, dk, dv
+
+
+def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
+    """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where a key is hidden."""
+    xp, K, G = core.xp, core.K, core.G
+    nb, nt, ns = bsl.stop - bsl.start, tsl.stop - tsl.start, ssl.stop - ssl.start
+    scores = xp.matmul(qs, xp.matrix_transpose(kb))
+    if core.bias is not None or core.mask is not None or core.plan.is_causal:
+        scores = xp.reshape(scores, (nb, K, nt, G, ns))
+        if core.bias is not None:
+            scores = scores + xp.astype(_block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt)
+        allowed = core._allowed(bsl, tsl, ssl)
+        if allowed is not None:
+            scores = xp.where(allowed, scores, core.consts[0])
+        scores = xp.reshape(scores, (nb, K, nt * G, ns))
+    return xp.exp(scores - l_row)
