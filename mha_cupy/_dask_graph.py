@@ -133,8 +133,9 @@ def _partial_task(q: Any, k: Any, v: Any, mask: Any, bias: Any, plan: Any, offse
 
     xp = array_api_compat.array_namespace(q)
     be = resolve_backend(xp)
-    out, lse = attend(q, k, v, xp=be.xp, plan=dataclasses.replace(plan, be=be), mask=mask, bias=bias,
-                      offsets=offsets, causal_shift=shift)
+    with be.parallel_section():  # Dask runs tasks side by side: BLAS stays on one thread in each
+        out, lse = attend(q, k, v, xp=be.xp, plan=dataclasses.replace(plan, be=be), mask=mask, bias=bias,
+                          offsets=offsets, causal_shift=shift)
     return be.xp.concat([be.xp.astype(out, lse.dtype), lse[..., None]], axis=3)
 
 
