@@ -86,7 +86,6 @@ def _torch() -> Any:
         import torch
     except ImportError:
         return None
-    torch.set_grad_enabled(False)
     return torch
 
 
@@ -123,7 +122,8 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
         mask = dict(attn_mask=causal_lower_right(T, S)) if cfg["causal"] and T != S else dict(is_causal=cfg["causal"])
 
     def theirs() -> Any:
-        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **mask).transpose(1, 2)
+        with torch.no_grad():  # a context, not a global switch: the caller's grad mode stays as it was
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **mask).transpose(1, 2)
 
     return ours, theirs
 
