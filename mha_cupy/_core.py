@@ -301,13 +301,18 @@ class _Core:
         m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=self.dev)
         l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=self.dev)
         acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
+        # One score tile per block, reused by every key chunk, where matmul writes into it: a fresh tile per
+        # chunk costs page faults whenever freed memory goes back to the OS (Dask workers trim at 64 KiB).
+        chunk = min(self.plan.chunks.kv, s_hi - s_lo)
+        tile = xp.empty((nb, K, nt * G, chunk), dtype=cdt, device=self.dev) if self.plan.be.matmul_writes_out else None
         for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
             bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
             kb = xp.permute_dims(self.k[bsl, ssl, ...], (0, 2, 3, 1))  # [b, K, H, s]
             vb = xp.permute_dims(self.v[bsl, ssl, ...], (0, 2, 1, 3))  # [b, K, s, V]
             bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
             keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
-            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, self._allowed(bsl, tsl, ssl), keep, self.consts,
+            out = None if tile is None else tile[..., :ssl.stop - ssl.start]
+            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, self._allowed(bsl, tsl, ssl), keep, self.consts, out,
                                   be=self.plan.be, keep_scale=self.keep_scale)
         return m, l, acc
 
@@ -325,12 +330,14 @@ class _Core:
 
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
-                         consts: tuple[Any, Any, Any], *, be: Backend, keep_scale: float) -> tuple[Any, Any, Any]:
+                         consts: tuple[Any, Any, Any], tile: Any, *, be: Backend,
+                         keep_scale: float) -> tuple[Any, Any, Any]:
     """One key chunk of the online softmax: scores ``q k^T``, the running max ``m [b,K,t,G,1]``, sum ``l``
     and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
 
     ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``consts`` holds
-    ``-inf``, 0 and 1 as 0-d arrays of the compute dtype.
+    ``-inf``, 0 and 1 as 0-d arrays of the compute dtype; ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
+    may be written into, or None.
     """
     xp = be.xp
     neg_inf, zero, _ = consts
@@ -338,7 +345,12 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
     kv_chunk = kb.shape[-1]
     if kb.dtype != qb.dtype:
         kb, vb = xp.astype(kb, qb.dtype), xp.astype(vb, qb.dtype)
-    scores = xp.reshape(xp.matmul(qb, kb), (nb, K, nt, G, kv_chunk))
+    if tile is None:
+        scores = xp.matmul(qb, kb)
+    else:
+        be.matmul_into(qb, kb, tile)
+        scores = tile
+    scores = xp.reshape(scores, (nb, K, nt, G, kv_chunk))
     if bias is not None:
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:

@@ -60,6 +60,9 @@ class Backend:
     #: Whether each matrix of a batched ``matmul`` is computed on its own, its bits independent of the
     #: batch count (``batch_invariant`` blocks may then hold several batch rows). Unknown: False.
     batched_matmul_per_matrix: ClassVar[bool] = False
+    #: Whether ``matmul_into`` writes into ``out`` without a temporary (NumPy's ``out=``): the core then
+    #: reuses one score tile per block.
+    matmul_writes_out: ClassVar[bool] = False
     #: Whether arrays are lazy and chunked (Dask): attention then runs one task per block of chunks.
     lazy_blocks: ClassVar[bool] = False
 
@@ -206,6 +209,18 @@ class Backend:
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         """``fn`` made fast for this library (JAX: ``jax.jit``); as it is where arrays run eagerly."""
         return fn
+
+    # -- gradients --------------------------------------------------------------------------
+
+    def needs_grad(self, *arrays: Any) -> bool:
+        """Whether the library's autograd should see a call on ``arrays`` (torch: grad mode and ``requires_grad``)."""
+        return False
+
+    def differentiable(self, forward: Any, backward: Any, inputs: tuple[Any, ...]) -> Any:
+        """Run ``forward(*inputs) -> (outputs, residuals)`` as one node of the library's autograd, whose
+        gradients are ``backward(residuals, *output_grads) -> input_grads``; the first output carries the gradient."""
+        msg = f"{self.name} has no autograd for mha_cupy to join"
+        raise TypeError(msg)
 
     @staticmethod
     def is_array(x: Any) -> bool:

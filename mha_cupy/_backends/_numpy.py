@@ -35,6 +35,7 @@ class NumpyBackend(Backend):
     install_hint = "pip install numpy"
     # numpy/_core/src/umath/matmul.c.src: the gufunc's outer loop calls BLAS once per matrix of the stack.
     batched_matmul_per_matrix = True
+    matmul_writes_out = True
 
     @staticmethod
     def is_namespace(module: Any) -> bool:
