@@ -6,6 +6,7 @@ heads, H key size (d_k), V value size (d_v).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from . import dropout as _dropout
@@ -100,7 +101,25 @@ def scaled_dot_product_attention(
                                     is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
                                     memory_budget=memory_budget, workers=workers, return_lse=return_lse,
                                     batch_invariant=batch_invariant)
+    if be.needs_grad(q, k, v):
+        return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias)
     return attend(q, k, v, xp=be.xp, plan=plan, mask=mask, bias=bias)
+
+
+def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
+    """The forward as one node of the library's autograd, whose backward is ``attend_backward`` (mask and bias
+    are constants)."""
+    from ._backward import attend_backward
+
+    def forward(q: Any, k: Any, v: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        out, lse = attend(q, k, v, xp=be.xp, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
+        return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse)
+
+    def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, Any, Any]:
+        q, k, v, out, lse = saved
+        return attend_backward(q, k, v, out, lse, d_out, xp=be.xp, plan=plan, mask=mask, bias=bias)
+
+    return be.differentiable(forward, backward, (q, k, v))
 
 
 def scaled_dot_product_attention_vjp(

@@ -10,6 +10,7 @@ anything changes, then executed here.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields
 from typing import Any
 
@@ -20,6 +21,7 @@ from ._core import attend
 from ._layer_plan import CallOptions, CallPlan, plan_call
 from ._threads import matmul_rows
 from ._validation import (
+    check_array,
     check_bool,
     check_finite_real,
     check_int_in,
@@ -340,6 +342,52 @@ class MultiHeadAttention:
         opts = CallOptions(**{f.name: given[f.name] for f in fields(CallOptions)})
         plan = plan_call(self, x, x_kv, opts)
         return self._run(plan, x, x_kv)
+
+    def vjp(self, x: Any, d_out: Any, x_kv: Any = None, **call_keywords: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Gradients of ``sum(self(x, x_kv, **call_keywords) * d_out)``: ``(dx, dx_kv, grads)``.
+
+        A forward call and its FlashAttention-2 backward, memory-bounded like
+        the forward (score tiles recomputed from the forward's log-sum-exp).
+        ``call_keywords`` are ``__call__``'s; those that write the cache or
+        ``x`` (``cache_kv``, ``allow_inplace``) are refused. Cached keys and
+        values (``use_cached_kv``) are constants. With ``training`` the call
+        draws the next dropout mask, as a forward call would.
+
+        Parameters
+        ----------
+        x : array, shape ``[..., T, E]``
+        d_out : array, shape ``[..., T, E]``
+            Gradient of the output; ``x``'s namespace, device and dtype.
+        x_kv : array, shape ``[..., S, E]``, optional
+
+        Returns
+        -------
+        dx : array like ``x``
+        dx_kv : array like ``x_kv``, or None without ``x_kv``
+        grads : dict
+            Weight name to gradient in that weight's layout, for the weights
+            the layer has (``w_qkv`` or ``w_q`` with ``w_kv`` or ``w_k``, ``w_v``; ``w_out``).
+        """
+        from ._layer_vjp import layer_vjp
+
+        unknown = sorted(set(call_keywords) - {f.name for f in fields(CallOptions)})
+        if unknown:
+            msg = f"vjp takes the layer call's keywords, got unknown {unknown}"
+            raise TypeError(msg)
+        for name in ("cache_kv", "allow_inplace"):
+            if call_keywords.get(name):
+                msg = f"vjp does not write the cache or x: {name} must be False, got {call_keywords[name]!r}"
+                raise ValueError(msg)
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__call__).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        plan = plan_call(self, x, x_kv, CallOptions(**{**defaults, **call_keywords}))
+        if self._be.lazy_blocks:
+            msg = f"vjp does not take {self._be.name} arrays yet; compute them into blocks first"
+            raise TypeError(msg)
+        check_array(d_out, "d_out")
+        backend_of(x, d_out, names=("x", "d_out"))
+        check_shape_and_dtype(d_out, "d_out", tuple(x.shape), legend="like x", dtype=self.dtype, be=self._be)
+        return layer_vjp(self, plan, x, x_kv, d_out)
 
     def _run(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """Execute a resolved call: the only place a call changes the layer."""

@@ -123,3 +123,28 @@ def test_bad_calls(change, exc, match):
     d_out = change.pop("d_out", d_out)
     with pytest.raises(exc, match=match):
         mha_cupy.scaled_dot_product_attention_vjp(q, k, v, d_out, **change)
+
+
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(dropout_p=0.25, seed=9, kv_chunk_size=4)])
+def test_torch_autograd_flows_through_the_function(kw):
+    torch = require("torch")
+    q, k, v, d_out = problem()
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    out = mha_cupy.scaled_dot_product_attention(tq, tk, tv, **kw)
+    assert out.grad_fn is not None
+    out.backward(torch.tensor(d_out))
+    keep = keep_mask(9, 0.25, 2, 4, 7, 11) if "seed" in kw else None
+    ref = torch_grads(q, k, v, d_out, is_causal=kw.get("is_causal", False), keep=keep, dropout_p=kw.get("dropout_p", 0))
+    for t, r in zip((tq, tk, tv), ref):
+        assert_close(t.grad.numpy(), r, rtol=TOL)
+
+
+def test_torch_without_grad_and_lse_outputs():
+    torch = require("torch")
+    q, k, v, _ = problem()
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    with torch.no_grad():
+        assert mha_cupy.scaled_dot_product_attention(tq, tk, tv).grad_fn is None
+    out, lse = mha_cupy.scaled_dot_product_attention(tq, tk, tv, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    assert_close(out.detach().numpy(), mha_cupy.scaled_dot_product_attention(q, k, v), rtol=1e-12)

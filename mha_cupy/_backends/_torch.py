@@ -3,6 +3,7 @@ and has no shifts or additions on uint32, so Philox runs in int64 lanes here."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -62,3 +63,32 @@ class TorchBackend(Backend):
 
     def exp_(self, x: Any) -> Any:
         return x.exp_()
+
+    def needs_grad(self, *arrays: Any) -> bool:
+        import torch
+
+        return torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays)
+
+    def differentiable(self, forward: Any, backward: Any, inputs: tuple[Any, ...]) -> Any:
+        return _autograd_node().apply(forward, backward, *inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _autograd_node() -> Any:
+    """A ``torch.autograd.Function`` around an explicit forward and backward (made once, when first needed)."""
+    import torch
+
+    class ExplicitBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, forward: Any, backward: Any, *inputs: Any) -> Any:
+            outputs, residuals = forward(*(x.detach() for x in inputs))
+            ctx.backward_fn = backward
+            ctx.save_for_backward(*residuals)
+            ctx.mark_non_differentiable(*outputs[1:])
+            return outputs if len(outputs) > 1 else outputs[0]
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return (None, None, *ctx.backward_fn(ctx.saved_tensors, grads[0]))
+
+    return ExplicitBackward

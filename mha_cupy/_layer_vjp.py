@@ -1,0 +1,108 @@
+"""The layer's backward pass: gradients of ``sum(layer(x, x_kv) * d_out)`` for inputs and weights.
+
+Letters as in ``module``: B flattened batch, T query length, S key length, E
+emsize, N heads, K kv heads (``kh`` of them projected: K, or 1 with
+``reuse_first_head_kv``), H d_k, V d_v. With the forward's projections
+``q = x Wq``, ``k = src Wk``, ``v = src Wv``, heads ``O`` and ``y = O Wout``:
+
+    dO = dy Wout^T,  dWout = O^T dy,  (dq, dk, dv) = attention backward,
+    dx += dq Wq,  dsrc += dk Wk + dv Wv,  dWq = dq^T x,  dWk = dk^T src,  dWv = dv^T src.
+
+Every product is a 2-D GEMM over flattened rows; cached keys/values are constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from ._backward import attend_backward
+from ._core import attend
+
+if TYPE_CHECKING:
+    from ._layer_plan import CallPlan
+    from .module import MultiHeadAttention
+
+__all__ = ["layer_vjp"]
+
+
+def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, d_out: Any) -> tuple[Any, Any, dict]:
+    """``(dx, dx_kv, grads)`` for a resolved call (one that writes neither ``x`` nor the cache)."""
+    xp, E, B, T = layer.xp, layer.emsize, plan.batch, plan.q_len
+    x3 = xp.reshape(x, (B, T, E))
+    kv3 = xp.reshape(x_kv, (B, plan.kv_len, E)) if plan.kv_source == "cross" else None
+    dy = xp.reshape(d_out, (B, T, E))
+    if plan.attention.dropout_key is not None:
+        layer._calls += 1  # a vjp is a forward call too: the next call draws the next mask
+    q, k, v = layer._qkv(plan, x3, kv3, 0, B)
+    att_plan = dataclasses.replace(plan.attention, with_lse=True)
+    heads, lse = attend(q, k, v, xp=xp, plan=att_plan)
+    N, V, H = layer.nhead, layer.d_v, layer.d_k
+    w_out = xp.reshape(layer._w["w_out"], (N * V, E))
+    d_heads = xp.reshape(layer._rows_matmul(plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
+    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, xp=xp, plan=att_plan)
+    grads = {"w_out": xp.reshape(_weight_grad(xp, xp.reshape(heads, (B * T, N * V)), dy), (N, V, E))}
+    w_q, d_wq = _q_weight(layer), _weight_grad(xp, xp.reshape(dq, (B * T, N * H)), x3)
+    dx = layer._rows_matmul(plan, xp.reshape(dq, (B, T, N * H)), w_q)
+    d_src, d_wk, d_wv = _kv_grads(layer, plan, x3 if kv3 is None else kv3, dk, dv)
+    if plan.kv_source == "self":
+        dx = dx + d_src
+    if plan.add_input:
+        dx = dx + dy
+    grads.update(_in_layout(layer, plan, d_wq, d_wk, d_wv))
+    dx_kv = None if plan.kv_source != "cross" else xp.reshape(d_src, x_kv.shape)
+    return xp.reshape(dx, x.shape), dx_kv, grads
+
+
+def _weight_grad(xp: Any, rows: Any, src: Any) -> Any:
+    """``rows^T @ src`` over all flattened rows: ``[F, E]`` for ``rows [R, F]`` and ``src [..., E]``."""
+    return xp.matmul(xp.matrix_transpose(rows), xp.reshape(src, (rows.shape[0], src.shape[-1])))
+
+
+def _q_weight(layer: "MultiHeadAttention") -> Any:
+    """The query projection as ``[N H, E]``."""
+    return layer.xp.reshape(layer._w_q(), (layer.nhead * layer.d_k, layer.emsize))
+
+
+def _kv_weights(layer: "MultiHeadAttention", kh: int) -> tuple[Any, Any]:
+    """The key and value projections of the first ``kh`` kv heads as ``[kh H, E]`` and ``[kh V, E]``."""
+    xp, w, E = layer.xp, layer._w, layer.emsize
+    w_kv = w["w_kv"] if w["w_qkv"] is None else w["w_qkv"][1:, ...]
+    w_k, w_v = (w_kv[0, :kh, ...], w_kv[1, :kh, ...]) if w_kv is not None else (w["w_k"][:kh, ...], w["w_v"][:kh, ...])
+    return xp.reshape(w_k, (-1, E)), xp.reshape(w_v, (-1, E))
+
+
+def _kv_grads(layer: "MultiHeadAttention", plan: "CallPlan", src: Any, dk: Any, dv: Any) -> tuple[Any, Any, Any]:
+    """The source's gradient ``[B, S, E]`` and the projected heads' weight gradients (None from the cache)."""
+    if plan.kv_source == "cache":
+        return None, None, None
+    xp, B, S = layer.xp, src.shape[0], src.shape[1]
+    w_k, w_v = _kv_weights(layer, plan.project_heads)
+    dk2, dv2 = xp.reshape(dk, (B * S, -1)), xp.reshape(dv, (B * S, -1))
+    d_src = layer._rows_matmul(plan, xp.reshape(dk2, (B, S, -1)), w_k) + layer._rows_matmul(
+        plan, xp.reshape(dv2, (B, S, -1)), w_v)
+    return d_src, _weight_grad(xp, dk2, src), _weight_grad(xp, dv2, src)
+
+
+def _in_layout(layer: "MultiHeadAttention", plan: "CallPlan", d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:
+    """Gradients of the layer's own weight arrays (``w_qkv``, ``w_q``, ``w_kv``, ``w_k``, ``w_v``), zeros for
+    kv heads this call did not project."""
+    xp, w, N, K, H, V, E = layer.xp, layer._w, layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize
+    kh = plan.project_heads
+
+    def heads(g: Any, d: int) -> Any:  # [K, d, E], zero-padded past the projected heads
+        zeros = xp.zeros((K, d, E), dtype=layer.dtype, device=layer.device)
+        if g is None:
+            return zeros
+        g = xp.reshape(g, (kh, d, E))
+        return g if kh == K else xp.concat([g, zeros[kh:, ...]], axis=0)
+
+    gq = xp.reshape(d_wq, (1, N, H, E))
+    if w["w_qkv"] is not None:
+        return {"w_qkv": xp.concat([gq, heads(d_wk, H)[None, ...], heads(d_wv, V)[None, ...]], axis=0)}
+    out = {"w_q": gq}
+    if w["w_kv"] is not None:
+        out["w_kv"] = xp.stack([heads(d_wk, H), heads(d_wv, V)], axis=0)
+    elif w["w_k"] is not None:
+        out["w_k"], out["w_v"] = heads(d_wk, H), heads(d_wv, V)
+    return out
