@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import dropout as _dropout
-from ._backends import backend_of, device_of
+from ._backends import backend_of, device_of, same_device
 from ._core import AttentionPlan, plan_attention
 from ._validation import check_array, check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
 from .weights import STREAMS
@@ -133,7 +133,7 @@ def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOpti
     if be.xp is not layer.xp:
         msg = f"x must be an array of the layer's namespace {layer._be.name}, got {be.name}; use .to()"
         raise TypeError(msg)
-    if device_of(x) != layer.device:
+    if not same_device(device_of(x), layer.device):
         msg = f"x must be on the layer's device {layer.device}, got {device_of(x)}; use .to()"
         raise ValueError(msg)
     E = layer.emsize

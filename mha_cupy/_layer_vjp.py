@@ -27,13 +27,12 @@ __all__ = ["layer_vjp"]
 
 
 def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, d_out: Any) -> tuple[Any, Any, dict]:
-    """``(dx, dx_kv, grads)`` for a resolved call (one that writes neither ``x`` nor the cache)."""
+    """``(dx, dx_kv, grads)`` for a resolved call (one that writes neither ``x`` nor the cache). Dropout uses the
+    plan's mask; the layer's call counter is the caller's business."""
     xp, E, B, T = layer.xp, layer.emsize, plan.batch, plan.q_len
     x3 = xp.reshape(x, (B, T, E))
     kv3 = xp.reshape(x_kv, (B, plan.kv_len, E)) if plan.kv_source == "cross" else None
     dy = xp.reshape(d_out, (B, T, E))
-    if plan.attention.dropout_key is not None:
-        layer._calls += 1  # a vjp is a forward call too: the next call draws the next mask
     q, k, v = layer._qkv(plan, x3, kv3, 0, B)
     att_plan = dataclasses.replace(plan.attention, with_lse=True)
     heads, lse = attend(q, k, v, xp=xp, plan=att_plan)

@@ -15,7 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 from . import dropout as _dropout
-from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend
+from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend, same_device
 from ._cache import KVCache
 from ._core import attend
 from ._layer_plan import CallOptions, CallPlan, plan_call
@@ -175,7 +175,7 @@ class MultiHeadAttention:
             msg = f"weights must be arrays of the layer's namespace {self._be.name}, got {be.name}"
             raise TypeError(msg)
         for name, a in given.items():
-            if a is not None and device_of(a) != self.device:
+            if a is not None and not same_device(device_of(a), self.device):
                 msg = f"{name} must be on the layer's device {self.device}, got {device_of(a)}"
                 raise ValueError(msg)
         check_weight_combination(given, nhead=self.nhead, kv_heads=self.nhead_kv, d_k=self.d_k, d_v=self.d_v)
@@ -341,7 +341,30 @@ class MultiHeadAttention:
         given = locals()
         opts = CallOptions(**{f.name: given[f.name] for f in fields(CallOptions)})
         plan = plan_call(self, x, x_kv, opts)
+        if self._be.needs_grad(x, x_kv, *(a for a in self._w.values() if a is not None)):
+            return self._run_with_gradient(plan, x, x_kv)
         return self._run(plan, x, x_kv)
+
+    def _run_with_gradient(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
+        """``_run`` as one node of the library's autograd (torch, JAX), whose backward is ``layer_vjp``."""
+        from ._layer_vjp import layer_vjp
+
+        if plan.cache_mode is not None or plan.write_into_x:
+            msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
+                   "be False when inputs or weights require grad (cache under torch.no_grad())")
+            raise ValueError(msg)
+        names = [n for n, a in self._w.items() if a is not None]
+        n_in = 1 if x_kv is None else 2
+
+        def forward(*inputs: Any) -> tuple[tuple[Any], tuple[Any, ...]]:
+            return (self._run(plan, inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
+
+        def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
+            dx, dx_kv, grads = layer_vjp(self, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
+            return (dx, *((dx_kv,) if n_in == 2 else ()), *(grads[n] for n in names))
+
+        inputs = (x, *((x_kv,) if n_in == 2 else ()), *(self._w[n] for n in names))
+        return self._be.differentiable(forward, backward, inputs)
 
     def vjp(self, x: Any, d_out: Any, x_kv: Any = None, **call_keywords: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Gradients of ``sum(self(x, x_kv, **call_keywords) * d_out)``: ``(dx, dx_kv, grads)``.
@@ -387,6 +410,8 @@ class MultiHeadAttention:
         check_array(d_out, "d_out")
         backend_of(x, d_out, names=("x", "d_out"))
         check_shape_and_dtype(d_out, "d_out", tuple(x.shape), legend="like x", dtype=self.dtype, be=self._be)
+        if plan.attention.dropout_key is not None:
+            self._calls += 1  # a vjp is a forward call too: the next call draws the next mask
         return layer_vjp(self, plan, x, x_kv, d_out)
 
     def _run(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:

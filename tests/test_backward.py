@@ -148,3 +148,17 @@ def test_torch_without_grad_and_lse_outputs():
     out, lse = mha_cupy.scaled_dot_product_attention(tq, tk, tv, return_lse=True)
     assert out.requires_grad and not lse.requires_grad
     assert_close(out.detach().numpy(), mha_cupy.scaled_dot_product_attention(q, k, v), rtol=1e-12)
+
+
+def test_jax_grad_flows_through_the_function():
+    jax = require("jax")
+    jax.config.update("jax_enable_x64", True)
+    q, k, v, d_out = problem()
+    ref = torch_grads(q, k, v, d_out, is_causal=True)
+
+    def loss(q, k, v):
+        return jax.numpy.sum(mha_cupy.scaled_dot_product_attention(q, k, v, is_causal=True, kv_chunk_size=4) * d_out)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*(jax.numpy.asarray(a) for a in (q, k, v)))
+    for g, r in zip(grads, ref):
+        assert_close(np.asarray(g), r, rtol=TOL)

@@ -121,3 +121,44 @@ def test_refusals(kwargs, exc, match):
     d_out = kwargs.pop("d_out", np.zeros((2, 5, 12)))
     with pytest.raises(exc, match=match):
         layer.vjp(x, d_out, **kwargs)
+
+
+def _tabpfn_grads(ref, x, x_kv, d_out):
+    torch = require("torch")
+    tx, tkv = torch.tensor(x, requires_grad=True), torch.tensor(x_kv, requires_grad=True)
+    ref(tx, tkv, add_input=True).backward(torch.tensor(d_out))
+    return tx.grad.numpy(), tkv.grad.numpy(), {n: getattr(ref, n).grad.numpy() for n in ("w_q", "w_kv", "w_out")}
+
+
+def test_torch_autograd_flows_through_the_layer():
+    torch = require("torch")
+    ref, ours = reference_and_ours("w_q_w_kv")
+    rng = np.random.default_rng(4)
+    x, x_kv, d_out = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 5, 16))
+    dx, dx_kv, grads = _tabpfn_grads(ref, x, x_kv, d_out)
+    layer = ours.to("torch")
+    for name in ("w_q", "w_kv", "w_out"):
+        getattr(layer, name).requires_grad_(True)
+    tx, tkv = torch.tensor(x, requires_grad=True), torch.tensor(x_kv, requires_grad=True)
+    y = layer(tx, tkv, add_input=True)
+    y.backward(torch.tensor(d_out))
+    assert_close(tx.grad.numpy(), dx, rtol=TOL)
+    assert_close(tkv.grad.numpy(), dx_kv, rtol=TOL)
+    for name, g in grads.items():
+        assert_close(getattr(layer, name).grad.numpy(), g, rtol=TOL, what=name)
+    with pytest.raises(ValueError, match="gradients do not flow through calls that write the cache or x"):
+        layer(tx, tkv, cache_kv=True)
+
+
+def test_jax_grad_flows_through_the_layer():
+    jax = require("jax")
+    jax.config.update("jax_enable_x64", True)
+    ref, ours = reference_and_ours("w_q_w_kv")
+    rng = np.random.default_rng(5)
+    x, x_kv, d_out = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 5, 16))
+    dx, dx_kv, _ = _tabpfn_grads(ref, x, x_kv, d_out)
+    layer = ours.to("jax")
+    loss = lambda a, b: jax.numpy.sum(layer(a, b, add_input=True) * d_out)  # noqa: E731
+    gx, gkv = jax.grad(loss, argnums=(0, 1))(jax.numpy.asarray(x), jax.numpy.asarray(x_kv))
+    assert_close(np.asarray(gx), dx, rtol=TOL)
+    assert_close(np.asarray(gkv), dx_kv, rtol=TOL)

@@ -41,6 +41,7 @@ __all__ = [
     "device_of",
     "dtype_name",
     "resolve_backend",
+    "same_device",
     "to_numpy",
 ]
 
@@ -51,8 +52,13 @@ BACKEND_NAMES = tuple(a.name for a in _ADAPTERS)
 
 
 def device_of(x: Any) -> Any:
-    """The device of array ``x``."""
+    """The device of array ``x`` (None for a traced JAX array inside ``jax.grad`` or ``jit``)."""
     return array_api_compat.device(x)
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether devices ``a`` and ``b`` are one; an unknown device (None: a traced array) matches any."""
+    return a is None or b is None or a == b
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +113,7 @@ def backend_of(*arrays: Any, names: tuple[str, ...]) -> Backend:
     if present:
         first_name, first = present[0]
         for name, a in present[1:]:
-            if device_of(a) != device_of(first):
+            if not same_device(device_of(a), device_of(first)):
                 msg = (f"all arrays must be on one device: {first_name} is on {device_of(first)}, "
                        f"got {name} on {device_of(a)}")
                 raise ValueError(msg)

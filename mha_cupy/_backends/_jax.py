@@ -41,6 +41,8 @@ class JaxBackend(Backend):
         jax.config.update("jax_enable_x64", True)
 
     def is_cpu(self, device: Any) -> bool:
+        if device is None:  # traced arrays (inside jax.grad or jit) report no device: JAX's default one
+            device = self.default_device()
         return device.platform == "cpu"
 
     def free_memory(self, device: Any) -> int:
@@ -60,3 +62,27 @@ class JaxBackend(Backend):
         if x.dtype == self.xp.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
             x = self.xp.astype(x, self.xp.float32)
         return numpy.asarray(x)
+
+    def needs_grad(self, *arrays: Any) -> bool:
+        import jax
+
+        # Inside jax.grad (or jit) inputs are tracers: the custom VJP then gives JAX our backward.
+        return any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None)
+
+    def differentiable(self, forward: Any, backward: Any, inputs: tuple[Any, ...]) -> Any:
+        import jax
+
+        @jax.custom_vjp
+        def node(*xs: Any) -> Any:
+            outputs, _ = forward(*xs)
+            return outputs if len(outputs) > 1 else outputs[0]
+
+        def node_fwd(*xs: Any) -> tuple[Any, Any]:
+            outputs, residuals = forward(*xs)
+            return (outputs if len(outputs) > 1 else outputs[0]), residuals
+
+        def node_bwd(residuals: Any, grads: Any) -> tuple[Any, ...]:
+            return tuple(backward(residuals, grads[0] if isinstance(grads, tuple) else grads))
+
+        node.defvjp(node_fwd, node_bwd)
+        return node(*inputs)
