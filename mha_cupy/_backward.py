@@ -14,11 +14,13 @@ rows as in the forward, so dK and dV sum over each group inside the products.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import array_api_extra as xpx
 
 from ._core import AttentionPlan, _block_of, _Core
+from ._threads import run_blocks
 
 __all__ = ["attend_backward"]
 
@@ -34,12 +36,26 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, x
     cdt = core.cdt
     B, T, N, H = q.shape
     S, K, V = k.shape[1], k.shape[2], v.shape[3]
-    dq = xp.zeros((B, T, N, H), dtype=cdt, device=core.dev)
     dk = xp.zeros((B, S, K, H), dtype=cdt, device=core.dev)
     dv = xp.zeros((B, S, K, V), dtype=cdt, device=core.dev)
-    for b0, b1, t0, t1 in plan.blocks(B, T):
-        dq_blk, dk, dv = _block(core, out, lse, d_out, dk, dv, b0, b1, t0, t1)
-        dq = xpx.at(dq, (slice(b0, b1), slice(t0, t1), Ellipsis)).set(dq_blk)
+    # FlashAttention-2's split: each worker owns a key range, so its dk, dv rows are its own; the query
+    # gradients of the ranges are summed afterwards, in range order (the same bits on every run).
+    workers = plan.workers if plan.be.item_assignment else 1
+    ranges = dataclasses.replace(plan, key_splits=max(1, workers)).key_ranges(S)
+    dqs: list[Any] = [None] * len(ranges)
+
+    def key_range(i: int, s_lo: int, s_hi: int) -> None:
+        nonlocal dk, dv
+        dq = xp.zeros((B, T, N, H), dtype=cdt, device=core.dev)
+        for b0, b1, t0, t1 in plan.blocks(B, T):
+            dq_blk, dk, dv = _block(core, out, lse, d_out, dk, dv, b0, b1, t0, t1, s_lo, s_hi)
+            dq = xpx.at(dq, (slice(b0, b1), slice(t0, t1), Ellipsis)).set(dq_blk)
+        dqs[i] = dq
+
+    run_blocks(key_range, [(i, *r) for i, r in enumerate(ranges)], workers, plan.be)
+    dq = dqs[0]
+    for part in dqs[1:]:
+        dq = dq + part
     return tuple(xp.astype(g, q.dtype) if g.dtype != q.dtype else g for g in (dq, dk, dv))
 
 
@@ -54,9 +70,10 @@ def _rows(core: _Core, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
     return xp.astype(blk, core.cdt) if blk.dtype != core.cdt else blk
 
 
-def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int,
-           t1: int) -> tuple[Any, Any, Any]:
-    """One (batch, query) block: its dq rows ``[b, t, N, H]``, and dk, dv with its contributions added."""
+def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
+           s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
+    """One (batch, query) block over keys ``[s_lo, s_hi)``: its dq rows ``[b, t, N, H]``, and dk, dv with its
+    contributions added (in place where arrays are writable)."""
     xp, plan, K, G, H, cdt = core.xp, core.plan, core.K, core.G, core.H, core.cdt
     nb, nt = b1 - b0, t1 - t0
     qs = _rows(core, core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
@@ -65,8 +82,9 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
     l_row = _rows(core, lse, b0, b1, t0, t1)
     l_row = xp.where(xp.isinf(l_row), xp.zeros_like(l_row), l_row)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
-    for s0 in range(0, core.s_end(t1), plan.chunks.kv):
-        bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(core.s_end(t1), s0 + plan.chunks.kv))
+    s_end = min(s_hi, core.s_end(t1))
+    for s0 in range(s_lo, s_end, plan.chunks.kv):
+        bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start
         kb = xp.astype(xp.permute_dims(core.k[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, H]
         vb = xp.astype(xp.permute_dims(core.v[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, V]
