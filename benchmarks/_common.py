@@ -51,3 +51,34 @@ def _mem_total() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def new_result(rows: list, **extra) -> dict:
+    """A result record: date, command, machine and versions beside the rows (and ``extra`` fields)."""
+    import datetime as _dt
+    import sys
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine(), "versions": versions(), **extra, "rows": rows}
+
+
+def header(title: str, result: dict, *notes: str) -> list[str]:
+    """The opening lines of a results file: title with date, command, machine, versions, notes."""
+    return [f"# {title} ({result['date']})", "", f"- command: `{result['command']}`", f"- machine: {result['machine']}",
+            f"- versions: {result['versions']}", *(f"- {n}" for n in notes), ""]
+
+
+def write_result(result: dict, kind: str, out: str, lines: list[str]) -> Path:
+    """``<out>/<kind>-<date>.json`` and ``.md``; returns the common stem."""
+    import datetime as _dt
+    import json
+
+    stamp = _dt.datetime.fromisoformat(result["date"])
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{kind}-{stamp:%Y-%m-%dT%H%M}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md")
+    return stem

@@ -15,7 +15,6 @@ process (``mha_cupy.cli._memory``), inputs made before the measurement.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("SCIPY_ARRAY_API", "1")  # tabpfn 2.2.1's scikit-learn pin, beside array-api-compat
 
-from _common import machine, versions  # noqa: E402
+from _common import header, new_result, write_result  # noqa: E402
 
 CASES = {
     "long": "SDPA B=1, L=8192, 6 heads, d=32",
@@ -113,24 +112,16 @@ def main() -> int:
     for case in args.cases.split(","):
         rows.append(measure(case, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine(), "versions": versions(), "rows": rows}
-    lines = [f"# Forward+backward, mha_cupy vs torch autograd ({result['date']})", "", f"- command: `{result['command']}`",
-             f"- machine: {result['machine']}", f"- versions: {result['versions']}",
-             "- float32; time: medians of interleaved runs in one process; peak: RSS growth of one forward+backward "
-             "in a fresh process; dx checked against theirs first (scaled error)", "",
-             "| case | shape | ours (s) | torch (s) | ours / torch | ours peak (MiB) | torch peak (MiB) | dx error |",
-             "|---|---|---|---|---|---|---|---|"]
+    result = new_result(rows)
+    lines = header("Forward+backward, mha_cupy vs torch autograd", result,
+                   "float32; time: medians of interleaved runs in one process; peak: RSS growth of one "
+                   "forward+backward in a fresh process; dx checked against theirs first (scaled error)") + [
+        "| case | shape | ours (s) | torch (s) | ours / torch | ours peak (MiB) | torch peak (MiB) | dx error |",
+        "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['what']} | {r['ours_s']:.3f} | {r['theirs_s']:.3f} | {r['ratio']:.2f} | "
                      f"{r['ours_peak_mib']:.1f} | {r['theirs_peak_mib']:.1f} | {r['scaled_error_dx']:.1e} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"backward-{now:%Y-%m-%dT%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    write_result(result, "backward", args.out, lines)
     return 0
 
 

@@ -18,14 +18,13 @@ to ``<out>/dask-<date>.json`` and ``.md`` with the machine, versions and command
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import machine, versions
+from _common import header, new_result, write_result
 
 
 def _median(fn, repeats: int) -> float:
@@ -86,24 +85,16 @@ def main() -> int:
         row["speedup_1w_to_2w"] = row["dask_1w_s"] / row["dask_2w_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine(), "versions": versions(), "rows": rows}
-    lines = [f"# mha_cupy on Dask beside plain NumPy ({result['date']})", "", f"- command: `{result['command']}`",
-             f"- machine: {result['machine']}", f"- versions: {result['versions']}",
-             "- NumPy: one in-memory call (our pool, 2 threads); Dask: LocalCluster, worker processes with one thread, "
-             "inputs persisted on the workers before timing, medians", "",
-             "| case | shape | tasks | NumPy (s) | Dask 1 worker (s) | Dask 2 workers (s) | 2 workers / NumPy | 1 → 2 workers "
-             "| scaled error |", "|---|---|---|---|---|---|---|---|---|"]
+    result = new_result(rows)
+    lines = header("mha_cupy on Dask beside plain NumPy", result,
+                   "NumPy: one in-memory call (our pool, 2 threads); Dask: LocalCluster, worker processes with one "
+                   "thread, inputs persisted on the workers before timing, medians") + [
+        "| case | shape | tasks | NumPy (s) | Dask 1 worker (s) | Dask 2 workers (s) | 2 workers / NumPy | 1 → 2 workers "
+        "| scaled error |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['what']} | {r['tasks']} | {r['numpy_s']:.3f} | {r['dask_1w_s']:.3f} | "
                      f"{r['dask_2w_s']:.3f} | {r['overhead_2w']:.2f} | ×{r['speedup_1w_to_2w']:.2f} | {r['scaled_error']:.1e} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"dask-{now:%Y-%m-%dT%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    write_result(result, "dask", args.out, lines)
     return 0
 
 

@@ -15,7 +15,6 @@ with the machine, versions and command.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ CASES = {
 }
 
 
-from _common import machine, versions  # noqa: E402
+from _common import header, new_result, write_result  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -138,18 +137,10 @@ def main() -> int:
             print(f"{case:10s} {impl:12s} peak RSS growth {row['peak_rss_growth_bytes'] / 2**20:8.1f} MiB   "
                   f"median {row['median_s']:.3f} s  ({', '.join(f'{t:.3f}' for t in row['times_s'])})", flush=True)
 
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine(), "versions": versions(), "cases": {c: CASES[c][0] for c in args.cases.split(",")},
-              "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"memory-{now:%Y-%m-%dT%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Memory and time: mha_cupy vs torch ({now:%Y-%m-%d %H:%M} UTC)", "",
-             f"- command: `{result['command']}`", f"- machine: {result['machine']}", f"- versions: {result['versions']}",
-             "- method: one child process per row; peak RSS growth of one call over the RSS before it (VmHWM reset via "
-             "/proc/self/clear_refs after a warm-up call); time = median of the calls", ""]
+    result = new_result(rows, cases={c: CASES[c][0] for c in args.cases.split(",")})
+    lines = header("Memory and time: mha_cupy vs torch", result,
+                   "method: one child process per row; peak RSS growth of one call over the RSS before it (VmHWM reset "
+                   "via /proc/self/clear_refs after a warm-up call); time = median of the calls")
     for case in args.cases.split(","):
         lines += [f"## {case}: {CASES[case][0]}", "", "| impl | peak RSS growth (MiB) | median time (s) | ratio to first row |",
                   "|---|---|---|---|"]
@@ -162,8 +153,7 @@ def main() -> int:
                          f"time x{row['median_s'] / base['median_s']:.2f}, memory x"
                          f"{row['peak_rss_growth_bytes'] / max(base['peak_rss_growth_bytes'], 1):.2f} |")
         lines.append("")
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    print(f"wrote {stem}.json and .md")
+    write_result(result, "memory", args.out, lines)
     return 0
 
 

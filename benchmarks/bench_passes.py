@@ -17,14 +17,12 @@ element-wise passes add.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import machine, versions
+from _common import header, new_result, write_result
 
 TILES = ((256, 1024, 32), (1024, 1024, 32), (512, 4096, 32), (8, 4096, 64))
 
@@ -78,26 +76,18 @@ def main() -> int:
     torch.set_num_threads(1)
     with threadpool_limits(1):
         rows = [measure(*tile, args.repeats) for tile in TILES]
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine(), "versions": versions(), "rows": rows}
-    lines = [f"# One score tile: NumPy's passes beside torch's fused SDPA, one core ({result['date']})", "",
-             f"- command: `{result['command']}`", f"- machine: {result['machine']}", f"- versions: {result['versions']}",
-             "- float32, medians in ms; q pre-scaled; one BLAS thread, one torch thread", "",
-             "| tile T x S x d | QK GEMM | max | subtract | exp | sum | PV GEMM | GEMMs | element-wise | torch SDPA "
-             "| GEMMs / torch | NumPy total / torch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    result = new_result(rows)
+    lines = header("One score tile: NumPy's passes beside torch's fused SDPA, one core", result,
+                   "float32, medians in ms; q pre-scaled; one BLAS thread, one torch thread") + [
+        "| tile T x S x d | QK GEMM | max | subtract | exp | sum | PV GEMM | GEMMs | element-wise | torch SDPA "
+        "| GEMMs / torch | NumPy total / torch |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {' x '.join(map(str, r['tile']))} | " + " | ".join(f"{ms[k]:.3f}" for k in (
             "gemm_qk", "max", "subtract", "exp", "sum", "gemm_pv")) + f" | {r['gemm_ms']:.3f} | {r['elementwise_ms']:.3f} "
             f"| {ms['torch_sdpa']:.3f} | {r['gemm_over_torch']:.2f} | {r['total_over_torch']:.2f} |")
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"passes-{now:%Y-%m-%dT%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    write_result(result, "passes", args.out, lines)
     return 0
 
 

@@ -16,8 +16,6 @@ before each timed call, outside the timing. Results go to
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import os
 import statistics
@@ -29,7 +27,7 @@ from pathlib import Path
 # tabpfn 2.2.1 pins scikit-learn < 1.7, which needs SciPy's array API mode beside array-api-compat.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
-from _common import machine, versions  # noqa: E402
+from _common import new_result, write_result  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -167,17 +165,10 @@ def main() -> int:
               f"ratio {row['ratio']:.2f}  (error {row['scaled_error']:.1e})", flush=True)
     ratios = [r["ratio"] for r in rows if r["case"] in TABPFN_SHAPES]
     geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if len(ratios) == len(TABPFN_SHAPES) else None
-    now = _dt.datetime.now(_dt.timezone.utc)
-    result = {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine(), "versions": versions(), "xp": args.xp, "rows": rows, "geomean": geomean}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"tabpfn-{now:%Y-%m-%dT%H%M}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(result))
+    result = new_result(rows, xp=args.xp, geomean=geomean)
+    write_result(result, "tabpfn", args.out, _markdown(result).splitlines())
     if geomean is not None:
         print(f"geometric mean {geomean:.2f}")
-    print(f"wrote {stem}.json and .md")
     return 0
 
 
