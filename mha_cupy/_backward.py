@@ -59,27 +59,16 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, x
     return tuple(xp.astype(g, q.dtype) if g.dtype != q.dtype else g for g in (dq, dk, dv))
 
 
-def _rows(core: _Core, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
-    """Rows ``[b0:b1, t0:t1]`` of a ``[B, T, N, ...]`` array in the folded layout ``[b, K, t*G, last]``
-    (``[b, K, t*G, 1]`` for a 3-D ``[B, T, N]`` one), in the compute dtype."""
-    xp, K, G = core.xp, core.K, core.G
-    blk = a[b0:b1, t0:t1, ...]
-    last = blk.shape[3] if blk.ndim == 4 else 1
-    blk = xp.reshape(blk, (b1 - b0, t1 - t0, K, G, last))
-    blk = xp.reshape(xp.permute_dims(blk, (0, 2, 1, 3, 4)), (b1 - b0, K, (t1 - t0) * G, last))
-    return xp.astype(blk, core.cdt) if blk.dtype != core.cdt else blk
-
-
 def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
            s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
     """One (batch, query) block over keys ``[s_lo, s_hi)``: its dq rows ``[b, t, N, H]``, and dk, dv with its
     contributions added (in place where arrays are writable)."""
     xp, plan, K, G, H, cdt = core.xp, core.plan, core.K, core.G, core.H, core.cdt
     nb, nt = b1 - b0, t1 - t0
-    qs = _rows(core, core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
-    do = _rows(core, d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
-    d_row = xp.sum(do * _rows(core, out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
-    l_row = _rows(core, lse, b0, b1, t0, t1)
+    qs = core.fold(core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
+    do = core.fold(d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
+    d_row = xp.sum(do * core.fold(out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
+    l_row = core.fold(lse, b0, b1, t0, t1)
     l_row = xp.where(xp.isinf(l_row), xp.zeros_like(l_row), l_row)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
     s_end = min(s_hi, core.s_end(t1))
@@ -104,8 +93,7 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
         idx = (bsl, ssl, Ellipsis)
         dk = xpx.at(dk, idx).add(xp.permute_dims(dk_blk, (0, 2, 1, 3)))
         dv = xpx.at(dv, idx).add(xp.permute_dims(dv_blk, (0, 2, 1, 3)))
-    dq = xp.reshape(xp.permute_dims(xp.reshape(dq * plan.scale, (nb, K, nt, G, H)), (0, 2, 1, 3, 4)), (nb, nt, K * G, H))
-    return dq, dk, dv
+    return core.unfold(dq * plan.scale, nt), dk, dv
 
 
 def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:

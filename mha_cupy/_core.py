@@ -292,12 +292,26 @@ class _Core:
         """Keys visible to any query of rows ``< t1`` (all, unless causal)."""
         return max(0, min(self.S, t1 + self.shift)) if self.plan.is_causal else self.S
 
+    def fold(self, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
+        """Rows ``[b0:b1, t0:t1]`` of a ``[B, T, N, D]`` (or ``[B, T, N]``: D = 1) array in the GEMM layout
+        ``[b, K, t*G, D]``, in the compute dtype: each kv head's G query heads become rows."""
+        xp, K, G = self.xp, self.K, self.G
+        blk = a[b0:b1, t0:t1, ...]
+        d = blk.shape[3] if blk.ndim == 4 else 1
+        blk = xp.permute_dims(xp.reshape(blk, (b1 - b0, t1 - t0, K, G, d)), (0, 2, 1, 3, 4))
+        blk = xp.reshape(blk, (b1 - b0, K, (t1 - t0) * G, d))
+        return xp.astype(blk, self.cdt) if blk.dtype != self.cdt else blk
+
+    def unfold(self, a: Any, nt: int) -> Any:
+        """``fold``'s inverse for ``a [b, K, t*G, D]``: ``[b, t, N, D]``."""
+        xp, (nb, K, _, d), G = self.xp, a.shape, self.G
+        return xp.reshape(xp.permute_dims(xp.reshape(a, (nb, K, nt, G, d)), (0, 2, 1, 3, 4)), (nb, nt, K * G, d))
+
     def partial(self, b0: int, b1: int, t0: int, t1: int, s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
         """The online-softmax state ``(m, l, acc)`` of block ``[b0:b1, t0:t1]`` over keys ``[s_lo, s_hi)``."""
-        xp, K, G, H, V, cdt = self.xp, self.K, self.G, self.H, self.V, self.cdt
+        xp, K, G, V, cdt = self.xp, self.K, self.G, self.V, self.cdt
         nb, nt = b1 - b0, t1 - t0
-        qb = xp.permute_dims(xp.reshape(self.q[b0:b1, t0:t1, ...], (nb, nt, K, G, H)), (0, 2, 1, 3, 4))
-        qb = xp.reshape(xp.astype(qb, cdt), (nb, K, nt * G, H)) * self.plan.scale
+        qb = self.fold(self.q, b0, b1, t0, t1) * self.plan.scale
         m = xp.full((nb, K, nt, G, 1), -math.inf, dtype=cdt, device=self.dev)
         l = xp.zeros((nb, K, nt, G, 1), dtype=cdt, device=self.dev)
         acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
@@ -318,10 +332,9 @@ class _Core:
 
     def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
         """The output rows ``[b, t, N, V]`` (output dtype) and, with ``plan.with_lse``, their log-sum-exp ``[b, t, N]``."""
-        xp, (nb, K, nt, G, _), V = self.xp, m.shape, self.V
+        xp, (nb, K, nt, G, _) = self.xp, m.shape
         empty = l == self.consts[1]  # fully masked rows: acc is 0, output 0, lse -inf
-        res = xp.reshape(acc / xp.reshape(xp.where(empty, self.consts[2], l), (nb, K, nt * G, 1)), (nb, K, nt, G, V))
-        res = xp.reshape(xp.permute_dims(res, (0, 2, 1, 3, 4)), (nb, nt, self.N, V))
+        res = self.unfold(acc / xp.reshape(xp.where(empty, self.consts[2], l), (nb, K, nt * G, 1)), nt)
         res = xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
         if not self.plan.with_lse:
             return res, None
