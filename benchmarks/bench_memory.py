@@ -37,16 +37,7 @@ CASES = {
 
 from _common import header, new_result, write_result  # noqa: E402
 
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+from mha_cupy.cli._memory import reset_peak, status  # noqa: E402
 
 
 def _child(case: str, impl: str, repeats: int) -> dict:
@@ -97,12 +88,12 @@ def _child(case: str, impl: str, repeats: int) -> dict:
             return layer(xi, add_input=True, allow_inplace=True, save_peak_mem_factor=factor if not small else None)
 
     run(small=True)
-    rss0 = _status("VmRSS")
-    _reset_peak()
+    rss0 = status("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     out = run()
     first = time.perf_counter() - t0
-    growth = _status("VmHWM") - rss0
+    growth = status("VmHWM") - rss0
     times = [first]
     for _ in range(repeats - 1):
         t0 = time.perf_counter()

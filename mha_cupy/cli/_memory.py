@@ -20,7 +20,8 @@ def supported() -> bool:
     return _STATUS.is_file() and _CLEAR_REFS.exists()
 
 
-def _status(field: str) -> int:
+def status(field: str) -> int:
+    """A byte count from ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: its peak since the reset)."""
     for line in _STATUS.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -36,12 +37,17 @@ def peak_growth(call: Callable[[], Any]) -> int:
     show as growth.
     """
     _release_freed_memory()
-    before = _status("VmRSS")
-    _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
+    before = status("VmRSS")
+    reset_peak()
     result = call()
-    growth = _status("VmHWM") - before
+    growth = status("VmHWM") - before
     del result
     return growth
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS."""
+    _CLEAR_REFS.write_text("5")
 
 
 def _release_freed_memory() -> None:
