@@ -19,22 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import header, new_result, write_result
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import header, median_time, new_result, write_result
 
 
 def _cases():
@@ -72,7 +60,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for name, (what, eager, inputs, lazy) in _cases().items():
-        row = {"case": name, "what": what, "numpy_s": _median(eager, args.repeats)}
+        row = {"case": name, "what": what, "numpy_s": median_time(eager, args.repeats)}
         row["tasks"] = len(lazy(inputs).__dask_graph__())
         for workers in (1, 2):
             with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
@@ -80,7 +68,7 @@ def main() -> int:
                 placed = client.persist(inputs)  # the data lives on the workers, as it would when loaded there
                 wait(placed)
                 row["scaled_error"] = mha_cupy.compare(client.compute(lazy(placed)).result(), eager()).scaled_error
-                row[f"dask_{workers}w_s"] = _median(lambda: client.compute(lazy(placed)).result(), args.repeats)
+                row[f"dask_{workers}w_s"] = median_time(lambda: client.compute(lazy(placed)).result(), args.repeats)
         row["overhead_2w"] = row["dask_2w_s"] / row["numpy_s"]
         row["speedup_1w_to_2w"] = row["dask_1w_s"] / row["dask_2w_s"]
         rows.append(row)

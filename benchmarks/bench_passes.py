@@ -17,24 +17,16 @@ element-wise passes add.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import header, new_result, write_result
+from _common import header, median_time, new_result, write_result
 
 TILES = ((256, 1024, 32), (1024, 1024, 32), (512, 4096, 32), (8, 4096, 64))
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_time(fn, repeats) * 1e3
 
 
 def measure(T: int, S: int, d: int, repeats: int) -> dict:
