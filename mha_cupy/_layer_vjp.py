@@ -14,6 +14,7 @@ Every product is a 2-D GEMM over flattened rows; cached keys/values are constant
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 from ._backward import attend_backward
@@ -40,8 +41,8 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
     w_out = xp.reshape(layer._w["w_out"], (N * V, E))
     d_heads = xp.reshape(layer._rows_matmul(plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
     dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, xp=xp, plan=att_plan)
-    grads = {"w_out": xp.reshape(_weight_grad(xp, xp.reshape(heads, (B * T, N * V)), dy), (N, V, E))}
-    w_q, d_wq = _q_weight(layer), _weight_grad(xp, xp.reshape(dq, (B * T, N * H)), x3)
+    grads = {"w_out": xp.reshape(_weight_grad(xp, heads, dy), (N, V, E))}
+    w_q, d_wq = _q_weight(layer), _weight_grad(xp, dq, x3)
     dx = layer._rows_matmul(plan, xp.reshape(dq, (B, T, N * H)), w_q)
     d_src, d_wk, d_wv = _kv_grads(layer, plan, x3 if kv3 is None else kv3, dk, dv)
     if plan.kv_source == "self":
@@ -53,9 +54,10 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
     return xp.reshape(dx, x.shape), dx_kv, grads
 
 
-def _weight_grad(xp: Any, rows: Any, src: Any) -> Any:
-    """``rows^T @ src`` over all flattened rows: ``[F, E]`` for ``rows [R, F]`` and ``src [..., E]``."""
-    return xp.matmul(xp.matrix_transpose(rows), xp.reshape(src, (rows.shape[0], src.shape[-1])))
+def _weight_grad(xp: Any, grad: Any, src: Any) -> Any:
+    """``grad^T @ src`` over all rows: ``[F, E]`` for ``grad [..., F]`` and ``src [..., E]`` with the same rows."""
+    rows = math.prod(src.shape[:-1])
+    return xp.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, -1))), xp.reshape(src, (rows, src.shape[-1])))
 
 
 def _q_weight(layer: "MultiHeadAttention") -> Any:
@@ -77,10 +79,9 @@ def _kv_grads(layer: "MultiHeadAttention", plan: "CallPlan", src: Any, dk: Any, 
         return None, None, None
     xp, B, S = layer.xp, src.shape[0], src.shape[1]
     w_k, w_v = _kv_weights(layer, plan.project_heads)
-    dk2, dv2 = xp.reshape(dk, (B * S, -1)), xp.reshape(dv, (B * S, -1))
-    d_src = layer._rows_matmul(plan, xp.reshape(dk2, (B, S, -1)), w_k) + layer._rows_matmul(
-        plan, xp.reshape(dv2, (B, S, -1)), w_v)
-    return d_src, _weight_grad(xp, dk2, src), _weight_grad(xp, dv2, src)
+    dk3, dv3 = xp.reshape(dk, (B, S, -1)), xp.reshape(dv, (B, S, -1))
+    d_src = layer._rows_matmul(plan, dk3, w_k) + layer._rows_matmul(plan, dv3, w_v)
+    return d_src, _weight_grad(xp, dk3, src), _weight_grad(xp, dv3, src)
 
 
 def _in_layout(layer: "MultiHeadAttention", plan: "CallPlan", d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:
