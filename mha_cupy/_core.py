@@ -21,14 +21,14 @@ from typing import Any
 from . import dropout as _dropout
 from ._backends import Backend, device_of
 from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
-from ._threads import INVARIANT_COLUMNS, run_blocks
+from ._threads import run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
 __all__ = ["AttentionPlan", "plan_attention", "attend", "INVARIANT_CHUNKS"]
 
-#: The tiles of ``batch_invariant`` calls: 32 queries (padded) by 512 keys, one batch row per block
-#: unless the library computes each matrix of a batched product on its own (``Backend``). Every GEMM
-#: and reduction a query row goes through then has one shape, whatever the call's other rows and lengths.
+#: The tiles of ``batch_invariant`` calls: 32 queries (padded) by 512 keys. The products are fixed-order
+#: ones (``Backend.matmul``), row by row; the fixed key chunks give every row's reductions one length, and
+#: whole query tiles keep every element-wise pass free of a differently computed remainder.
 INVARIANT_CHUNKS = ChunkPlan(batch=1, q=32, kv=512)
 
 
@@ -105,7 +105,7 @@ def plan_attention(
         workers=workers, on_cpu=be.is_cpu(device), divisor=budget_divisor,
     )
     if batch_invariant:
-        rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q if be.batched_matmul_per_matrix else 1
+        rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
     key = _dropout.split_seed(seed) if dropout_p > 0 else None
     return AttentionPlan(be=be, scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
@@ -142,10 +142,7 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
         from ._dask_graph import attend_blocks
 
         return attend_blocks(q, k, v, plan=plan, mask=mask, bias=bias, offsets=offsets, causal_shift=causal_shift)
-    T, V = q.shape[1], v.shape[3]
-    if plan.batch_invariant and V % INVARIANT_COLUMNS:  # value columns padded too (see INVARIANT_COLUMNS)
-        v = xp.concat([v, xp.zeros((*v.shape[:3], -V % INVARIANT_COLUMNS), dtype=v.dtype, device=device_of(v))],
-                      axis=3)
+    T = q.shape[1]
     if plan.batch_invariant and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
         pad = -T % plan.chunks.q
         q = _pad_queries(q, pad, 0.0, xp=xp)
@@ -154,10 +151,10 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
     shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
     core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift)
     result = _run(core, xp=xp)
-    if q.shape[1] == T and v.shape[3] == V:
+    if q.shape[1] == T:
         return result
     out = result[0] if plan.with_lse else result
-    out = out[:, :T, :, :V]
+    out = out[:, :T, ...]
     return (out, result[1][:, :T, ...]) if plan.with_lse else out
 
 
@@ -255,7 +252,7 @@ class _Core:
         cdt = self.cdt = plan.be.compute_dtype(q.dtype)
         self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))
         # Library fast paths: on JAX each is compiled once per shape instead of op by op.
-        self.step = plan.be.compile(_online_softmax_step, static_argnames=("be", "keep_scale"))
+        self.step = plan.be.compile(_online_softmax_step, static_argnames=("be", "keep_scale", "fixed_order"))
         self.keep_decision = plan.be.compile(_dropout.keep_decision, static_argnames=("key", "threshold"))
         self.keep_scale = 1.0 / (1.0 - plan.dropout_p) if plan.dropout_p < 1.0 else 0.0
         self.threshold = _dropout.keep_threshold(plan.dropout_p)
@@ -317,18 +314,33 @@ class _Core:
         acc = xp.zeros((nb, K, nt * G, V), dtype=cdt, device=self.dev)
         # One score tile per block, reused by every key chunk, where matmul writes into it: a fresh tile per
         # chunk costs page faults whenever freed memory goes back to the OS (Dask workers trim at 64 KiB).
+        rows = nb * K * nt * G
         chunk = min(self.plan.chunks.kv, s_hi - s_lo)
-        tile = xp.empty((nb, K, nt * G, chunk), dtype=cdt, device=self.dev) if self.plan.be.matmul_writes_out else None
+        tile = xp.empty((rows * chunk,), dtype=cdt, device=self.dev) if self.plan.be.matmul_writes_out else None
         for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
             bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
+            ns = ssl.stop - ssl.start
             kb = xp.permute_dims(self.k[bsl, ssl, ...], (0, 2, 3, 1))  # [b, K, H, s]
             vb = xp.permute_dims(self.v[bsl, ssl, ...], (0, 2, 1, 3))  # [b, K, s, V]
             bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
             keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
-            out = None if tile is None else tile[..., :ssl.stop - ssl.start]
-            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, self._allowed(bsl, tsl, ssl), keep, self.consts, out,
-                                  be=self.plan.be, keep_scale=self.keep_scale)
+            allowed = self._allowed(bsl, tsl, ssl)
+            if self.mask is not None:
+                vb = self.hide_values(vb, allowed)
+            # The front of the tile, contiguous, so that a shorter last chunk needs no strides.
+            out = None if tile is None else xp.reshape(tile[:rows * ns], (nb, K, nt * G, ns))
+            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.consts, out,
+                                  be=self.plan.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
         return m, l, acc
+
+    def hide_values(self, vb: Any, allowed: Any) -> Any:
+        """``vb [b, K, s, D]`` with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]`` hides from every query
+        of the block: a zero weight times a NaN or inf value would otherwise poison every row."""
+        if allowed.shape[4] == 1:  # the mask does not vary over keys: a hidden key is hidden from the rows too
+            return vb
+        xp = self.xp
+        seen = xp.any(allowed, axis=(2, 3))  # [b|1, K|1, s]
+        return xp.where(xp.reshape(seen, (*seen.shape, 1)), vb, self.consts[1])
 
     def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
         """The output rows ``[b, t, N, V]`` (output dtype) and, with ``plan.with_lse``, their log-sum-exp ``[b, t, N]``."""
@@ -343,14 +355,14 @@ class _Core:
 
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
-                         consts: tuple[Any, Any, Any], tile: Any, *, be: Backend,
-                         keep_scale: float) -> tuple[Any, Any, Any]:
-    """One key chunk of the online softmax: scores ``q k^T``, the running max ``m [b,K,t,G,1]``, sum ``l``
+                         consts: tuple[Any, Any, Any], tile: Any, *, be: Backend, keep_scale: float,
+                         fixed_order: bool) -> tuple[Any, Any, Any]:
+    """One key chunk of the online softmax: scores ``q k^T``, then the running max ``m [b,K,t,G,1]``, sum ``l``
     and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
 
     ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``consts`` holds
     ``-inf``, 0 and 1 as 0-d arrays of the compute dtype; ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
-    may be written into, or None.
+    may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones.
     """
     xp = be.xp
     neg_inf, zero, _ = consts
@@ -359,24 +371,17 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
     if kb.dtype != qb.dtype:
         kb, vb = xp.astype(kb, qb.dtype), xp.astype(vb, qb.dtype)
     if tile is None:
-        scores = xp.matmul(qb, kb)
+        scores = be.matmul(qb, kb, fixed_order=fixed_order)
     else:
-        be.matmul_into(qb, kb, tile)
+        be.matmul_into(qb, kb, tile, fixed_order=fixed_order)
         scores = tile
     scores = xp.reshape(scores, (nb, K, nt, G, kv_chunk))
     if bias is not None:
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:
         scores = xp.where(allowed, scores, neg_inf)
-    m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
-    m_safe = xp.where(m_new == neg_inf, zero, m_new)  # rows with nothing visible yet
-    scores -= m_safe  # every array updated in place here is this block's own
-    p = be.exp_(scores)
-    alpha = xp.exp(m - m_safe)
-    l *= alpha
-    l += xp.sum(p, axis=-1, keepdims=True)
+    p, m, l, acc = be.online_softmax(scores, m, l, acc, consts)  # every array here is this block's own
     if keep is not None:
         p = xp.where(keep, p, zero) * keep_scale
-    acc *= xp.reshape(alpha, (nb, K, nt * G, 1))
-    acc += xp.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb)
-    return m_new, l, acc
+    acc += be.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb, fixed_order=fixed_order)
+    return m, l, acc

@@ -24,8 +24,6 @@ __all__ = ["CallPlan", "CallOptions", "plan_call"]
 
 _FLAGS = ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only_cache_first_head_kv",
           "use_cached_kv", "training", "append_kv", "batch_invariant")
-#: Rows of every projection GEMM of a ``batch_invariant`` call.
-INVARIANT_GEMM_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,8 @@ class CallPlan:
     #: Each part's result is written into ``x`` (the factor, on libraries with item assignment).
     write_into_x: bool
     attention: AttentionPlan
-    #: Rows of every projection GEMM (``batch_invariant``), or None for one GEMM over all rows.
-    gemm_tile: int | None = None
+    #: Projections as fixed-order products (``batch_invariant``): a row's bits do not depend on the other rows.
+    fixed_order: bool = False
 
 
 def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
@@ -109,7 +107,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
         batch=B, q_len=T, kv_len=new_len, kv_source=source,
         project_heads=1 if opts.reuse_first_head_kv else layer.nhead_kv, cache_mode=mode, cache_shapes=shapes,
         add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer._be.item_assignment,
-        attention=attention, gemm_tile=INVARIANT_GEMM_ROWS if opts.batch_invariant else None,
+        attention=attention, fixed_order=opts.batch_invariant,
     )
 
 

@@ -481,7 +481,7 @@ class MultiHeadAttention:
         if self._be.lazy_blocks:
             return xp.matmul(x, w)
         y = matmul_rows(xp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2])), w, be=self._be,
-                        workers=plan.attention.workers, tile=plan.gemm_tile)
+                        workers=plan.attention.workers, fixed_order=plan.fixed_order)
         return xp.reshape(y, (x.shape[0], x.shape[1], w.shape[1]))
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mha_cupy._backends import NumpyBackend, resolve_backend
+from mha_cupy._backends import Backend, NumpyBackend, resolve_backend
 from mha_cupy._budget import ChunkPlan, plan_chunks
 from mha_cupy._core import AttentionPlan, attend
 
@@ -33,7 +33,10 @@ class Counted(np.ndarray):
 
 
 class FreshTiles(NumpyBackend):
+    """NumPy as an accelerator library runs it: fresh score arrays, the Array API softmax step (no compiled kernel)."""
+
     matmul_writes_out = False
+    online_softmax = Backend.online_softmax
 
 
 def count_ops(B, T, S, N, H, chunks):

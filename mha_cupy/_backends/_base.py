@@ -16,7 +16,8 @@ from typing import Any, ClassVar, ContextManager
 import array_api_compat
 import numpy
 
-__all__ = ["Backend", "BackendUnavailableError", "CPU_MEMORY_BUDGET", "ACCELERATOR_BUDGET_FRACTION"]
+__all__ = ["Backend", "BackendUnavailableError", "CPU_MEMORY_BUDGET", "ACCELERATOR_BUDGET_FRACTION",
+           "fixed_order_matmul"]
 
 #: Working-set budget of one call on a CPU when none is set: tiles that stay in cache
 #: matter more there than a larger budget (see ``_budget.plan_chunks``).
@@ -57,9 +58,6 @@ class Backend:
     install_hint: ClassVar[str] = ""
     #: Whether arrays support ``x[idx] = y`` (JAX's do not: results are assembled functionally).
     item_assignment: ClassVar[bool] = True
-    #: Whether each matrix of a batched ``matmul`` is computed on its own, its bits independent of the
-    #: batch count (``batch_invariant`` blocks may then hold several batch rows). Unknown: False.
-    batched_matmul_per_matrix: ClassVar[bool] = False
     #: Whether ``matmul_into`` writes into ``out`` without a temporary (NumPy's ``out=``): the core then
     #: reuses one score tile per block.
     matmul_writes_out: ClassVar[bool] = False
@@ -202,9 +200,35 @@ class Backend:
         """``exp(x)``, written into ``x`` where the library can (the array must be the caller's own)."""
         return self.xp.exp(x)
 
-    def matmul_into(self, a: Any, b: Any, out: Any) -> None:
-        """Write ``a @ b`` into ``out`` (the caller's own array), without a temporary where the library can."""
-        out[...] = self.xp.matmul(a, b)
+    def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
+        """``a [..., M, D] @ b [..., D, F]``; with ``fixed_order`` every element is summed in order of the
+        inner index, each product and sum rounded (``fixed_order_matmul``), so that a row's bits do not depend
+        on its position or on the other rows (``batch_invariant``). Leading dims must be equal."""
+        return fixed_order_matmul(a, b, xp=self.xp) if fixed_order else self.xp.matmul(a, b)
+
+    def matmul_into(self, a: Any, b: Any, out: Any, *, fixed_order: bool = False) -> None:
+        """Write ``matmul(a, b)`` into ``out`` (the caller's own array), without a temporary where the library can."""
+        out[...] = self.matmul(a, b, fixed_order=fixed_order)
+
+    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, consts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        """One key chunk of the online softmax: ``(p, m', l', acc')`` from the chunk's scaled, biased and masked
+        ``scores [b,K,t,G,s]`` and the running max ``m``, sum ``l`` (``[b,K,t,G,1]``) and accumulator
+        ``acc [b,K,t*G,V]``: ``m' = max(m, rowmax)``, ``p = exp(scores - m')``, ``l' = l exp(m - m') + rowsum(p)``,
+        ``acc' = acc exp(m - m')``, with ``m'`` taken as 0 where it is ``-inf`` (nothing visible yet).
+
+        ``scores``, ``m``, ``l`` and ``acc`` are the caller's own and may be overwritten; ``consts`` holds
+        ``-inf``, 0 and 1 as 0-d arrays of the compute dtype.
+        """
+        xp, (neg_inf, zero, _) = self.xp, consts
+        m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
+        m_safe = xp.where(m_new == neg_inf, zero, m_new)
+        scores -= m_safe
+        p = self.exp_(scores)
+        alpha = xp.exp(m - m_safe)
+        l *= alpha
+        l += xp.sum(p, axis=-1, keepdims=True)
+        acc *= xp.reshape(alpha, (acc.shape[0], acc.shape[1], acc.shape[2], 1))
+        return p, m_new, l, acc
 
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         """``fn`` made fast for this library (JAX: ``jax.jit``); as it is where arrays run eagerly."""
@@ -226,3 +250,18 @@ class Backend:
     def is_array(x: Any) -> bool:
         """Whether ``x`` is an array (Python scalars are not)."""
         return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float, complex, bool))
+
+
+def fixed_order_matmul(a: Any, b: Any, *, xp: Any) -> Any:
+    """``a [..., M, D] @ b [..., D, F]`` as ``((0 + a_0 b_0) + a_1 b_1) + ...`` per element, in order of the
+    inner index, every product and sum rounded by itself (element-wise operations: no FMA, no reassociation).
+
+    The arithmetic of one output element depends on nothing but its own row and column, on every library
+    and CPU; D element-wise steps, so it is slow (the NumPy and torch adapters run a compiled kernel with
+    the same bits where numba is installed).
+    """
+    shape = (*a.shape[:-1], b.shape[-1])
+    out = xp.zeros(shape, dtype=a.dtype, device=array_api_compat.device(a))
+    for i in range(a.shape[-1]):
+        out = out + a[..., i:i + 1] * b[..., i:i + 1, :]
+    return out

@@ -10,6 +10,7 @@ from typing import Any, ContextManager
 import array_api_compat
 import numpy
 
+from . import _numba
 from ._base import Backend
 
 __all__ = ["DEFAULT_DTYPE", "NumpyBackend"]
@@ -29,12 +30,25 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
+#: Dtypes of the compiled fixed-order product (others take the element-wise one, same bits).
+_COMPILED_MATMUL = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _compiled_matmul(a: numpy.ndarray, b: numpy.ndarray) -> bool:
+    """Whether the fixed-order ``a @ b`` can run compiled: numba present, one float dtype, equal leading dims."""
+    return (_numba.load() is not None and a.dtype == b.dtype and a.dtype in _COMPILED_MATMUL
+            and a.shape[:-2] == b.shape[:-2])
+
+
+def _stack(a: numpy.ndarray) -> numpy.ndarray:
+    """``a [..., M, D]`` as a contiguous stack ``[P, M, D]``."""
+    return numpy.ascontiguousarray(a).reshape(-1, *a.shape[-2:])
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     package = "numpy"
     install_hint = "pip install numpy"
-    # numpy/_core/src/umath/matmul.c.src: the gufunc's outer loop calls BLAS once per matrix of the stack.
-    batched_matmul_per_matrix = True
     matmul_writes_out = True
 
     @staticmethod
@@ -60,5 +74,26 @@ class NumpyBackend(Backend):
     def exp_(self, x: Any) -> Any:
         return numpy.exp(x, out=x)
 
-    def matmul_into(self, a: Any, b: Any, out: Any) -> None:
-        numpy.matmul(a, b, out=out)
+    def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
+        if not (fixed_order and _compiled_matmul(a, b)):
+            return super().matmul(a, b, fixed_order=fixed_order)
+        out = numpy.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
+        self.matmul_into(a, b, out, fixed_order=True)
+        return out
+
+    def matmul_into(self, a: Any, b: Any, out: Any, *, fixed_order: bool = False) -> None:
+        if not fixed_order:
+            numpy.matmul(a, b, out=out)
+        elif _compiled_matmul(a, b) and out.flags.c_contiguous and out.dtype == a.dtype:
+            _numba.load().matmul_fixed(_stack(a), _stack(b), out.reshape(-1, *out.shape[-2:]))
+        else:
+            out[...] = super().matmul(a, b, fixed_order=True)
+
+    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, consts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        kernels = _numba.load()
+        arrays = (scores, m, l, acc)
+        if kernels is None or scores.dtype != numpy.float32 or not all(a.flags.c_contiguous for a in arrays):
+            return super().online_softmax(scores, m, l, acc, consts)
+        rows = m.size
+        kernels.softmax_chunk(scores.reshape(rows, -1), m.reshape(rows), l.reshape(rows), acc.reshape(rows, -1))
+        return scores, m, l, acc
