@@ -43,7 +43,77 @@ def machine() -> dict:
             break
     mem = _mem_total()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "platform": platform.platform(),
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+            "avx512f": " avx512f" in Path("/proc/cpuinfo").read_text(), **dispatch()}
+
+
+def dispatch() -> dict:
+    """What runs on this CPU: NumPy's SIMD targets in use, OpenBLAS's core, numba's target and the settings that
+    change them (a CPU with AVX-512 can run as an AVX2 one: ``NPY_DISABLE_CPU_FEATURES``, ``OPENBLAS_CORETYPE``,
+    ``NUMBA_CPU_NAME``)."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__  # what numpy.show_runtime() reads
+
+    info = {"numpy_simd": [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]}
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["openblas_core"] = [i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    except ImportError:
+        pass
+    try:
+        import numba
+        from numba.core import config
+
+        info["numba"] = {"version": numba.__version__, "cpu": config.CPU_NAME or "host",
+                         "avx512": "host" if config.CPU_FEATURES is None else "+avx512f" in config.CPU_FEATURES}
+    except ImportError:
+        info["numba"] = None
+    for name in ("NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "MHA_CUPY_NUMBA", "NUMBA_CPU_NAME", "ATEN_CPU_CAPABILITY",
+                 _DISPATCH_MARK):
+        info[name] = os.environ.get(name)
+    return info
+
+
+#: ``--dispatch`` choices: what the machine offers, or an AVX2 machine's code paths on an AVX-512 one.
+DISPATCHES = ("native", "avx2")
+_DISPATCH_MARK = "MHA_CUPY_BENCH_DISPATCH"
+
+
+def add_dispatch_argument(parser) -> None:
+    parser.add_argument("--dispatch", choices=DISPATCHES, default="native",
+                        help="native: the CPU's own code paths; avx2: NumPy, OpenBLAS, numba and torch held to AVX2 "
+                             "(no AVX-512), as on an ordinary AVX2 machine (default native)")
+
+
+def apply_dispatch(name: str) -> None:
+    """Re-run this process under ``name``'s settings unless they are in force: they must be set before NumPy,
+    OpenBLAS, numba or torch load. ``avx2`` disables NumPy's AVX-512 targets (``NPY_DISABLE_CPU_FEATURES``),
+    picks OpenBLAS's Haswell kernels (``OPENBLAS_CORETYPE``), compiles numba for Haswell without AVX-512
+    and holds torch (ATen, MKL, oneDNN) to AVX2."""
+    import sys
+
+    if name == "native" or os.environ.get(_DISPATCH_MARK) == name:
+        return
+    env = {**os.environ, **_avx2_settings(), _DISPATCH_MARK: name}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _avx2_settings() -> dict:
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    avx512 = [f for f in __cpu_dispatch__ if __cpu_features__.get(f) and ("AVX512" in f or f == "X86_V4")]
+    settings = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    if avx512:
+        settings["NPY_DISABLE_CPU_FEATURES"] = " ".join(avx512)
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features().flatten().split(",")
+        off = [("-" + f[1:]) if f[1:].startswith(("avx512", "amx", "evex512")) else f for f in features if f]
+        settings.update(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=",".join(off))
+    except ImportError:
+        pass
+    return settings
 
 
 def _mem_total() -> int:

@@ -2,7 +2,8 @@
 
 Run from the repository root (needs ``pip install ".[reference]"``):
 
-    python benchmarks/bench_tabpfn.py [--repeats 7] [--cases feature,item,...] [--xp numpy] [--out benchmarks/results]
+    python benchmarks/bench_tabpfn.py [--repeats 7] [--cases feature,item,...] [--xp numpy] [--dispatch native|avx2]
+                                      [--out benchmarks/results]
 
 Each case builds tabpfn's layer (float32, its own initialisation under
 ``torch.manual_seed``) and ours with the same weights, checks that the outputs
@@ -27,7 +28,7 @@ from pathlib import Path
 # tabpfn 2.2.1 pins scikit-learn < 1.7, which needs SciPy's array API mode beside array-api-compat.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
-from _common import new_result, write_result  # noqa: E402
+from _common import add_dispatch_argument, apply_dispatch, new_result, write_result  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def measure(name: str, case: Case, xp: str, repeats: int) -> dict:
 
 def _markdown(result: dict) -> str:
     rows = result["rows"]
-    lines = [f"# mha_cupy vs tabpfn 2.2.1 at TabPFN's shapes ({result['date']})", "",
+    lines = [f"# mha_cupy vs tabpfn 2.2.1 at TabPFN's shapes, {result['dispatch']} dispatch ({result['date']})", "",
              f"- command: `{result['command']}`", f"- machine: {result['machine']}",
              f"- versions: {result['versions']}", f"- ours on `{result['xp']}`, theirs on torch (CPU), float32; "
              "interleaved calls, medians; outputs checked equal first (scaled error)", "",
@@ -156,7 +157,9 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--xp", default="numpy", help="our backend (default numpy)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    add_dispatch_argument(parser)
     args = parser.parse_args()
+    apply_dispatch(args.dispatch)
     rows = []
     for name in args.cases.split(","):
         row = measure(name, CASES[name], args.xp, args.repeats)
@@ -165,8 +168,8 @@ def main() -> int:
               f"ratio {row['ratio']:.2f}  (error {row['scaled_error']:.1e})", flush=True)
     ratios = [r["ratio"] for r in rows if r["case"] in TABPFN_SHAPES]
     geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if len(ratios) == len(TABPFN_SHAPES) else None
-    result = new_result(rows, xp=args.xp, geomean=geomean)
-    write_result(result, "tabpfn", args.out, _markdown(result).splitlines())
+    result = new_result(rows, xp=args.xp, geomean=geomean, dispatch=args.dispatch)
+    write_result(result, f"tabpfn-{args.dispatch}", args.out, _markdown(result).splitlines())
     if geomean is not None:
         print(f"geometric mean {geomean:.2f}")
     return 0

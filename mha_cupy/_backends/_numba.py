@@ -64,64 +64,54 @@ def _build() -> SimpleNamespace:
                                                4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
     lowest = f32(-87.33654)  # exp(x) below this is under float32's smallest normal: 0
     one, zero, neg_inf = f32(1.0), f32(0.0), f32(-np.inf)
-    exponent_one = i32(127 << 23)
 
     # FMA contraction only: reassociation would merge the two parts of ln 2.
     @numba.njit(nogil=True, cache=True, fastmath={"contract"})
-    def exp_mantissas(row: Any, shift: Any, exponents: Any) -> None:  # pragma: no cover - compiled
-        """row[j] <- the polynomial of exp(row[j] - shift); exponents[j] <- the bits of its power of two."""
+    def exp_row(row: Any, shift: Any) -> None:  # pragma: no cover - compiled
+        """row[j] <- exp(row[j] - shift), the power of two put into the exponent bits."""
         for j in range(row.shape[0]):
             x = row[j] - shift
             n = (x * log2e + magic) - magic
             r = x - n * ln2_hi - n * ln2_lo
             p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
-            e = p * r * r + r + one
-            row[j] = zero if x < lowest else e  # NaN fails the comparison and stays NaN
-            exponents[j] = exponent_one if x < lowest else (i32(n) + i32(127)) << i32(23)
+            power = i32((i32(n) + i32(127)) << i32(23)).view(np.float32)
+            row[j] = zero if x < lowest else (p * r * r + r + one) * power  # NaN fails x < lowest: stays NaN
 
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-    def scale_and_sum(row: Any, powers: Any) -> Any:  # pragma: no cover - compiled
+    def row_sum(row: Any) -> Any:  # pragma: no cover - compiled
         total = zero
         for j in range(row.shape[0]):
-            e = row[j] * powers[j]
-            row[j] = e
-            total += e
+            total += row[j]
         return total
 
     @numba.njit(nogil=True, cache=True)
+    def order_key(bits: Any) -> Any:  # pragma: no cover - compiled
+        """The int32 whose order is the order of the float32 with these bits (its own inverse)."""
+        return i32(bits ^ ((bits >> i32(31)) & i32(0x7FFFFFFF)))
+
+    @numba.njit(nogil=True, cache=True)
     def row_max(row: Any, start: Any) -> Any:  # pragma: no cover - compiled
-        # Eight running maxima: LLVM does not vectorise a compare-and-select reduction without nnan.
-        n = row.shape[0]
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = start
-        n8 = n - n % 8
-        for j in range(0, n8, 8):
-            m0 = max(m0, row[j])
-            m1 = max(m1, row[j + 1])
-            m2 = max(m2, row[j + 2])
-            m3 = max(m3, row[j + 3])
-            m4 = max(m4, row[j + 4])
-            m5 = max(m5, row[j + 5])
-            m6 = max(m6, row[j + 6])
-            m7 = max(m7, row[j + 7])
-        m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-        for j in range(n8, n):
-            m = max(m, row[j])
-        return m  # a NaN may be dropped here, but it reaches the sum through exp: the row's result is NaN
+        # Compared as integers: LLVM vectorises an integer max, not a float one without no-NaN flags. A NaN
+        # (positive) orders above +inf and comes out as the maximum.
+        keys = row.view(np.int32)
+        best = order_key(np.float32(start).view(np.int32))
+        for j in range(keys.shape[0]):
+            key = order_key(keys[j])
+            best = key if key > best else best
+        return i32(order_key(best)).view(np.float32)
 
     @numba.njit(nogil=True, cache=True)
     def softmax_chunk(scores: Any, m: Any, l: Any, acc: Any) -> None:  # pragma: no cover - compiled
         """One key chunk of the online softmax, in place: ``scores [R, s]`` -> probabilities ``exp(scores - m')``,
         ``m [R]`` -> ``m' = max(m, rowmax)``, ``l [R]`` -> ``l exp(m - m') + rowsum``, ``acc [R, V]`` -> ``acc exp(m - m')``
         (``m'`` taken as 0 where it is ``-inf``: rows with nothing visible yet stay 0)."""
-        exponents = np.empty(scores.shape[1], np.int32)
-        powers = exponents.view(np.float32)
         for r in range(scores.shape[0]):
             row = scores[r]
             m_new = row_max(row, m[r])
             shift = zero if m_new == neg_inf else m_new
             alpha = f32(math.exp(m[r] - shift))
-            exp_mantissas(row, shift, exponents)
-            l[r] = l[r] * alpha + scale_and_sum(row, powers)
+            exp_row(row, shift)
+            l[r] = l[r] * alpha + row_sum(row)
             m[r] = m_new
             for c in range(acc.shape[1]):
                 acc[r, c] *= alpha
