@@ -75,9 +75,12 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
     for s0 in range(s_lo, s_end, plan.chunks.kv):
         bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start
-        kb = xp.astype(xp.permute_dims(core.k[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, H]
-        vb = xp.astype(xp.permute_dims(core.v[bsl, ssl, ...], (0, 2, 1, 3)), cdt)  # [b, K, s, V]
-        p = _probabilities(core, qs, kb, l_row, bsl, tsl, ssl)  # [b, K, t*G, s]
+        kb, vb, allowed = core.k[bsl, ssl, ...], core.v[bsl, ssl, ...], core._allowed(bsl, tsl, ssl)
+        if core.mask is not None:  # keys no query of the block sees: a zero gradient times NaN stays NaN otherwise
+            kb, vb = core.hide_keys(kb, allowed), core.hide_keys(vb, allowed)
+        kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt)  # [b, K, s, H]
+        vb = xp.astype(xp.permute_dims(vb, (0, 2, 1, 3)), cdt)  # [b, K, s, V]
+        p = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
         z = None
         if plan.dropout_key is not None:
             keep = xp.reshape(core._keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
@@ -96,16 +99,15 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
     return core.unfold(dq * plan.scale, nt), dk, dv
 
 
-def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
-    """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where a key is hidden."""
+def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
+    """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where ``allowed`` (or None: all) hides a key."""
     xp, K, G = core.xp, core.K, core.G
     nb, nt, ns = bsl.stop - bsl.start, tsl.stop - tsl.start, ssl.stop - ssl.start
     scores = xp.matmul(qs, xp.matrix_transpose(kb))
-    if core.bias is not None or core.mask is not None or core.plan.is_causal:
+    if core.bias is not None or allowed is not None:
         scores = xp.reshape(scores, (nb, K, nt, G, ns))
         if core.bias is not None:
             scores = scores + xp.astype(_block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt)
-        allowed = core._allowed(bsl, tsl, ssl)
         if allowed is not None:
             scores = xp.where(allowed, scores, core.consts[0])
         scores = xp.reshape(scores, (nb, K, nt * G, ns))

@@ -147,9 +147,9 @@ def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = 
         pad = -T % plan.chunks.q
         q = _pad_queries(q, pad, 0.0, xp=xp)
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
-                      for a, fill in ((mask, True), (bias, 0.0)))
+                      for a, fill in ((mask, False), (bias, 0.0)))  # padded rows see no key: they hide none
     shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
-    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift)
+    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T)
     result = _run(core, xp=xp)
     if q.shape[1] == T:
         return result
@@ -168,6 +168,9 @@ def _run(core: "_Core", *, xp: Any) -> Any:
     """Every block of ``core``'s problem: written in place, or concatenated where arrays are immutable."""
     plan, (B, T, N, _) = core.plan, core.q.shape
     blocks = plan.blocks(B, T)
+    if not blocks:  # a zero batch or query length
+        out = xp.zeros((B, T, N, core.V), dtype=core.q.dtype, device=core.dev)
+        return (out, xp.zeros((B, T, N), dtype=core.cdt, device=core.dev)) if plan.with_lse else out
     if not plan.be.item_assignment:
         return _assemble([core.finish(*core.partial(*blk, 0, core.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
     out = xp.empty((B, T, N, core.V), dtype=core.q.dtype, device=core.dev)
@@ -241,13 +244,14 @@ class _Core:
     range, ``finish`` turns a (merged) state into output rows and their log-sum-exp."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
-                 offsets: tuple[int, int, int], shift: int) -> None:
+                 offsets: tuple[int, int, int], shift: int, q_len: int | None = None) -> None:
         self.q, self.k, self.v, self.xp, self.plan = q, k, v, xp, plan
         self.mask, self.bias, self.offsets = mask, bias, offsets
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.N // self.K
         self.shift = shift  # query t sees keys s <= t + shift (causal)
+        self.q_len = q.shape[1] if q_len is None else q_len  # real queries: q may hold padded rows past them
         self.dev = device_of(q)
         cdt = self.cdt = plan.be.compute_dtype(q.dtype)
         self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))
@@ -287,7 +291,7 @@ class _Core:
 
     def s_end(self, t1: int) -> int:
         """Keys visible to any query of rows ``< t1`` (all, unless causal)."""
-        return max(0, min(self.S, t1 + self.shift)) if self.plan.is_causal else self.S
+        return max(0, min(self.S, min(t1, self.q_len) + self.shift)) if self.plan.is_causal else self.S
 
     def fold(self, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
         """Rows ``[b0:b1, t0:t1]`` of a ``[B, T, N, D]`` (or ``[B, T, N]``: D = 1) array in the GEMM layout
@@ -320,27 +324,24 @@ class _Core:
         for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
             bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
             ns = ssl.stop - ssl.start
-            kb = xp.permute_dims(self.k[bsl, ssl, ...], (0, 2, 3, 1))  # [b, K, H, s]
-            vb = xp.permute_dims(self.v[bsl, ssl, ...], (0, 2, 1, 3))  # [b, K, s, V]
+            kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self._allowed(bsl, tsl, ssl)
+            if self.mask is not None:
+                kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
+            kb, vb = xp.permute_dims(kb, (0, 2, 3, 1)), xp.permute_dims(vb, (0, 2, 1, 3))  # [b, K, H, s], [b, K, s, V]
             bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
             keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
-            allowed = self._allowed(bsl, tsl, ssl)
-            if self.mask is not None:
-                vb = self.hide_values(vb, allowed)
             # The front of the tile, contiguous, so that a shorter last chunk needs no strides.
             out = None if tile is None else xp.reshape(tile[:rows * ns], (nb, K, nt * G, ns))
             m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.consts, out,
                                   be=self.plan.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
         return m, l, acc
 
-    def hide_values(self, vb: Any, allowed: Any) -> Any:
-        """``vb [b, K, s, D]`` with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]`` hides from every query
-        of the block: a zero weight times a NaN or inf value would otherwise poison every row."""
-        if allowed.shape[4] == 1:  # the mask does not vary over keys: a hidden key is hidden from the rows too
-            return vb
+    def hide_keys(self, chunk: Any, allowed: Any) -> Any:
+        """A ``[b, s, K, D]`` chunk of keys or values with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]``
+        hides from every query of the block: a zero weight times a NaN or inf would otherwise poison every row."""
         xp = self.xp
-        seen = xp.any(allowed, axis=(2, 3))  # [b|1, K|1, s]
-        return xp.where(xp.reshape(seen, (*seen.shape, 1)), vb, self.consts[1])
+        seen = xp.permute_dims(xp.any(allowed, axis=(2, 3)), (0, 2, 1))  # [b|1, s, K|1]
+        return xp.where(xp.reshape(seen, (*seen.shape, 1)), chunk, self.consts[1])
 
     def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
         """The output rows ``[b, t, N, V]`` (output dtype) and, with ``plan.with_lse``, their log-sum-exp ``[b, t, N]``."""

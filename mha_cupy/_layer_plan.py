@@ -92,7 +92,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     if mode == "append":
         kv_len = cache.length + new_len
     # Lazy chunked arrays (Dask) run as one part: their chunks, not the factor, bound each task's memory.
-    step = B if factor is None or layer._be.lazy_blocks else max(1, -(-B // factor))
+    step = max(1, B if factor is None or layer._be.lazy_blocks else -(-B // factor))
     parts = tuple((b0, min(B, b0 + step)) for b0 in range(0, B, step)) or ((0, 0),)
     seed = None
     if opts.training and layer.dropout_p:

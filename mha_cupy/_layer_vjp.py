@@ -56,8 +56,8 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
 
 def _weight_grad(xp: Any, grad: Any, src: Any) -> Any:
     """``grad^T @ src`` over all rows: ``[F, E]`` for ``grad [..., F]`` and ``src [..., E]`` with the same rows."""
-    rows = math.prod(src.shape[:-1])
-    return xp.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, -1))), xp.reshape(src, (rows, src.shape[-1])))
+    rows, features = math.prod(src.shape[:-1]), math.prod(grad.shape[src.ndim - 1:])  # no -1: rows may be 0
+    return xp.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, features))), xp.reshape(src, (rows, src.shape[-1])))
 
 
 def _q_weight(layer: "MultiHeadAttention") -> Any:
@@ -79,7 +79,7 @@ def _kv_grads(layer: "MultiHeadAttention", plan: "CallPlan", src: Any, dk: Any, 
         return None, None, None
     xp, B, S = layer.xp, src.shape[0], src.shape[1]
     w_k, w_v = _kv_weights(layer, plan.project_heads)
-    dk3, dv3 = xp.reshape(dk, (B, S, -1)), xp.reshape(dv, (B, S, -1))
+    dk3, dv3 = (xp.reshape(g, (B, S, math.prod(g.shape[2:]))) for g in (dk, dv))
     d_src = layer._rows_matmul(plan, dk3, w_k) + layer._rows_matmul(plan, dv3, w_v)
     return d_src, _weight_grad(xp, dk3, src), _weight_grad(xp, dv3, src)
 

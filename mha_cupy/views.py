@@ -37,8 +37,11 @@ def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
         msg = f"kv must have at least 2 dimensions [..., kv_heads, d], got shape {shape_str(kv.shape)}"
         raise ValueError(msg)
     shape = (*kv.shape[:-1], n, kv.shape[-1])
+    if n >= 2**63:  # every library's sizes are 64-bit: refused here, before the library's own error hides n
+        msg = f"n={n} asks for a view of shape {shape_str(shape)}; n must be below 2**63 (sizes are 64-bit integers)"
+        raise ValueError(msg)
     try:
         return xp.broadcast_to(xp.expand_dims(kv, axis=-2), shape)
-    except (ValueError, RuntimeError, OverflowError) as exc:  # the library's limit on a view's size
+    except (ValueError, RuntimeError, OverflowError, TypeError) as exc:  # the library's limit on a view's size
         msg = f"n={n} asks for a view of shape {shape_str(shape)}, which {type(kv).__module__.split('.')[0]} refuses ({exc})"
         raise ValueError(msg) from None

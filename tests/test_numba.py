@@ -1,0 +1,134 @@
+"""The compiled CPU kernels (``mha_cupy/_backends/_numba.py``) and the fixed-order product they share bits with.
+
+Checked against float64 computations written here, and the fixed-order product bitwise against the
+element-wise version every library runs (``_backends._base.fixed_order_matmul``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import require
+from mha_cupy._backends import _numba, resolve_backend
+from mha_cupy._backends._base import Backend, fixed_order_matmul
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    require("numba")
+    found = _numba.load()
+    if found is None:
+        pytest.skip("MHA_CUPY_NUMBA=0 is set: the compiled kernels are off")
+    return found
+
+
+def softmax_reference(scores, m, l, acc):
+    """``softmax_chunk``'s update in float64, from the same float32 inputs."""
+    s64, m64 = scores.astype(np.float64), m.astype(np.float64)
+    m_new = np.maximum(m64, s64.max(axis=1))
+    shift = np.where(np.isneginf(m_new), 0.0, m_new)
+    p = np.exp(s64 - shift[:, None])
+    alpha = np.exp(m64 - shift)
+    return p, m_new, l * alpha + p.sum(axis=1), acc * alpha[:, None]
+
+
+def test_softmax_chunk_matches_float64(kernels):
+    rng = np.random.default_rng(0)
+    R, S, V = 70, 515, 9
+    scores = (rng.standard_normal((R, S)) * 6).astype(np.float32)
+    scores[::7, ::3] = -np.inf  # masked keys
+    scores[4:6] = -np.inf  # rows with nothing visible in this chunk (row 4: nor before)
+    m = rng.standard_normal(R).astype(np.float32) * 3
+    m[::4] = -np.inf  # rows with nothing visible before
+    l = np.where(np.isneginf(m), 0, rng.random(R) + 0.5).astype(np.float32)
+    acc = rng.standard_normal((R, V)).astype(np.float32)
+    p_ref, m_ref, l_ref, acc_ref = softmax_reference(scores, m, l, acc)
+    kernels.softmax_chunk(scores, m, l, acc)
+    assert np.array_equal(m, m_ref.astype(np.float32))  # the max is exact
+    np.testing.assert_allclose(scores, p_ref, rtol=0, atol=1e-7)
+    # The rescaling exp(m - m') is float32 of an argument up to ~40: relative error ~ 40 eps.
+    np.testing.assert_allclose(l, l_ref, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(acc, acc_ref, rtol=1e-5, atol=1e-30)
+    assert np.all(scores[4:6] == 0) and np.isneginf(m[4]) and l[4] == 0  # nothing visible: no weight, max -inf
+    assert np.all(scores[::7, ::3] == 0)  # exp(-inf) is exactly 0
+
+
+def test_exp_within_two_ulp_and_exact_at_the_ends(kernels):
+    """A sweep of a million float32 arguments over the range the softmax produces, [-87.3, 0]."""
+    x = -np.linspace(0, 87.33, 1_000_003, dtype=np.float32)
+    row = x.copy()[None, :]
+    kernels.softmax_chunk(row, np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.float32))
+    exact = np.exp(x.astype(np.float64))
+    ulps = np.abs(row[0] - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 2.0, ulps.max()
+    ends = np.array([[0.0, -0.0, -87.5, -100.0, -1e30, -np.inf], [0.0, -1.0, np.nan, -np.inf, -3.0, -2.0]], np.float32)
+    l = np.zeros(2, np.float32)
+    kernels.softmax_chunk(ends, np.zeros(2, np.float32), l, np.zeros((2, 1), np.float32))
+    assert ends[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0] and l[0] == 2.0
+    assert math.isnan(l[1]) and math.isnan(ends[1, 2])  # a NaN score poisons its row, as in NumPy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 33, 19), (1, 32, 512, 8), (2, 5, 0, 4), (1, 1, 192, 576)], ids=str)
+def test_fixed_order_matmul_same_bits_compiled_and_element_wise(kernels, dtype, shape):
+    P, M, D, F = shape
+    rng = np.random.default_rng(P * M + D)
+    a, b = rng.standard_normal((P, M, D)).astype(dtype), rng.standard_normal((P, D, F)).astype(dtype)
+    out = np.empty((P, M, F), dtype)
+    kernels.matmul_fixed(a, b, out)
+    np.testing.assert_array_equal(out, fixed_order_matmul(a, b, xp=resolve_backend("numpy").xp))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    assert np.abs(out - exact).max(initial=0) <= tol * max(1.0, np.abs(exact).max(initial=0))
+
+
+def test_fixed_order_rows_do_not_depend_on_the_other_rows():
+    """The definition itself: a row's bits are those of the row alone, at any position, with any row count."""
+    be = resolve_backend("numpy")
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32)
+    whole = be.matmul(a, b, fixed_order=True)
+    for rows in (np.s_[6:7], np.s_[3:17], np.s_[39:40]):
+        np.testing.assert_array_equal(be.matmul(a[rows], b, fixed_order=True), whole[rows])
+
+
+def test_fixed_order_matmul_is_the_same_on_torch():
+    """Element-wise IEEE steps in one order: torch's generic fixed-order product has NumPy's bits."""
+    torch = require("torch")
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((2, 9, 40)).astype(np.float32), rng.standard_normal((2, 40, 11)).astype(np.float32)
+    ours = resolve_backend("numpy").matmul(a, b, fixed_order=True)
+    theirs = Backend.matmul(resolve_backend("torch"), torch.from_numpy(a), torch.from_numpy(b), fixed_order=True)
+    np.testing.assert_array_equal(theirs.numpy(), ours)
+
+
+def test_numpy_adapter_uses_the_kernel_and_falls_back(kernels, monkeypatch):
+    """Same update through the adapter with the kernel, and through the Array API steps without it."""
+    be = resolve_backend("numpy")
+    consts = tuple(np.asarray(c, np.float32) for c in (-np.inf, 0.0, 1.0))
+    rng = np.random.default_rng(5)
+
+    def state():
+        scores = (rng.standard_normal((1, 2, 3, 2, 40)) * 4).astype(np.float32)
+        m = np.full((1, 2, 3, 2, 1), -np.inf, np.float32)
+        return scores, m, np.zeros_like(m), np.ones((1, 2, 6, 5), np.float32)
+
+    args = state()
+    compiled = be.online_softmax(*(a.copy() for a in args), consts)
+    monkeypatch.setattr(_numba, "load", lambda: None)
+    fallback = be.online_softmax(*(a.copy() for a in args), consts)
+    for got, want in zip(compiled, fallback):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_switch_off_by_environment():
+    code = "from mha_cupy._backends import _numba; print(_numba.load() is None)"
+    env_out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, _numba.ENV_SWITCH: "0"}).stdout.strip()
+    assert env_out == "True"
