@@ -48,29 +48,10 @@ def machine() -> dict:
 
 def dispatch() -> dict:
     """What runs on this CPU: NumPy's SIMD targets in use, OpenBLAS's core, numba's target and the settings that
-    change them (a CPU with AVX-512 can run as an AVX2 one: ``NPY_DISABLE_CPU_FEATURES``, ``OPENBLAS_CORETYPE``,
-    ``NUMBA_CPU_NAME``)."""
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__  # what numpy.show_runtime() reads
+    chose them (see ``--dispatch``)."""
+    from mha_cupy._backends._dispatch import describe
 
-    info = {"numpy_simd": [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]}
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["openblas_core"] = [i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"]
-    except ImportError:
-        pass
-    try:
-        import numba
-        from numba.core import config
-
-        info["numba"] = {"version": numba.__version__, "cpu": config.CPU_NAME or "host",
-                         "avx512": "host" if config.CPU_FEATURES is None else "+avx512f" in config.CPU_FEATURES}
-    except ImportError:
-        info["numba"] = None
-    for name in ("NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "MHA_CUPY_NUMBA", "NUMBA_CPU_NAME", "ATEN_CPU_CAPABILITY",
-                 _DISPATCH_MARK):
-        info[name] = os.environ.get(name)
-    return info
+    return {**describe(), _DISPATCH_MARK: os.environ.get(_DISPATCH_MARK, "native")}
 
 
 #: ``--dispatch`` choices: what the machine offers, or an AVX2 machine's code paths on an AVX-512 one.
@@ -98,22 +79,9 @@ def apply_dispatch(name: str) -> None:
 
 
 def _avx2_settings() -> dict:
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    from mha_cupy._backends._dispatch import AVX2_TORCH, without_avx512
 
-    avx512 = [f for f in __cpu_dispatch__ if __cpu_features__.get(f) and ("AVX512" in f or f == "X86_V4")]
-    settings = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    if avx512:
-        settings["NPY_DISABLE_CPU_FEATURES"] = " ".join(avx512)
-    try:
-        from llvmlite import binding
-
-        features = binding.get_host_cpu_features().flatten().split(",")
-        off = [("-" + f[1:]) if f[1:].startswith(("avx512", "amx", "evex512")) else f for f in features if f]
-        settings.update(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=",".join(off))
-    except ImportError:
-        pass
-    return settings
+    return {**without_avx512(), "OPENBLAS_CORETYPE": "Haswell", **AVX2_TORCH}
 
 
 def _mem_total() -> int:
