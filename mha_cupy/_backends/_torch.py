@@ -10,7 +10,9 @@ from typing import Any
 import array_api_compat
 import numpy
 
+from . import _numba
 from ._base import Backend
+from ._numpy import NumpyBackend
 
 __all__ = ["TorchBackend"]
 
@@ -64,6 +66,14 @@ class TorchBackend(Backend):
     def exp_(self, x: Any) -> Any:
         return x.exp_()
 
+    def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
+        # CPU tensors share memory with NumPy arrays: the compiled fixed-order product, the same bits.
+        if fixed_order and a.device.type == "cpu" and _numba.load() is not None and not (a.requires_grad or b.requires_grad):
+            import torch
+
+            return torch.from_numpy(_numpy_backend().matmul(a.numpy(), b.numpy(), fixed_order=True))
+        return super().matmul(a, b, fixed_order=fixed_order)
+
     def needs_grad(self, *arrays: Any) -> bool:
         import torch
 
@@ -71,6 +81,11 @@ class TorchBackend(Backend):
 
     def differentiable(self, forward: Any, backward: Any, inputs: tuple[Any, ...]) -> Any:
         return _autograd_node().apply(forward, backward, *inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_backend() -> NumpyBackend:
+    return NumpyBackend(NumpyBackend.namespace_of_module(numpy))
 
 
 @functools.lru_cache(maxsize=None)
