@@ -139,6 +139,6 @@ def test_runtime_modules_import_numpy_only_in_the_adapters():
 def test_import_loads_no_optional_library():
     import subprocess
 
-    code = "import sys, mha_cupy; print(sorted(m for m in ('torch', 'tabpfn', 'jax', 'dask', 'cupy') if m in sys.modules))"
+    code = "import sys, mha_cupy; print(sorted(m for m in ('torch', 'tabpfn', 'jax', 'dask', 'cupy', 'numba', 'llvmlite') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
