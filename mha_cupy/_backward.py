@@ -19,20 +19,23 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._core import AttentionPlan, _block_of, _Core
+from ._backends import Backend
+from ._core import AttentionPlan, ChunkLoop, block_of
+from ._merge import safe_max
 from ._threads import run_blocks
 
 __all__ = ["attend_backward"]
 
 
-def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, xp: Any, plan: AttentionPlan,
+def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, be: Backend, plan: AttentionPlan,
                     mask: Any = None, bias: Any = None) -> tuple[Any, Any, Any]:
     """Gradients ``(dq, dk, dv)`` of ``sum(out * d_out)`` for validated arrays and the forward's ``plan``.
 
     ``out [B,T,N,V]`` and ``lse [B,T,N]`` are the forward's (``plan.with_lse``); ``d_out`` has ``out``'s shape.
     The gradients have the inputs' shapes and dtype.
     """
-    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), shift=k.shape[1] - q.shape[1])
+    xp = be.xp
+    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), shift=k.shape[1] - q.shape[1])
     cdt = core.cdt
     B, T, N, H = q.shape
     S, K, V = k.shape[1], k.shape[2], v.shape[3]
@@ -40,7 +43,7 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, x
     dv = xp.zeros((B, S, K, V), dtype=cdt, device=core.dev)
     # FlashAttention-2's split: each worker owns a key range, so its dk, dv rows are its own; the query
     # gradients of the ranges are summed afterwards, in range order (the same bits on every run).
-    workers = plan.workers if plan.be.item_assignment else 1
+    workers = plan.workers if be.item_assignment else 1
     ranges = dataclasses.replace(plan, key_splits=max(1, workers)).key_ranges(S)
     dqs: list[Any] = [None] * len(ranges)
 
@@ -52,14 +55,14 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, x
             dq = xpx.at(dq, (slice(b0, b1), slice(t0, t1), Ellipsis)).set(dq_blk)
         dqs[i] = dq
 
-    run_blocks(key_range, [(i, *r) for i, r in enumerate(ranges)], workers, plan.be)
+    run_blocks(key_range, [(i, *r) for i, r in enumerate(ranges)], workers, be)
     dq = dqs[0]
     for part in dqs[1:]:
         dq = dq + part
     return tuple(xp.astype(g, q.dtype) if g.dtype != q.dtype else g for g in (dq, dk, dv))
 
 
-def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
+def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
            s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
     """One (batch, query) block over keys ``[s_lo, s_hi)``: its dq rows ``[b, t, N, H]``, and dk, dv with its
     contributions added (in place where arrays are writable)."""
@@ -69,13 +72,13 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
     do = core.fold(d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
     d_row = xp.sum(do * core.fold(out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
     l_row = core.fold(lse, b0, b1, t0, t1)
-    l_row = xp.where(xp.isinf(l_row), xp.zeros_like(l_row), l_row)  # rows with no visible key: P is 0 there
+    l_row = safe_max(l_row, xp=xp)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
     s_end = min(s_hi, core.s_end(t1))
     for s0 in range(s_lo, s_end, plan.chunks.kv):
         bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start
-        kb, vb, allowed = core.k[bsl, ssl, ...], core.v[bsl, ssl, ...], core._allowed(bsl, tsl, ssl)
+        kb, vb, allowed = core.k[bsl, ssl, ...], core.v[bsl, ssl, ...], core.allowed(bsl, tsl, ssl)
         if core.mask is not None:  # keys no query of the block sees: a zero gradient times NaN stays NaN otherwise
             kb, vb = core.hide_keys(kb, allowed), core.hide_keys(vb, allowed)
         kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt)  # [b, K, s, H]
@@ -83,8 +86,8 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
         p = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
         z = None
         if plan.dropout_key is not None:
-            keep = xp.reshape(core._keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
-            z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.consts[1])
+            keep = xp.reshape(core.keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
+            z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.scalars.zero)
         p_kept = p if z is None else p * z
         dv_blk = xp.matmul(xp.matrix_transpose(p_kept), do)  # [b, K, s, V]
         dp = xp.matmul(do, xp.matrix_transpose(vb))
@@ -99,7 +102,7 @@ def _block(core: _Core, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: in
     return core.unfold(dq * plan.scale, nt), dk, dv
 
 
-def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
+def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
     """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where ``allowed`` (or None: all) hides a key."""
     xp, K, G = core.xp, core.K, core.G
     nb, nt, ns = bsl.stop - bsl.start, tsl.stop - tsl.start, ssl.stop - ssl.start
@@ -107,8 +110,8 @@ def _probabilities(core: _Core, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl:
     if core.bias is not None or allowed is not None:
         scores = xp.reshape(scores, (nb, K, nt, G, ns))
         if core.bias is not None:
-            scores = scores + xp.astype(_block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt)
+            scores = scores + xp.astype(block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt)
         if allowed is not None:
-            scores = xp.where(allowed, scores, core.consts[0])
+            scores = xp.where(allowed, scores, core.scalars.neg_inf)
         scores = xp.reshape(scores, (nb, K, nt * G, ns))
     return xp.exp(scores - l_row)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import dropout as _dropout
 from ._backends import Backend, device_of
 from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
+from ._merge import merge_partials, safe_max
 from ._threads import run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
-__all__ = ["AttentionPlan", "plan_attention", "attend", "INVARIANT_CHUNKS"]
+__all__ = ["AttentionPlan", "ChunkLoop", "Scalars", "block_of", "plan_attention", "attend", "INVARIANT_CHUNKS"]
 
 #: The tiles of ``batch_invariant`` calls: 32 queries (padded) by 512 keys. The products are fixed-order
 #: ones (``Backend.matmul``), row by row; the fixed key chunks give every row's reductions one length, and
@@ -34,9 +35,8 @@ INVARIANT_CHUNKS = ChunkPlan(batch=1, q=32, kv=512)
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """One attention call, resolved: everything ``attend`` needs besides the arrays."""
+    """One attention call, resolved: everything ``attend`` needs besides the arrays and their backend."""
 
-    be: Backend
     scale: float
     chunks: ChunkPlan
     workers: int
@@ -108,7 +108,7 @@ def plan_attention(
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
     key = _dropout.split_seed(seed) if dropout_p > 0 else None
-    return AttentionPlan(be=be, scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
+    return AttentionPlan(scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
                          dropout_p=dropout_p if key is not None else 0.0, dropout_key=key,
                          key_splits=1 if batch_invariant else _key_splits(chunks, B, T, S, workers, be),
                          with_lse=return_lse, batch_invariant=batch_invariant)
@@ -123,34 +123,31 @@ def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Bac
     return max(1, min(workers // blocks, -(-S // chunks.kv)))
 
 
-def attend(q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any = None, bias: Any = None,
+def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
            offsets: tuple[int, int, int] = (0, 0, 0), causal_shift: int | None = None) -> Any:
-    """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` under ``plan``.
+    """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` of backend ``be`` under ``plan``.
 
     ``mask`` and ``bias`` are 4-D (``check_mask``). When the arrays are blocks
     of a larger problem, ``offsets`` are the block's first (batch, query, key)
     indices in it (for the dropout counter) and ``causal_shift`` is
     ``S - T`` of the whole problem plus the query offset minus the key offset
-    (default: this call's ``S - T``). Lazy chunked arrays (Dask) run as one
-    task per block (``_dask_graph``). Returns the output ``[B,T,N,V]``, or ``(output, lse)`` with
-    ``plan.with_lse`` (``lse [B,T,N]`` in the compute dtype). Blocks write their
-    own slices (or, where arrays are immutable, are concatenated), and key
-    ranges split over workers merge exactly by log-sum-exp, so the result does
-    not depend on the order or the number of workers beyond rounding.
+    (default: this call's ``S - T``). Arrays are in memory here; lazy chunked
+    ones are decided at the entry points (``_lazy``). Returns the output
+    ``[B,T,N,V]``, or ``(output, lse)`` with ``plan.with_lse`` (``lse [B,T,N]``
+    in the compute dtype). Blocks write their own slices (or, where arrays are
+    immutable, are concatenated), and key ranges split over workers merge
+    exactly by log-sum-exp, so the result does not depend on the order or the
+    number of workers beyond rounding.
     """
-    if plan.be.lazy_blocks:
-        from ._dask_graph import attend_blocks
-
-        return attend_blocks(q, k, v, plan=plan, mask=mask, bias=bias, offsets=offsets, causal_shift=causal_shift)
-    T = q.shape[1]
+    xp, T = be.xp, q.shape[1]
     if plan.batch_invariant and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
         pad = -T % plan.chunks.q
         q = _pad_queries(q, pad, 0.0, xp=xp)
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
                       for a, fill in ((mask, False), (bias, 0.0)))  # padded rows see no key: they hide none
     shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
-    core = _Core(q, k, v, xp=xp, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T)
-    result = _run(core, xp=xp)
+    loop = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T)
+    result = _run(loop)
     if q.shape[1] == T:
         return result
     out = result[0] if plan.with_lse else result
@@ -164,36 +161,36 @@ def _pad_queries(a: Any, pad: int, fill: float | bool, *, xp: Any) -> Any:
     return xp.concat([a, tail], axis=1)
 
 
-def _run(core: "_Core", *, xp: Any) -> Any:
-    """Every block of ``core``'s problem: written in place, or concatenated where arrays are immutable."""
-    plan, (B, T, N, _) = core.plan, core.q.shape
+def _run(loop: "ChunkLoop") -> Any:
+    """Every block of ``loop``'s problem: written in place, or concatenated where arrays are immutable."""
+    plan, be, xp, (B, T, N, _) = loop.plan, loop.be, loop.xp, loop.q.shape
     blocks = plan.blocks(B, T)
     if not blocks:  # a zero batch or query length
-        out = xp.zeros((B, T, N, core.V), dtype=core.q.dtype, device=core.dev)
-        return (out, xp.zeros((B, T, N), dtype=core.cdt, device=core.dev)) if plan.with_lse else out
-    if not plan.be.item_assignment:
-        return _assemble([core.finish(*core.partial(*blk, 0, core.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
-    out = xp.empty((B, T, N, core.V), dtype=core.q.dtype, device=core.dev)
-    lse = xp.empty((B, T, N), dtype=core.cdt, device=core.dev) if plan.with_lse else None
+        out = xp.zeros((B, T, N, loop.V), dtype=loop.q.dtype, device=loop.dev)
+        return (out, xp.zeros((B, T, N), dtype=loop.cdt, device=loop.dev)) if plan.with_lse else out
+    if not be.item_assignment:
+        return _assemble([loop.finish(*loop.partial(*blk, 0, loop.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
+    out = xp.empty((B, T, N, loop.V), dtype=loop.q.dtype, device=loop.dev)
+    lse = xp.empty((B, T, N), dtype=loop.cdt, device=loop.dev) if plan.with_lse else None
 
-    def write(blk: tuple[int, int, int, int], states: list[tuple[Any, Any, Any]]) -> None:
-        res, block_lse = core.finish(*_merge(states, xp=xp))
-        out[blk[0]:blk[1], blk[2]:blk[3], ...] = res
+    def write(blk: tuple[int, int, int, int], res: Any, block_lse: Any) -> None:
+        out[blk[0]:blk[1], blk[2]:blk[3], ...] = xp.astype(res, out.dtype) if res.dtype != out.dtype else res
         if lse is not None:
             lse[blk[0]:blk[1], blk[2]:blk[3], ...] = block_lse
 
     if plan.key_splits == 1:
-        run_blocks(lambda *blk: write(blk, [core.partial(*blk, 0, core.s_end(blk[3]))]), blocks, plan.workers, plan.be)
+        run_blocks(lambda *blk: write(blk, *loop.finish(*loop.partial(*blk, 0, loop.s_end(blk[3])))), blocks,
+                   plan.workers, be)
     else:
-        ranges = [plan.key_ranges(core.s_end(blk[3])) for blk in blocks]
-        states: list[list[Any]] = [[None] * len(r) for r in ranges]
+        ranges = [plan.key_ranges(loop.s_end(blk[3])) for blk in blocks]
+        parts: list[list[Any]] = [[None] * len(r) for r in ranges]
 
         def part(i: int, j: int) -> None:  # merged in range order below: the same bits on every run
-            states[i][j] = core.partial(*blocks[i], *ranges[i][j])
+            parts[i][j] = loop.normalize(*loop.partial(*blocks[i], *ranges[i][j]))
 
-        run_blocks(part, [(i, j) for i, r in enumerate(ranges) for j in range(len(r))], plan.workers, plan.be)
-        for blk, block_states in zip(blocks, states):
-            write(blk, block_states)
+        run_blocks(part, [(i, j) for i, r in enumerate(ranges) for j in range(len(r))], plan.workers, be)
+        for blk, block_parts in zip(blocks, parts):
+            write(blk, *merge_partials([o for o, _ in block_parts], [s for _, s in block_parts], xp=xp))
     return out if lse is None else (out, lse)
 
 
@@ -209,28 +206,11 @@ def _assemble(results: list[tuple[Any, Any]], plan: AttentionPlan, B: int, *, xp
     return (out, join([lse for _, lse in results])) if plan.with_lse else out
 
 
-def _merge(states: list[tuple[Any, Any, Any]], *, xp: Any) -> tuple[Any, Any, Any]:
-    """One online-softmax state ``(m, l, acc)`` from the states of disjoint key ranges (log-sum-exp)."""
-    if len(states) == 1:
-        return states[0]
-    m = states[0][0]
-    for m_i, _, _ in states[1:]:
-        m = xp.maximum(m, m_i)
-    m_safe = xp.where(xp.isinf(m), xp.zeros_like(m), m)  # ranges with nothing visible contribute nothing
-    l, acc = None, None
-    for m_i, l_i, acc_i in states:
-        w = xp.exp(m_i - m_safe)
-        l = l_i * w if l is None else l + l_i * w
-        w_rows = xp.reshape(w, (acc_i.shape[0], acc_i.shape[1], acc_i.shape[2], 1))
-        acc = acc_i * w_rows if acc is None else acc + acc_i * w_rows
-    return m, l, acc
-
-
 def _slice_or_all(size: int, start: int, stop: int) -> slice:
     return slice(None) if size == 1 else slice(start, stop)
 
 
-def _block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, xp: Any) -> Any:
+def block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, xp: Any) -> Any:
     """The ``[b', K', t', G', s']`` block of a 4-D mask/bias ``[B|1, T|1, N|1, S|1]`` for the folded layout."""
     mb, mt, mn, ms = x.shape
     blk = x[_slice_or_all(mb, b.start, b.stop), _slice_or_all(mt, t.start, t.stop), :, _slice_or_all(ms, s.start, s.stop)]
@@ -239,13 +219,23 @@ def _block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, 
     return xp.permute_dims(blk, (0, 2, 1, 3, 4))
 
 
-class _Core:
-    """One attention problem: ``partial`` computes a (batch, query) block's online-softmax state over a key
-    range, ``finish`` turns a (merged) state into output rows and their log-sum-exp."""
+class Scalars(NamedTuple):
+    """The 0-d arrays the loop compares and fills with, in the compute dtype on the arrays' device."""
 
-    def __init__(self, q: Any, k: Any, v: Any, *, xp: Any, plan: AttentionPlan, mask: Any, bias: Any,
+    neg_inf: Any
+    zero: Any
+    one: Any
+
+
+class ChunkLoop:
+    """One attention problem as chunk loops: ``partial`` computes a (batch, query) block's online-softmax state
+    ``(m, l, acc)`` over a key range, ``normalize`` turns a state into output rows and their log-sum-exp in the
+    compute dtype, ``finish`` into the output dtype. ``fold``/``unfold``, ``allowed``, ``keep``, ``hide_keys``
+    and ``s_end`` are what the backward (``_backward``) shares with the forward."""
+
+    def __init__(self, q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
                  offsets: tuple[int, int, int], shift: int, q_len: int | None = None) -> None:
-        self.q, self.k, self.v, self.xp, self.plan = q, k, v, xp, plan
+        self.q, self.k, self.v, self.be, self.xp, self.plan = q, k, v, be, be.xp, plan
         self.mask, self.bias, self.offsets = mask, bias, offsets
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
@@ -253,17 +243,18 @@ class _Core:
         self.shift = shift  # query t sees keys s <= t + shift (causal)
         self.q_len = q.shape[1] if q_len is None else q_len  # real queries: q may hold padded rows past them
         self.dev = device_of(q)
-        cdt = self.cdt = plan.be.compute_dtype(q.dtype)
-        self.consts = tuple(xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0))
+        cdt = self.cdt = be.compute_dtype(q.dtype)
+        self.scalars = Scalars(*(self.xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0)))
         # Library fast paths: on JAX each is compiled once per shape instead of op by op.
-        self.step = plan.be.compile(_online_softmax_step, static_argnames=("be", "keep_scale", "fixed_order"))
-        self.keep_decision = plan.be.compile(_dropout.keep_decision, static_argnames=("key", "threshold"))
+        self.step = be.compile(_online_softmax_step, static_argnames=("be", "keep_scale", "fixed_order"))
+        self.keep_decision = be.compile(_dropout.keep_decision, static_argnames=("key", "threshold"))
         self.keep_scale = 1.0 / (1.0 - plan.dropout_p) if plan.dropout_p < 1.0 else 0.0
         self.threshold = _dropout.keep_threshold(plan.dropout_p)
-        self.index_dtype = xp.__array_namespace_info__().default_dtypes(device=self.dev)["indexing"]
+        self.index_dtype = self.xp.__array_namespace_info__().default_dtypes(device=self.dev)["indexing"]
         if plan.dropout_key is not None:
-            self.lanes = plan.be.philox_lanes()
-            self.heads_idx = xp.reshape(xp.arange(self.N, dtype=self.lanes, device=self.dev), (1, self.K, 1, self.G, 1))
+            self.lanes = be.philox_lanes()
+            self.heads_idx = self.xp.reshape(self.xp.arange(self.N, dtype=self.lanes, device=self.dev),
+                                             (1, self.K, 1, self.G, 1))
 
     def _index(self, start: int, stop: int, axis: int, dtype: Any) -> Any:
         """``arange(start, stop)`` along ``axis`` of a 5-D ``[b, K, t, G, s]`` layout."""
@@ -271,18 +262,19 @@ class _Core:
         shape[axis] = stop - start
         return self.xp.reshape(self.xp.arange(start, stop, dtype=dtype, device=self.dev), tuple(shape))
 
-    def _allowed(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
+    def allowed(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
         """Where queries ``tsl`` may attend keys ``ssl`` (mask and causal), or None when all may."""
         xp, allowed = self.xp, None
         if self.mask is not None:
-            allowed = _block_of(self.mask, bsl, tsl, ssl, (self.K, self.G), xp=xp)
+            allowed = block_of(self.mask, bsl, tsl, ssl, (self.K, self.G), xp=xp)
         if self.plan.is_causal and ssl.stop - 1 > tsl.start + self.shift:  # some key here is hidden from some query
             idx = self.index_dtype
             causal = self._index(ssl.start, ssl.stop, 4, idx) <= self._index(tsl.start, tsl.stop, 2, idx) + self.shift
             allowed = causal if allowed is None else xp.logical_and(allowed, causal)
         return allowed
 
-    def _keep(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
+    def keep(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
+        """Dropout's keep decisions ``[b, K, t, G, s]`` for this block (global counters: ``offsets``)."""
         (bo, to, so), lanes = self.offsets, self.lanes
         return self.keep_decision(
             self._index(bsl.start + bo, bsl.stop + bo, 0, lanes), self.heads_idx,
@@ -320,20 +312,20 @@ class _Core:
         # chunk costs page faults whenever freed memory goes back to the OS (Dask workers trim at 64 KiB).
         rows = nb * K * nt * G
         chunk = min(self.plan.chunks.kv, s_hi - s_lo)
-        tile = xp.empty((rows * chunk,), dtype=cdt, device=self.dev) if self.plan.be.matmul_writes_out else None
+        tile = xp.empty((rows * chunk,), dtype=cdt, device=self.dev) if self.be.matmul_writes_out else None
         for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
             bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
             ns = ssl.stop - ssl.start
-            kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self._allowed(bsl, tsl, ssl)
+            kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self.allowed(bsl, tsl, ssl)
             if self.mask is not None:
                 kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
             kb, vb = xp.permute_dims(kb, (0, 2, 3, 1)), xp.permute_dims(vb, (0, 2, 1, 3))  # [b, K, H, s], [b, K, s, V]
-            bias = None if self.bias is None else _block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
-            keep = self._keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
+            bias = None if self.bias is None else block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
+            keep = self.keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
             # The front of the tile, contiguous, so that a shorter last chunk needs no strides.
             out = None if tile is None else xp.reshape(tile[:rows * ns], (nb, K, nt * G, ns))
-            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.consts, out,
-                                  be=self.plan.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
+            m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.scalars, out,
+                                  be=self.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
         return m, l, acc
 
     def hide_keys(self, chunk: Any, allowed: Any) -> Any:
@@ -341,32 +333,36 @@ class _Core:
         hides from every query of the block: a zero weight times a NaN or inf would otherwise poison every row."""
         xp = self.xp
         seen = xp.permute_dims(xp.any(allowed, axis=(2, 3)), (0, 2, 1))  # [b|1, s, K|1]
-        return xp.where(xp.reshape(seen, (*seen.shape, 1)), chunk, self.consts[1])
+        return xp.where(xp.reshape(seen, (*seen.shape, 1)), chunk, self.scalars.zero)
+
+    def normalize(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
+        """A state's output rows ``[b, t, N, V]`` and log-sum-exp ``[b, t, N]``, both in the compute dtype; rows with
+        no visible key give 0 and ``-inf``."""
+        xp, (nb, K, nt, G, _), c = self.xp, m.shape, self.scalars
+        empty = l == c.zero  # fully masked rows: acc is 0
+        res = self.unfold(acc / xp.reshape(xp.where(empty, c.one, l), (nb, K, nt * G, 1)), nt)
+        lse = xp.where(empty, c.neg_inf, m + xp.log(xp.where(empty, c.one, l)))
+        return res, xp.reshape(xp.permute_dims(lse, (0, 2, 1, 3, 4)), (nb, nt, self.N))
 
     def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
-        """The output rows ``[b, t, N, V]`` (output dtype) and, with ``plan.with_lse``, their log-sum-exp ``[b, t, N]``."""
-        xp, (nb, K, nt, G, _) = self.xp, m.shape
-        empty = l == self.consts[1]  # fully masked rows: acc is 0, output 0, lse -inf
-        res = self.unfold(acc / xp.reshape(xp.where(empty, self.consts[2], l), (nb, K, nt * G, 1)), nt)
-        res = xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
-        if not self.plan.with_lse:
-            return res, None
-        lse = xp.where(empty, self.consts[0], m + xp.log(xp.where(empty, self.consts[2], l)))
-        return res, xp.reshape(xp.permute_dims(lse, (0, 2, 1, 3, 4)), (nb, nt, self.N))
+        """``normalize`` with the output in the input dtype, and the log-sum-exp only with ``plan.with_lse``."""
+        res, lse = self.normalize(m, l, acc)
+        res = self.xp.astype(res, self.q.dtype) if res.dtype != self.q.dtype else res
+        return res, (lse if self.plan.with_lse else None)
 
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
-                         consts: tuple[Any, Any, Any], tile: Any, *, be: Backend, keep_scale: float,
+                         scalars: Scalars, tile: Any, *, be: Backend, keep_scale: float,
                          fixed_order: bool) -> tuple[Any, Any, Any]:
     """One key chunk of the online softmax: scores ``q k^T``, then the running max ``m [b,K,t,G,1]``, sum ``l``
     and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
 
-    ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``consts`` holds
-    ``-inf``, 0 and 1 as 0-d arrays of the compute dtype; ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
+    ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``scalars`` holds
+    ``-inf``, 0 and 1 (``Scalars``); ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
     may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones.
     """
     xp = be.xp
-    neg_inf, zero, _ = consts
+    neg_inf, zero, _ = scalars
     nb, K, nt, G, _ = m.shape
     kv_chunk = kb.shape[-1]
     if kb.dtype != qb.dtype:
@@ -381,7 +377,7 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:
         scores = xp.where(allowed, scores, neg_inf)
-    p, m, l, acc = be.online_softmax(scores, m, l, acc, consts)  # every array here is this block's own
+    p, m, l, acc = be.online_softmax(scores, m, l, acc, scalars)  # every array here is this block's own
     if keep is not None:
         p = xp.where(keep, p, zero) * keep_scale
     acc += be.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb, fixed_order=fixed_order)

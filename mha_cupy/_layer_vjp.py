@@ -36,11 +36,11 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
     dy = xp.reshape(d_out, (B, T, E))
     q, k, v = layer._qkv(plan, x3, kv3, 0, B)
     att_plan = dataclasses.replace(plan.attention, with_lse=True)
-    heads, lse = attend(q, k, v, xp=xp, plan=att_plan)
+    heads, lse = attend(q, k, v, be=layer._be, plan=att_plan)
     N, V, H = layer.nhead, layer.d_v, layer.d_k
     w_out = xp.reshape(layer._w["w_out"], (N * V, E))
     d_heads = xp.reshape(layer._rows_matmul(plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
-    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, xp=xp, plan=att_plan)
+    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer._be, plan=att_plan)
     grads = {"w_out": xp.reshape(_weight_grad(xp, heads, dy), (N, V, E))}
     w_q, d_wq = _q_weight(layer), _weight_grad(xp, dq, x3)
     dx = layer._rows_matmul(plan, xp.reshape(dq, (B, T, N * H)), w_q)

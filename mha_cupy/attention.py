@@ -12,6 +12,7 @@ from typing import Any
 from . import dropout as _dropout
 from ._backends import backend_of, device_of
 from ._core import attend, plan_attention
+from ._lazy import run_attention
 from ._validation import check_array, check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp"]
@@ -103,7 +104,7 @@ def scaled_dot_product_attention(
                                     batch_invariant=batch_invariant)
     if be.needs_grad(q, k, v):
         return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias)
-    return attend(q, k, v, xp=be.xp, plan=plan, mask=mask, bias=bias)
+    return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias)
 
 
 def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
@@ -112,12 +113,12 @@ def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bia
     from ._backward import attend_backward
 
     def forward(q: Any, k: Any, v: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        out, lse = attend(q, k, v, xp=be.xp, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
+        out, lse = attend(q, k, v, be=be, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
         return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse)
 
     def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, Any, Any]:
         q, k, v, out, lse = saved
-        return attend_backward(q, k, v, out, lse, d_out, xp=be.xp, plan=plan, mask=mask, bias=bias)
+        return attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias)
 
     return be.differentiable(forward, backward, (q, k, v))
 
@@ -181,8 +182,8 @@ def scaled_dot_product_attention_vjp(
     if be.lazy_blocks:
         msg = f"scaled_dot_product_attention_vjp does not take {be.name} arrays yet; compute them into blocks first"
         raise TypeError(msg)
-    out, lse = attend(q, k, v, xp=be.xp, plan=plan, mask=mask, bias=bias)
-    return attend_backward(q, k, v, out, lse, d_out, xp=be.xp, plan=plan, mask=mask, bias=bias)
+    out, lse = attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias)
+    return attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias)
 
 
 def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, mask: Any, bias: Any, is_causal: Any,

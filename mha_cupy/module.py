@@ -17,7 +17,7 @@ from typing import Any
 from . import dropout as _dropout
 from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend, same_device
 from ._cache import KVCache
-from ._core import attend
+from ._lazy import run_attention
 from ._layer_plan import CallOptions, CallPlan, plan_call
 from ._threads import matmul_rows
 from ._validation import (
@@ -458,7 +458,7 @@ class MultiHeadAttention:
             self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v)
             if plan.cache_mode == "append":
                 k, v = self._cache.keys_values(b0, b1)
-        heads = attend(q, k, v, xp=xp, plan=plan.attention, offsets=(b0, 0, 0))
+        heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0))
         N, V, T = self.nhead, self.d_v, q.shape[1]
         return self._rows_matmul(plan, xp.reshape(heads, (b1 - b0, T, N * V)),
                                  xp.reshape(self._w["w_out"], (N * V, self.emsize)))

@@ -135,8 +135,8 @@ def test_causal_skips_hidden_chunks():
     counting = CountingMatmul()
     be = type("FreshTiles", (NumpyBackend,), {"matmul_writes_out": False})(counting)  # every product via xp.matmul
     q, k, v = data(14, B=1, T=64, S=64, N=2, K=1)
-    plan = AttentionPlan(be=be, scale=0.5, chunks=ChunkPlan(batch=1, q=8, kv=8), workers=1, is_causal=True)
-    out = attend(q, k, v, xp=counting, plan=plan)
+    plan = AttentionPlan(scale=0.5, chunks=ChunkPlan(batch=1, q=8, kv=8), workers=1, is_causal=True)
+    out = attend(q, k, v, be=be, plan=plan)
     assert len(counting.calls) == 2 * sum(range(1, 9))  # query block i sees key blocks 0..i only
     np.testing.assert_allclose(out, naive_attention(q, k, v, scale=0.5, is_causal=True), rtol=0, atol=1e-12)
 

@@ -44,9 +44,9 @@ def count_ops(B, T, S, N, H, chunks):
     q, k, v = (rng.standard_normal(s).astype(np.float32).view(Counted) for s in ((B, T, N, H), (B, S, N, H), (B, S, N, H)))
     # Scores into fresh arrays, which stay Counted (a reused tile is a plain ndarray): the same operations.
     be = FreshTiles(resolve_backend("numpy").xp)
-    plan = AttentionPlan(be=be, scale=0.5, chunks=chunks, workers=1)
+    plan = AttentionPlan(scale=0.5, chunks=chunks, workers=1)
     Counted.calls = 0
-    attend(q, k, v, xp=be.xp, plan=plan)
+    attend(q, k, v, be=be, plan=plan)
     return Counted.calls
 
 

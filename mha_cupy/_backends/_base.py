@@ -210,16 +210,16 @@ class Backend:
         """Write ``matmul(a, b)`` into ``out`` (the caller's own array), without a temporary where the library can."""
         out[...] = self.matmul(a, b, fixed_order=fixed_order)
 
-    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, consts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, scalars: tuple[Any, Any, Any]) -> tuple[Any, ...]:
         """One key chunk of the online softmax: ``(p, m', l', acc')`` from the chunk's scaled, biased and masked
         ``scores [b,K,t,G,s]`` and the running max ``m``, sum ``l`` (``[b,K,t,G,1]``) and accumulator
         ``acc [b,K,t*G,V]``: ``m' = max(m, rowmax)``, ``p = exp(scores - m')``, ``l' = l exp(m - m') + rowsum(p)``,
         ``acc' = acc exp(m - m')``, with ``m'`` taken as 0 where it is ``-inf`` (nothing visible yet).
 
-        ``scores``, ``m``, ``l`` and ``acc`` are the caller's own and may be overwritten; ``consts`` holds
+        ``scores``, ``m``, ``l`` and ``acc`` are the caller's own and may be overwritten; ``scalars`` holds
         ``-inf``, 0 and 1 as 0-d arrays of the compute dtype.
         """
-        xp, (neg_inf, zero, _) = self.xp, consts
+        xp, (neg_inf, zero, _) = self.xp, scalars
         m_new = xp.maximum(m, xp.max(scores, axis=-1, keepdims=True))
         m_safe = xp.where(m_new == neg_inf, zero, m_new)
         scores -= m_safe

@@ -1,5 +1,5 @@
 """Dask: lazy arrays whose blocks are NumPy (or CuPy) arrays. Attention and the layer's projections
-run once per block on the blocks' own library (``mha_cupy._dask_graph``); this adapter answers what
+run once per block on the blocks' own library (``mha_cupy._lazy``); this adapter answers what
 the rest of the package asks of a library, and names the blocks' library."""
 
 from __future__ import annotations
@@ -45,10 +45,8 @@ class DaskBackend(Backend):
         return 1  # Dask runs blocks in parallel; each block's own loop stays on one thread
 
     def to_numpy(self, x: Any) -> numpy.ndarray:
-        from . import backend_of
-
-        block = x.compute()
-        return backend_of(block, names=("x",)).to_numpy(block)
+        block = x.compute()  # NumPy, or CuPy blocks: copied to the host
+        return numpy.asarray(block if isinstance(block, numpy.ndarray) else array_api_compat.to_device(block, "cpu"))
 
     def from_numpy(self, a: numpy.ndarray, device: Any) -> Any:
         import dask.array as da

@@ -89,11 +89,11 @@ class NumpyBackend(Backend):
         else:
             out[...] = super().matmul(a, b, fixed_order=True)
 
-    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, consts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+    def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, scalars: tuple[Any, Any, Any]) -> tuple[Any, ...]:
         kernels = _numba.load()
         arrays = (scores, m, l, acc)
         if kernels is None or scores.dtype != numpy.float32 or not all(a.flags.c_contiguous for a in arrays):
-            return super().online_softmax(scores, m, l, acc, consts)
+            return super().online_softmax(scores, m, l, acc, scalars)
         rows = m.size
         kernels.softmax_chunk(scores.reshape(rows, -1), m.reshape(rows), l.reshape(rows), acc.reshape(rows, -1))
         return scores, m, l, acc

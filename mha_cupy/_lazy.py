@@ -1,12 +1,14 @@
-"""Attention on Dask arrays: one task per (batch, query, key) block of chunks, merged by log-sum-exp.
+"""Lazy chunked arrays decided at the entry points (array-api-extra's ``lazy_apply`` pattern): ``run_attention``
+runs the chunk loop on arrays in memory and builds a block graph for Dask arrays, so that ``_core`` knows
+nothing of Dask.
 
+On Dask: one task per (batch, query, key) block of chunks, merged by log-sum-exp.
 Letters as in ``_core``. Each task runs the ordinary chunk loop (``_core.attend``)
 on its blocks, in the blocks' own library (NumPy or CuPy), with the block's
 global offsets, so dropout masks and the causal alignment are those of the whole
 problem. A block's result is its output and log-sum-exp packed in one array
 ``[b, t, N, V + 1]`` (compute dtype); the key blocks of one (batch, query) block
-are merged pairwise in a tree (``_merge_packed``), which is exact up to
-rounding: ``out = sum_i exp(lse_i - lse) out_i``, ``lse = log sum_i exp(lse_i)``.
+are merged pairwise in a tree (``_merge_packed``, ``_merge.merge_partials``).
 Tasks: ``nb * nt * (2 * ns - 1)`` plus one or two per output block.
 """
 
@@ -19,9 +21,19 @@ from typing import Any
 
 import array_api_compat
 
-from ._backends import resolve_backend
+from ._backends import Backend, resolve_backend
+from ._core import AttentionPlan, attend
+from ._merge import merge_partials
 
-__all__ = ["attend_blocks", "check_chunks"]
+__all__ = ["run_attention", "check_chunks"]
+
+
+def run_attention(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
+              offsets: tuple[int, int, int] = (0, 0, 0)) -> Any:
+    """``_core.attend`` for arrays of any backend: in memory directly, lazy chunked ones as a block graph."""
+    if be.lazy_blocks:
+        return _attend_blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
+    return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
 
 
 def _starts(chunks: tuple[int, ...]) -> list[int]:
@@ -64,17 +76,16 @@ def _check_broadcast_chunks(name: str, a: Any, like: tuple[Any, ...]) -> None:
             raise ValueError(msg)
 
 
-def attend_blocks(q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any, offsets: tuple[int, int, int],
-                  causal_shift: int | None) -> Any:
+def _attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
+                   offsets: tuple[int, int, int]) -> Any:
     """``_core.attend`` for Dask arrays: a lazy ``[B, T, N, V]`` output (and ``lse [B, T, N]`` with ``plan.with_lse``)."""
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
     check_chunks(q, k, v, mask, bias)
-    T, S = q.shape[1], k.shape[1]
-    shift = S - T if causal_shift is None else causal_shift
-    block_plan = dataclasses.replace(plan, be=None, with_lse=True, key_splits=1)  # picklable; the task fills in `be`
+    shift = k.shape[1] - q.shape[1]
+    block_plan = dataclasses.replace(plan, with_lse=True, key_splits=1)
     token = tokenize(q, k, v, mask, bias, block_plan, offsets, shift)
     part, merge, out_name, lse_name = (f"mha-{w}-{token}" for w in ("partial", "merge", "out", "lse"))
     dsk: dict[Any, Any] = {}
@@ -93,14 +104,14 @@ def attend_blocks(q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any, of
             dsk[(lse_name, i, j, 0)] = (_unpack_lse, final)
     deps = [a for a in (q, k, v, mask, bias) if a is not None]
     graph = HighLevelGraph.from_collections(out_name, dsk, dependencies=deps)
-    meta = q._meta
+    blocks_xp = be.meta_namespace(q)  # the blocks' library (NumPy or CuPy)
     out = da.Array(graph, out_name, chunks=(q.chunks[0], q.chunks[1], (q.shape[2],), (v.shape[3],)),
-                   meta=array_api_compat.array_namespace(meta).empty((0, 0, 0, 0), dtype=q.dtype))
+                   meta=blocks_xp.empty((0, 0, 0, 0), dtype=q.dtype))
     if not plan.with_lse:
         return out
-    cdt = resolve_backend(array_api_compat.array_namespace(meta)).compute_dtype(q.dtype)
+    cdt = resolve_backend(blocks_xp).compute_dtype(q.dtype)
     lse = da.Array(graph, lse_name, chunks=(q.chunks[0], q.chunks[1], (q.shape[2],)),
-                   meta=array_api_compat.array_namespace(meta).empty((0, 0, 0), dtype=cdt))
+                   meta=blocks_xp.empty((0, 0, 0), dtype=cdt))
     return out, lse
 
 
@@ -126,32 +137,20 @@ def _tree(dsk: dict[Any, Any], keys: list[Any], prefix: tuple[Any, ...]) -> Any:
     return keys[0]
 
 
-def _partial_task(q: Any, k: Any, v: Any, mask: Any, bias: Any, plan: Any, offsets: tuple[int, int, int],
+def _partial_task(q: Any, k: Any, v: Any, mask: Any, bias: Any, plan: AttentionPlan, offsets: tuple[int, int, int],
                   shift: int) -> Any:
     """One block: the chunk loop in the blocks' library; output and log-sum-exp packed in the compute dtype."""
-    from ._core import attend
-
-    xp = array_api_compat.array_namespace(q)
-    be = resolve_backend(xp)
+    be = resolve_backend(array_api_compat.array_namespace(q))
     with be.parallel_section():  # Dask runs tasks side by side: BLAS stays on one thread in each
-        out, lse = attend(q, k, v, xp=be.xp, plan=dataclasses.replace(plan, be=be), mask=mask, bias=bias,
-                          offsets=offsets, causal_shift=shift)
+        out, lse = attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, causal_shift=shift)
     return be.xp.concat([be.xp.astype(out, lse.dtype), lse[..., None]], axis=3)
 
 
 def _merge_packed(a: Any, b: Any) -> Any:
-    """Two key ranges' packed results as one (log-sum-exp weights; ranges with no visible key weigh 0)."""
+    """Two key ranges' packed results as one."""
     xp = array_api_compat.array_namespace(a)
-    la, lb = a[..., -1:], b[..., -1:]
-    m = xp.maximum(la, lb)
-    m_safe = xp.where(xp.isinf(m), xp.zeros_like(m), m)
-    wa, wb = xp.exp(la - m_safe), xp.exp(lb - m_safe)
-    total = wa + wb
-    empty = total == 0
-    denom = xp.where(empty, xp.ones_like(total), total)
-    out = (a[..., :-1] * wa + b[..., :-1] * wb) / denom
-    lse = xp.where(empty, xp.full_like(m, -math.inf), m_safe + xp.log(denom))
-    return xp.concat([out, lse], axis=3)
+    out, lse = merge_partials([a[..., :-1], b[..., :-1]], [a[..., -1], b[..., -1]], xp=xp)
+    return xp.concat([out, lse[..., None]], axis=3)
 
 
 def _unpack_out(packed: Any, dtype: str) -> Any:
