@@ -7,8 +7,10 @@ length, E emsize, N heads, K kv heads, H d_k, V d_v.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from . import dropout as _dropout
@@ -22,28 +24,48 @@ if TYPE_CHECKING:
 
 __all__ = ["CallPlan", "CallOptions", "plan_call"]
 
-_FLAGS = ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only_cache_first_head_kv",
-          "use_cached_kv", "training", "append_kv", "batch_invariant")
-
-
 @dataclass(frozen=True)
 class CallOptions:
-    """The keywords of a layer call, as given (their defaults live in ``MultiHeadAttention.__call__`` alone)."""
+    """The keywords of a layer call and their defaults: the one place those defaults are written
+    (``MultiHeadAttention.__call__`` and ``.vjp`` take ``**options`` and build this; see ``__call__`` for each)."""
 
-    cache_kv: Any
-    add_input: Any
-    allow_inplace: Any
-    save_peak_mem_factor: Any
-    reuse_first_head_kv: Any
-    only_cache_first_head_kv: Any
-    use_cached_kv: Any
-    training: Any
-    q_chunk_size: Any
-    kv_chunk_size: Any
-    append_kv: Any
-    memory_budget: Any
-    workers: Any
-    batch_invariant: Any
+    cache_kv: bool = False
+    add_input: bool = False
+    allow_inplace: bool = False
+    save_peak_mem_factor: int | None = None
+    reuse_first_head_kv: bool = False
+    only_cache_first_head_kv: bool = False
+    use_cached_kv: bool = False
+    training: bool = False
+    q_chunk_size: int | None = None
+    kv_chunk_size: int | None = None
+    append_kv: bool = False
+    memory_budget: int | str | None = None
+    workers: int | None = None
+    batch_invariant: bool = False
+
+    @classmethod
+    def from_keywords(cls, keywords: dict[str, Any], *, where: str) -> "CallOptions":
+        """The options of a call with ``keywords``; an unknown keyword is a TypeError naming it (with the
+        closest known name) and ``where`` it was given."""
+        known = [f.name for f in fields(cls)]
+        for name in keywords:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the keywords are {', '.join(known)}"
+                msg = f"{where} got an unexpected keyword argument {name!r}{hint}"
+                raise TypeError(msg)
+        return cls(**keywords)
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        """The keywords as keyword-only parameters, for the signatures of the calls that take them."""
+        return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                for f in fields(cls)]
+
+
+#: The options that must be bools.
+_FLAGS = tuple(f.name for f in fields(CallOptions) if f.type == "bool")
 
 
 @dataclass(frozen=True)

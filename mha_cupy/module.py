@@ -11,7 +11,6 @@ anything changes, then executed here.
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from typing import Any
 
 from . import dropout as _dropout
@@ -272,26 +271,7 @@ class MultiHeadAttention:
 
     # ------------------------------------------------------------------ forward
 
-    def __call__(
-        self,
-        x: Any,
-        x_kv: Any = None,
-        *,
-        cache_kv: bool = False,
-        add_input: bool = False,
-        allow_inplace: bool = False,
-        save_peak_mem_factor: int | None = None,
-        reuse_first_head_kv: bool = False,
-        only_cache_first_head_kv: bool = False,
-        use_cached_kv: bool = False,
-        training: bool = False,
-        q_chunk_size: int | None = None,
-        kv_chunk_size: int | None = None,
-        append_kv: bool = False,
-        memory_budget: int | str | None = None,
-        workers: int | None = None,
-        batch_invariant: bool = False,
-    ) -> Any:
+    def __call__(self, x: Any, x_kv: Any = None, **options: Any) -> Any:
         """Attention of ``x`` over ``x_kv`` (or itself, or the cache).
 
         Parameters
@@ -329,17 +309,17 @@ class MultiHeadAttention:
             With ``cache_kv``: append to the existing cache (amortised O(new)
             growth) and attend to the whole updated cache.
         batch_invariant : bool
-            Every output row bitwise the same whatever else is in the call:
-            projections in fixed 128-row GEMMs and attention in fixed tiles
-            (see ``scaled_dot_product_attention``).
+            Every output row bitwise the same whatever else is in the call, on
+            any CPU and BLAS: projections and attention as fixed-order products
+            row by row, attention in fixed tiles (see
+            ``scaled_dot_product_attention`` and the README for what is promised).
 
         Returns
         -------
         array, shape ``[..., T, E]``
             Same namespace, device and dtype as ``x``.
         """
-        given = locals()
-        opts = CallOptions(**{f.name: given[f.name] for f in fields(CallOptions)})
+        opts = CallOptions.from_keywords(options, where="MultiHeadAttention.__call__")
         plan = plan_call(self, x, x_kv, opts)
         if self._be.needs_grad(x, x_kv, *(a for a in self._w.values() if a is not None)):
             return self._run_with_gradient(plan, x, x_kv)
@@ -393,17 +373,12 @@ class MultiHeadAttention:
         """
         from ._layer_vjp import layer_vjp
 
-        unknown = sorted(set(call_keywords) - {f.name for f in fields(CallOptions)})
-        if unknown:
-            msg = f"vjp takes the layer call's keywords, got unknown {unknown}"
-            raise TypeError(msg)
+        opts = CallOptions.from_keywords(call_keywords, where="MultiHeadAttention.vjp")
         for name in ("cache_kv", "allow_inplace"):
-            if call_keywords.get(name):
-                msg = f"vjp does not write the cache or x: {name} must be False, got {call_keywords[name]!r}"
+            if getattr(opts, name):
+                msg = f"vjp does not write the cache or x: {name} must be False, got {getattr(opts, name)!r}"
                 raise ValueError(msg)
-        defaults = {n: p.default for n, p in inspect.signature(type(self).__call__).parameters.items()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        plan = plan_call(self, x, x_kv, CallOptions(**{**defaults, **call_keywords}))
+        plan = plan_call(self, x, x_kv, opts)
         if self._be.lazy_blocks:
             msg = f"vjp does not take {self._be.name} arrays yet; compute them into blocks first"
             raise TypeError(msg)
@@ -509,3 +484,12 @@ class MultiHeadAttention:
 
     def _w_q(self) -> Any:
         return self._w["w_q"] if self._w["w_q"] is not None else self._w["w_qkv"][:1, ...]
+
+
+# help() and editors show the call's keywords, whose defaults live in CallOptions alone.
+MultiHeadAttention.__call__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("x", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("x_kv", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+    *CallOptions.parameters(),
+])

@@ -8,6 +8,7 @@ length and dropout counter exactly as they were.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import mha_cupy
 from mha_cupy import MultiHeadAttention, broadcast_kv_across_heads
 from mha_cupy import convert_torch_nn_multihead_attention_state_dict as convert_sd
 from mha_cupy import scaled_dot_product_attention as sdpa
+from mha_cupy._layer_plan import CallOptions
 
 BAD_INT = [0, -1, 1.5, True, "3", None, math.nan]
 BAD_OPTIONAL_INT = [0, -2, 2.5, False, "4", math.inf]
@@ -54,8 +56,7 @@ X = np.random.default_rng(0).standard_normal((2, 3, 8))
 
 
 def call_cases():
-    for name in ("cache_kv", "add_input", "allow_inplace", "reuse_first_head_kv", "only_cache_first_head_kv",
-                 "use_cached_kv", "training", "append_kv", "batch_invariant"):
+    for name in (f.name for f in fields(CallOptions) if f.default is False):
         for bad in BAD_BOOL:
             yield f"{name}={bad!r}", name, (X,), {name: bad}
     for name in ("q_chunk_size", "kv_chunk_size", "workers"):

@@ -16,11 +16,25 @@ def make(**kw):
 
 
 def options(**kw):
-    defaults = dict(cache_kv=False, add_input=False, allow_inplace=False, save_peak_mem_factor=None,
-                    reuse_first_head_kv=False, only_cache_first_head_kv=False, use_cached_kv=False, training=False,
-                    q_chunk_size=None, kv_chunk_size=None, append_kv=False, memory_budget=None, workers=None,
-                    batch_invariant=False)
-    return CallOptions(**{**defaults, **kw})
+    return CallOptions(**kw)  # the call's defaults for everything not given
+
+
+def test_unknown_keywords_name_the_closest_one():
+    layer = make()
+    x = np.zeros((2, 3, 16))
+    with pytest.raises(TypeError, match=r"MultiHeadAttention.__call__ got an unexpected keyword argument 'cache_k'; did you mean 'cache_kv'\?"):
+        layer(x, cache_k=True)
+    with pytest.raises(TypeError, match=r"MultiHeadAttention.vjp got an unexpected keyword argument 'bogus'; the keywords are cache_kv, "):
+        layer.vjp(x, x, bogus=1)
+
+
+def test_call_signature_shows_the_options_and_their_defaults():
+    import inspect
+
+    params = inspect.signature(MultiHeadAttention.__call__).parameters
+    assert list(params)[:3] == ["self", "x", "x_kv"]
+    assert {n: p.default for n, p in list(params.items())[3:]} == {
+        f.name: f.default for f in __import__("dataclasses").fields(CallOptions)}
 
 
 def test_plan_resolves_parts_cache_and_dropout(backend):
