@@ -171,7 +171,7 @@ def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOpti
         if x_kv is not None:
             msg = "use_cached_kv=True takes keys/values from the cache, so x_kv must be None"
             raise ValueError(msg)
-    elif not layer._has_kv_weights():
+    elif not layer.weights.has_kv:
         msg = "this layer has no key/value weights (precomputed keys/values); call it with use_cached_kv=True"
         raise ValueError(msg)
     if opts.reuse_first_head_kv and x_kv is None and not opts.use_cached_kv:
@@ -185,7 +185,7 @@ def _cache_mode(layer: "MultiHeadAttention", opts: CallOptions, B: int,
     if not opts.cache_kv:
         return None, ()
     kh = 1 if (opts.reuse_first_head_kv or opts.only_cache_first_head_kv) else layer.nhead_kv
-    if layer._w["w_kv"] is not None or layer._w["w_qkv"] is not None:
+    if layer.weights.stacked_kv:
         shapes: tuple[tuple[int, ...], ...] = ((B, new_len, 2, kh, layer.d_k),)
     else:
         shapes = ((B, new_len, kh, layer.d_k), (B, new_len, kh, layer.d_v))

@@ -38,7 +38,7 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
     att_plan = dataclasses.replace(plan.attention, with_lse=True)
     heads, lse = attend(q, k, v, be=layer._be, plan=att_plan)
     N, V, H = layer.nhead, layer.d_v, layer.d_k
-    w_out = xp.reshape(layer._w["w_out"], (N * V, E))
+    w_out = xp.reshape(layer.weights.w_out, (N * V, E))
     d_heads = xp.reshape(layer._rows_matmul(plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
     dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer._be, plan=att_plan)
     grads = {"w_out": xp.reshape(_weight_grad(xp, heads, dy), (N, V, E))}
@@ -62,14 +62,15 @@ def _weight_grad(xp: Any, grad: Any, src: Any) -> Any:
 
 def _q_weight(layer: "MultiHeadAttention") -> Any:
     """The query projection as ``[N H, E]``."""
-    return layer.xp.reshape(layer._w_q(), (layer.nhead * layer.d_k, layer.emsize))
+    return layer.xp.reshape(layer.weights.query(), (layer.nhead * layer.d_k, layer.emsize))
 
 
 def _kv_weights(layer: "MultiHeadAttention", kh: int) -> tuple[Any, Any]:
     """The key and value projections of the first ``kh`` kv heads as ``[kh H, E]`` and ``[kh V, E]``."""
-    xp, w, E = layer.xp, layer._w, layer.emsize
-    w_kv = w["w_kv"] if w["w_qkv"] is None else w["w_qkv"][1:, ...]
-    w_k, w_v = (w_kv[0, :kh, ...], w_kv[1, :kh, ...]) if w_kv is not None else (w["w_k"][:kh, ...], w["w_v"][:kh, ...])
+    xp, E = layer.xp, layer.emsize
+    w_kv, w_k, w_v = layer.weights.key_value(kh)
+    if w_kv is not None:
+        w_k, w_v = w_kv[0, ...], w_kv[1, ...]
     return xp.reshape(w_k, (-1, E)), xp.reshape(w_v, (-1, E))
 
 
@@ -87,7 +88,7 @@ def _kv_grads(layer: "MultiHeadAttention", plan: "CallPlan", src: Any, dk: Any, 
 def _in_layout(layer: "MultiHeadAttention", plan: "CallPlan", d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:
     """Gradients of the layer's own weight arrays (``w_qkv``, ``w_q``, ``w_kv``, ``w_k``, ``w_v``), zeros for
     kv heads this call did not project."""
-    xp, w, N, K, H, V, E = layer.xp, layer._w, layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize
+    xp, w, N, K, H, V, E = layer.xp, layer.weights, layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize
     kh = plan.project_heads
 
     def heads(g: Any, d: int) -> Any:  # [K, d, E], zero-padded past the projected heads
@@ -98,11 +99,11 @@ def _in_layout(layer: "MultiHeadAttention", plan: "CallPlan", d_wq: Any, d_wk: A
         return g if kh == K else xp.concat([g, zeros[kh:, ...]], axis=0)
 
     gq = xp.reshape(d_wq, (1, N, H, E))
-    if w["w_qkv"] is not None:
+    if w.w_qkv is not None:
         return {"w_qkv": xp.concat([gq, heads(d_wk, H)[None, ...], heads(d_wv, V)[None, ...]], axis=0)}
     out = {"w_q": gq}
-    if w["w_kv"] is not None:
+    if w.w_kv is not None:
         out["w_kv"] = xp.stack([heads(d_wk, H), heads(d_wv, V)], axis=0)
-    elif w["w_k"] is not None:
+    elif w.w_k is not None:
         out["w_k"], out["w_v"] = heads(d_wk, H), heads(d_wv, V)
     return out

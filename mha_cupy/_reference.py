@@ -18,10 +18,9 @@ import numpy
 from ._backends import convert, dtype_name, resolve_backend, to_numpy
 from .module import MultiHeadAttention
 from .testing import scaled_error, tolerance
-from .weights import convert_torch_nn_multihead_attention_state_dict
+from .weights import WEIGHT_NAMES, convert_torch_nn_multihead_attention_state_dict
 
 __all__ = [
-    "WEIGHT_NAMES",
     "packaged_fixtures",
     "load_npz",
     "reference_layer",
@@ -31,7 +30,6 @@ __all__ = [
     "verify_fixtures",
 ]
 
-WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
 
 
 def packaged_fixtures() -> Path:

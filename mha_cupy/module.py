@@ -31,12 +31,11 @@ from ._validation import (
     check_shape_and_dtype,
     check_weight_combination,
 )
-from .weights import initial_weights
+from .weights import WEIGHT_NAMES, Weights, initial_weights
 
 __all__ = ["MultiHeadAttention"]
 
 
-_WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
 _PRECOMPUTED_NAMES = ("precomputed_k", "precomputed_v", "precomputed_kv")
 
 
@@ -137,7 +136,7 @@ class MultiHeadAttention:
         if device is None:
             device = device_of(present[0]) if present else self._be.default_device()
         self.device = self._be.check_device(device)
-        self._w: dict[str, Any] = {}
+        self._weights: Weights | None = None
         self._cache: KVCache | None = None
         weights = initial_weights(self, with_kv=not present, zero_output=initialize_output_to_zero)
         self.set_parameters(precomputed_k=precomputed_k, precomputed_v=precomputed_v,
@@ -180,7 +179,7 @@ class MultiHeadAttention:
         check_weight_combination(given, nhead=self.nhead, kv_heads=self.nhead_kv, d_k=self.d_k, d_v=self.d_v)
         self._check_weight_shapes(given)
         cache = self._precomputed_cache(precomputed_k, precomputed_v, precomputed_kv)
-        self._w = {n: given[n] for n in _WEIGHT_NAMES}
+        self._weights = Weights(**{n: given[n] for n in WEIGHT_NAMES})
         self._cache = cache
 
     def _check_weight_shapes(self, given: dict[str, Any]) -> None:
@@ -214,12 +213,18 @@ class MultiHeadAttention:
                               legend="[batch, kv_len, kv_heads or 1, d_v]", dtype=dt, be=be)
         return KVCache((pre_k, pre_v), pre_k.shape[1])
 
-    w_out = property(lambda self: self._w["w_out"], doc="``[N, V, E]``")
-    w_q = property(lambda self: self._w["w_q"], doc="``[1, N, H, E]`` or None")
-    w_k = property(lambda self: self._w["w_k"], doc="``[K, H, E]`` or None")
-    w_v = property(lambda self: self._w["w_v"], doc="``[K, V, E]`` or None")
-    w_kv = property(lambda self: self._w["w_kv"], doc="``[2, K, H, E]`` or None")
-    w_qkv = property(lambda self: self._w["w_qkv"], doc="``[3, N, H, E]`` or None")
+    w_out = property(lambda self: self._weights.w_out, doc="``[N, V, E]``")
+    w_q = property(lambda self: self._weights.w_q, doc="``[1, N, H, E]`` or None")
+    w_k = property(lambda self: self._weights.w_k, doc="``[K, H, E]`` or None")
+    w_v = property(lambda self: self._weights.w_v, doc="``[K, V, E]`` or None")
+    w_kv = property(lambda self: self._weights.w_kv, doc="``[2, K, H, E]`` or None")
+    w_qkv = property(lambda self: self._weights.w_qkv, doc="``[3, N, H, E]`` or None")
+
+    @property
+    def weights(self) -> Weights:
+        """All weights in one frozen layout object (``mha_cupy.weights.Weights``): which exist and how queries,
+        keys and values are read from them. Replace them with ``set_parameters``."""
+        return self._weights
 
     @property
     def kv_cache(self) -> Any:
@@ -244,9 +249,6 @@ class MultiHeadAttention:
         """Drop the cached keys and values."""
         self._cache = None
 
-    def _has_kv_weights(self) -> bool:
-        return any(self._w[n] is not None for n in ("w_qkv", "w_kv", "w_k"))
-
     # ------------------------------------------------------------------ conversion
 
     def to(self, xp: Any, device: Any = None) -> "MultiHeadAttention":
@@ -257,7 +259,7 @@ class MultiHeadAttention:
         new.__dict__.update(self.__dict__)
         new._be, new.xp, new.dtype = target, target.xp, dtype
         new.device = target.default_device() if device is None else target.check_device(device)
-        new._w = {n: convert(a, target, new.device) for n, a in self._w.items()}
+        new._weights = self._weights.map(lambda a: convert(a, target, new.device))
         if self._cache is not None:
             new._cache = self._cache.moved(lambda a: convert(a, target, new.device))
         return new
@@ -321,7 +323,7 @@ class MultiHeadAttention:
         """
         opts = CallOptions.from_keywords(options, where="MultiHeadAttention.__call__")
         plan = plan_call(self, x, x_kv, opts)
-        if self._be.needs_grad(x, x_kv, *(a for a in self._w.values() if a is not None)):
+        if self._be.needs_grad(x, x_kv, *self._weights.present().values()):
             return self._run_with_gradient(plan, x, x_kv)
         return self._run(plan, x, x_kv)
 
@@ -333,7 +335,8 @@ class MultiHeadAttention:
             msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
                    "be False when inputs or weights require grad (cache under torch.no_grad())")
             raise ValueError(msg)
-        names = [n for n, a in self._w.items() if a is not None]
+        weights = self._weights.present()
+        names = list(weights)
         n_in = 1 if x_kv is None else 2
 
         def forward(*inputs: Any) -> tuple[tuple[Any], tuple[Any, ...]]:
@@ -343,7 +346,7 @@ class MultiHeadAttention:
             dx, dx_kv, grads = layer_vjp(self, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
             return (dx, *((dx_kv,) if n_in == 2 else ()), *(grads[n] for n in names))
 
-        inputs = (x, *((x_kv,) if n_in == 2 else ()), *(self._w[n] for n in names))
+        inputs = (x, *((x_kv,) if n_in == 2 else ()), *weights.values())
         return self._be.differentiable(forward, backward, inputs)
 
     def vjp(self, x: Any, d_out: Any, x_kv: Any = None, **call_keywords: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -436,7 +439,7 @@ class MultiHeadAttention:
         heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0))
         N, V, T = self.nhead, self.d_v, q.shape[1]
         return self._rows_matmul(plan, xp.reshape(heads, (b1 - b0, T, N * V)),
-                                 xp.reshape(self._w["w_out"], (N * V, self.emsize)))
+                                 xp.reshape(self._weights.w_out, (N * V, self.emsize)))
 
     def _store_lazy(self, plan: CallPlan, k: Any, v: Any) -> tuple[Any, Any]:
         """Cache lazy keys/values as they are, chunks included (appends concatenate); the keys and values
@@ -461,29 +464,25 @@ class MultiHeadAttention:
 
     def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
         """Queries ``[b, T, N, H]``, keys ``[b, S, kh, H]`` and values ``[b, S, kh, V]`` of one batch part."""
-        N, H, V, kh, w = self.nhead, self.d_k, self.d_v, plan.project_heads, self._w
+        N, H, V, kh, w = self.nhead, self.d_k, self.d_v, plan.project_heads, self._weights
         if plan.kv_source == "cache":
-            return (self._project(plan, x, self._w_q(), (N, H)), *self._cache.keys_values(b0, b1))
-        if w["w_qkv"] is not None and plan.kv_source == "self":
-            qkv = self._project(plan, x, w["w_qkv"], (3, N, H))
+            return (self._project(plan, x, w.query(), (N, H)), *self._cache.keys_values(b0, b1))
+        if w.w_qkv is not None and plan.kv_source == "self":
+            qkv = self._project(plan, x, w.w_qkv, (3, N, H))
             return qkv[:, :, 0, ...], qkv[:, :, 1, ...], qkv[:, :, 2, ...]
-        q = self._project(plan, x, self._w_q(), (N, H))
+        q = self._project(plan, x, w.query(), (N, H))
         src = x if x_kv is None else x_kv
-        w_kv = w["w_kv"] if w["w_qkv"] is None else w["w_qkv"][1:, ...]
+        w_kv, w_k, w_v = w.key_value(kh)
         if w_kv is not None:
-            kv = self._project(plan, src, w_kv[:, :kh, ...], (2, kh, H))
+            kv = self._project(plan, src, w_kv, (2, kh, H))
             return q, kv[:, :, 0, ...], kv[:, :, 1, ...]
-        return (q, self._project(plan, src, w["w_k"][:kh, ...], (kh, H)),
-                self._project(plan, src, w["w_v"][:kh, ...], (kh, V)))
+        return q, self._project(plan, src, w_k, (kh, H)), self._project(plan, src, w_v, (kh, V))
 
     def _project(self, plan: CallPlan, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
         """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``, as one 2-D GEMM over the b L rows."""
         xp = self.xp
         y = self._rows_matmul(plan, x, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
         return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
-
-    def _w_q(self) -> Any:
-        return self._w["w_q"] if self._w["w_q"] is not None else self._w["w_qkv"][:1, ...]
 
 
 # help() and editors show the call's keywords, whose defaults live in CallOptions alone.

@@ -7,10 +7,9 @@ Layouts (E emsize, N heads, K kv heads, H d_k, V d_v):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import dropout as _random
 from ._backends import backend_of, convert, resolve_backend
@@ -20,6 +19,8 @@ if TYPE_CHECKING:
     from .module import MultiHeadAttention
 
 __all__ = [
+    "WEIGHT_NAMES",
+    "Weights",
     "STREAMS",
     "input_weight_bound",
     "output_weight_bound",
@@ -27,6 +28,53 @@ __all__ = [
     "initial_weights",
     "convert_torch_nn_multihead_attention_state_dict",
 ]
+
+#: The weight arrays a layer may have, in the order the reference lists them.
+WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A layer's weights in the reference's layouts (module docstring), None for those it does not have, and
+    the one place that knows how queries, keys and values are read from them."""
+
+    w_out: Any
+    w_q: Any = None
+    w_k: Any = None
+    w_v: Any = None
+    w_kv: Any = None
+    w_qkv: Any = None
+
+    def present(self) -> dict[str, Any]:
+        """Name to array for the weights the layer has, in ``WEIGHT_NAMES`` order."""
+        return {n: getattr(self, n) for n in WEIGHT_NAMES if getattr(self, n) is not None}
+
+    def map(self, fn: Callable[[Any], Any]) -> "Weights":
+        """The same layout with ``fn`` applied to every array (to another library or device)."""
+        return Weights(**{n: fn(a) for n, a in self.present().items()})
+
+    @property
+    def has_kv(self) -> bool:
+        """Whether keys and values can be projected (else they come precomputed, from the cache)."""
+        return self.w_qkv is not None or self.w_kv is not None or self.w_k is not None
+
+    @property
+    def stacked_kv(self) -> bool:
+        """Whether keys and values are projected by one stacked weight (``w_kv``, or ``w_qkv``'s last two thirds)."""
+        return self.w_qkv is not None or self.w_kv is not None
+
+    def query(self) -> Any:
+        """The query projection ``[1, N, H, E]``."""
+        return self.w_q if self.w_q is not None else self.w_qkv[:1, ...]
+
+    def key_value(self, heads: int) -> tuple[Any, Any, Any]:
+        """The first ``heads`` kv heads' projections: ``(w_kv [2, heads, H, E], None, None)`` when stacked,
+        else ``(None, w_k [heads, H, E], w_v [heads, V, E])``."""
+        if self.stacked_kv:
+            w_kv = self.w_kv if self.w_qkv is None else self.w_qkv[1:, ...]
+            return w_kv[:, :heads, ...], None, None
+        return None, self.w_k[:heads, ...], self.w_v[:heads, ...]
+
 
 #: Philox stream of each weight (and of dropout) under one module seed.
 STREAMS = {"w_qkv": 1, "w_q": 2, "w_kv": 3, "w_k": 4, "w_v": 5, "w_out": 6, "dropout": 7}

@@ -85,3 +85,26 @@ def test_state_dict_bad_input():
         convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8))}, 2.0)
     ok = convert_sd({"in_proj_weight": w, "out_proj.weight": np.zeros((8, 8)), "in_proj_bias": np.zeros(24)}, 2)
     assert ok["w_qkv"].shape == (3, 2, 4, 8)
+
+
+def test_weights_layout_reads_queries_keys_and_values_from_every_layout():
+    from mha_cupy.weights import WEIGHT_NAMES, Weights
+
+    rng = np.random.default_rng(9)
+    N, K, H, V, E = 4, 2, 3, 5, 6
+    w_out, w_q = rng.standard_normal((N, V, E)), rng.standard_normal((1, N, H, E))
+    w_qkv = rng.standard_normal((3, N, H, E))
+    stacked = Weights(w_out=w_out, w_qkv=w_qkv)
+    assert stacked.has_kv and stacked.stacked_kv and list(stacked.present()) == ["w_out", "w_qkv"]
+    np.testing.assert_array_equal(stacked.query(), w_qkv[:1])
+    np.testing.assert_array_equal(stacked.key_value(1)[0], w_qkv[1:, :1])
+    w_k, w_v = rng.standard_normal((K, H, E)), rng.standard_normal((K, V, E))
+    split = Weights(w_out=w_out, w_q=w_q, w_k=w_k, w_v=w_v)
+    kv, k, v = split.key_value(K)
+    assert kv is None and not split.stacked_kv
+    np.testing.assert_array_equal(k, w_k) and np.testing.assert_array_equal(v, w_v)
+    precomputed = Weights(w_out=w_out, w_q=w_q)
+    assert not precomputed.has_kv and precomputed.query() is w_q
+    doubled = split.map(lambda a: a * 2)
+    assert set(doubled.present()) == {"w_out", "w_q", "w_k", "w_v"} and set(WEIGHT_NAMES) >= set(doubled.present())
+    np.testing.assert_array_equal(doubled.w_k, 2 * w_k)

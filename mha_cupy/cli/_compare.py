@@ -129,8 +129,7 @@ def _float64(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[S
     wide = MultiHeadAttention(emsize=layer.emsize, nhead=layer.nhead, d_k=layer.d_k, d_v=layer.d_v,
                               share_kv_across_n_heads=layer.share_kv_across_n_heads, dtype="float64", xp="numpy")
     xp = layer.xp
-    wide.set_parameters(**{n: xp.astype(w, xp.float64) for n in ("w_out", "w_qkv", "w_q", "w_kv", "w_k", "w_v")
-                           if (w := getattr(layer, n)) is not None})
+    wide.set_parameters(**{n: xp.astype(w, xp.float64) for n, w in layer.weights.present().items()})
     xs = [None if a is None else xp.astype(a, xp.float64) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL)
     return _ours(args, layer, x, x_kv), Side("mha_cupy in float64 on numpy", lambda: wide(*_copies(xp, xs), **kwargs))
