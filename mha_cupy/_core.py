@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import dropout as _dropout
+from ._random import split_seed
 from ._backends import Backend, device_of
 from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
-from ._merge import merge_partials, safe_max
+from ._merge import merge_partials
 from ._threads import run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
@@ -107,7 +108,7 @@ def plan_attention(
     if batch_invariant:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
-    key = _dropout.split_seed(seed) if dropout_p > 0 else None
+    key = split_seed(seed) if dropout_p > 0 else None
     return AttentionPlan(scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
                          dropout_p=dropout_p if key is not None else 0.0, dropout_key=key,
                          key_splits=1 if batch_invariant else _key_splits(chunks, B, T, S, workers, be),

@@ -13,11 +13,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from . import dropout as _dropout
 from ._backends import backend_of, device_of, same_device
 from ._core import AttentionPlan, plan_attention
+from ._random import STREAMS, derive_seed
 from ._validation import check_array, check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
-from .weights import STREAMS
 
 if TYPE_CHECKING:
     from .module import MultiHeadAttention
@@ -118,7 +117,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     parts = tuple((b0, min(B, b0 + step)) for b0 in range(0, B, step)) or ((0, 0),)
     seed = None
     if opts.training and layer.dropout_p:
-        seed = _dropout.derive_seed(layer.seed, STREAMS["dropout"], layer._calls)
+        seed = derive_seed(layer.seed, STREAMS["dropout"], layer._calls)
     attention = plan_attention(
         be=layer._be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
         dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,

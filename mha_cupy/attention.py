@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from . import dropout as _dropout
 from ._backends import backend_of, device_of
 from ._core import attend, plan_attention
 from ._lazy import run_attention
+from ._random import random_seed, split_seed
 from ._validation import check_array, check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp"]
@@ -204,9 +204,9 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
     scale = check_scale(scale, H)
     dropout_p = check_probability(dropout_p, "dropout_p")
     if dropout_p > 0 and seed is None:
-        seed = _dropout.random_seed()
+        seed = random_seed()
     if seed is not None:
-        _dropout.split_seed(seed)
+        split_seed(seed)
     mask = check_mask(mask, "mask", (B, T, N, S), be=be)
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(

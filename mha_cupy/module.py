@@ -13,10 +13,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from . import dropout as _dropout
 from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend, same_device
 from ._cache import KVCache
 from ._lazy import run_attention
+from ._random import random_seed
 from ._layer_plan import CallOptions, CallPlan, plan_call
 from ._threads import matmul_rows
 from ._validation import (
@@ -121,7 +121,7 @@ class MultiHeadAttention:
         self.softmax_scale = None if softmax_scale is None else self.scale
         check_bool(initialize_output_to_zero, "initialize_output_to_zero")
         self.init_gain = check_finite_real(init_gain, "init_gain")
-        self.seed = _dropout.random_seed() if seed is None else check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
+        self.seed = random_seed() if seed is None else check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
         self._calls = 0
 
         precomputed = (precomputed_k, precomputed_v, precomputed_kv)

@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import dropout as _random
 from ._backends import backend_of, convert, resolve_backend
+from ._random import STREAMS, uniform
 from ._validation import check_bool, check_positive_int, shape_str
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 __all__ = [
     "WEIGHT_NAMES",
     "Weights",
-    "STREAMS",
     "input_weight_bound",
     "output_weight_bound",
     "init_uniform",
@@ -76,8 +75,6 @@ class Weights:
         return None, self.w_k[:heads, ...], self.w_v[:heads, ...]
 
 
-#: Philox stream of each weight (and of dropout) under one module seed.
-STREAMS = {"w_qkv": 1, "w_q": 2, "w_kv": 3, "w_k": 4, "w_v": 5, "w_out": 6, "dropout": 7}
 
 
 def input_weight_bound(nhead: int, d: int, emsize: int, gain: float) -> float:
@@ -98,7 +95,7 @@ def output_weight_bound(nhead: int, d_v: int, emsize: int) -> float:
 
 def init_uniform(shape: tuple[int, ...], bound: float, *, seed: int, name: str, dtype: Any, xp: Any, device: Any) -> Any:
     """Uniform weights in ``[-bound, bound)`` from the Philox stream of ``name`` under ``seed``."""
-    u = _random.uniform(seed, STREAMS[name], shape, dtype, xp=xp, device=device)
+    u = uniform(seed, STREAMS[name], shape, dtype, xp=xp, device=device)
     return xp.astype((u * 2.0 - 1.0) * bound, dtype)
 
 

@@ -145,9 +145,9 @@ def keep_mask(seed: int, p: float, B: int, N: int, T: int, S: int) -> np.ndarray
 
 def layer_keep_mask(layer: Any, call: int, B: int, T: int, S: int) -> np.ndarray:
     """The keep mask of ``layer``'s ``call``-th training call with dropout (flattened batch B)."""
-    from mha_cupy import dropout as D
+    from mha_cupy._random import derive_seed
 
-    return keep_mask(D.derive_seed(layer.seed, 7, call), layer.dropout_p, B, layer.nhead, T, S)
+    return keep_mask(derive_seed(layer.seed, 7, call), layer.dropout_p, B, layer.nhead, T, S)
 
 
 def direct(layer: Any, x: Any, x_kv: Any = None, *, reuse_first_head_kv: bool = False, add_input: bool = False,

@@ -17,7 +17,7 @@ from mha_cupy._backends._dispatch import numpy_simd, without_avx512
 HERE = Path(__file__).resolve().parent
 #: Tests whose promises are bitwise (batch invariance, the dropout mask, the fixed-order product) or rest on
 #: the compiled kernels' accuracy.
-BITWISE = ("test_batch_invariant.py", "test_numba.py", "test_dropout.py", "test_edge_cases.py")
+BITWISE = ("test_batch_invariant.py", "test_numba.py", "test_dropout.py", "test_random.py", "test_edge_cases.py")
 
 
 @pytest.mark.slow

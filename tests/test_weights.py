@@ -10,7 +10,8 @@ import pytest
 from helpers import assert_close, require, uniform_by_the_book
 from mha_cupy import MultiHeadAttention, convert_torch_nn_multihead_attention_state_dict as convert_sd
 from mha_cupy._backends import to_numpy
-from mha_cupy.weights import STREAMS, input_weight_bound, output_weight_bound
+from mha_cupy._random import STREAMS
+from mha_cupy.weights import input_weight_bound, output_weight_bound
 
 
 def test_bounds_are_tabpfns():

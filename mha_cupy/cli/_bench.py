@@ -91,7 +91,7 @@ def _torch() -> Any:
 
 def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, Any, Any]:
     from .._backends import resolve_backend
-    from ..dropout import uniform
+    from .._random import uniform
 
     xp = resolve_backend(cfg["xp"]).xp
     B, N, K, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["dim"]

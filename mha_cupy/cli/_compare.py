@@ -88,7 +88,7 @@ def _our_layer(args: argparse.Namespace) -> Any:
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     """Random inputs in [-0.5, 0.5), on NumPy in ``--dtype``; each side converts them."""
     from .._backends import resolve_backend
-    from ..dropout import uniform
+    from .._random import uniform
 
     xp = resolve_backend("numpy").xp
 
