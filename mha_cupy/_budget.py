@@ -22,7 +22,7 @@ __all__ = [
     "ACCELERATOR_Q_CHUNK",
     "DEFAULT_KV_CHUNK",
     "DEFAULT_Q_CHUNK",
-    "MIN_ROWS_PER_WORKER",
+    "MIN_QUERY_ROWS_PER_WORKER",
     "TILE_ELEMENTS",
     "ChunkPlan",
     "get_memory_budget",
@@ -44,7 +44,7 @@ TILE_ELEMENTS = 2**20
 #: Fewest (batch x query) rows per worker for which the planner splits the queries between the
 #: workers; below it, a call keeps its queries in one block and splits the keys instead
 #: (``_core``), so that K and V are read once in all rather than once per worker.
-MIN_ROWS_PER_WORKER = 64
+MIN_QUERY_ROWS_PER_WORKER = 64
 #: Largest query chunk the planner picks by itself on a CPU.
 DEFAULT_Q_CHUNK = 1024
 #: The same on an accelerator (not measured on a GPU yet): with 4096-key chunks, a
@@ -186,7 +186,7 @@ def plan_chunks(
         if on_cpu:
             rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
         per_worker = -(-batch * q_len // max(1, workers))
-        if per_worker >= MIN_ROWS_PER_WORKER:  # else one block, and the keys are split between the workers
+        if per_worker >= MIN_QUERY_ROWS_PER_WORKER:  # else one block, and the keys are split between the workers
             rows = min(rows, per_worker)
         q_chunk = _balanced(q_len, min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows))
     q_chunk = min(q_chunk, q_len)

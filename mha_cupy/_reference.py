@@ -104,70 +104,91 @@ def layer_like(ref: Any, *, xp: Any = None, device: Any = None, seed: int = 0) -
     return layer
 
 
+class _Replay:
+    """One fixture case being recomputed: its data on the target backend, our layer, and our results so far."""
+
+    def __init__(self, entry: dict, data: dict, target: Any, device: Any) -> None:
+        self.entry, self.data, self.target, self.device = entry, data, target, device
+        self.cfg = cfg = entry["config"]
+        self.pre = self.arr("precomputed_kv") if cfg.get("precomputed") == "kv" else None
+        self.layer = MultiHeadAttention(
+            emsize=cfg["emsize"], nhead=cfg["nhead"], d_k=cfg["d_k"], d_v=cfg["d_v"],
+            share_kv_across_n_heads=cfg["share_kv_across_n_heads"], dropout_p=cfg["dropout_p"],
+            softmax_scale=cfg.get("softmax_scale"), precomputed_kv=self.pre, dtype=entry["dtype"], xp=target.xp,
+            device=device, seed=entry["seed"],
+        )
+        if cfg.get("state_dict_conversion"):
+            sd = {"in_proj_weight": self.arr("in_proj_weight"), "out_proj.weight": self.arr("out_proj_weight")}
+            weights = convert_torch_nn_multihead_attention_state_dict(sd, cfg["nhead"])
+        else:
+            weights = {k: self.arr(k) for k in entry["weight_keys"]}
+        self.layer.set_parameters(precomputed_kv=self.pre, **weights)
+        self.x = self.arr("x")
+        self.x_kv = self.arr("x_kv") if "x_kv" in data else None
+        self.call = {k: cfg[k] for k in ("add_input", "allow_inplace", "save_peak_mem_factor", "reuse_first_head_kv")
+                     if k in cfg}
+        self.ours: dict[str, Any] = {}
+
+    def arr(self, key: str) -> Any:
+        return convert(self.data[key], self.target, self.device)
+
+    def caches(self, kv_name: str) -> None:
+        layer = self.layer
+        if layer.kv_cache is not None:
+            self.ours[kv_name] = layer.kv_cache
+        else:
+            self.ours["k_cache"], self.ours["v_cache"] = layer.k_cache, layer.v_cache
+
+    def no_cache(self) -> None:
+        layer, ours = self.layer, self.ours
+        if self.pre is not None:
+            ours["output"] = layer(self.x, use_cached_kv=True, **self.call)
+        else:
+            ours["output"] = layer(self.target.xp.asarray(self.x, copy=True), self.x_kv, **self.call)
+        if "output_torch_nn" in self.entry["output_keys"]:
+            ours["output_torch_nn"] = ours["output"]
+
+    def cached(self, scenario: str) -> None:
+        # Self-attention caches directly here (the reference needed a copy of x as x_kv).
+        layer, ours = self.layer, self.ours
+        only = self.cfg.get("only_cache_first_head_kv", False)
+        ours["output_with_cache"] = layer(self.x, self.x_kv, cache_kv=True, only_cache_first_head_kv=only)
+        if scenario == "cache_kv":
+            self.caches("kv_cache")
+            ours["output"] = layer(self.x, self.x_kv)
+        else:
+            self.caches("kv_cache_used")
+            ours["output_with_cached_kv"] = layer(self.arr("x_new_query"), use_cached_kv=True)
+
+    def streaming(self) -> None:
+        n = 1
+        while f"x_chunk{n}" in self.data:
+            self.ours[f"output_chunk{n}"] = self.layer(self.arr(f"x_chunk{n}"), self.x)
+            n += 1
+        self.ours["output_full_reference"] = self.layer(self.x)
+
+
+#: What each fixture ``cache_scenario`` calls.
+_SCENARIOS = {
+    "none": _Replay.no_cache,
+    "cache_kv": lambda replay: replay.cached("cache_kv"),
+    "use_cached": lambda replay: replay.cached("use_cached"),
+    "streaming": _Replay.streaming,
+}
+
+
 def replay_fixture(entry: dict, data: dict, *, xp: Any = None, device: Any = None) -> dict[str, Any]:
     """Recompute a fixture case with our layer from its manifest ``entry`` and npz ``data``.
 
     Returns our arrays (in namespace ``xp``) under the case's output and cache keys.
     """
-    target = resolve_backend(xp)
-    cfg = entry["config"]
-
-    def arr(key: str) -> Any:
-        return convert(data[key], target, device)
-
-    pre = arr("precomputed_kv") if cfg.get("precomputed") == "kv" else None
-    layer = MultiHeadAttention(
-        emsize=cfg["emsize"], nhead=cfg["nhead"], d_k=cfg["d_k"], d_v=cfg["d_v"],
-        share_kv_across_n_heads=cfg["share_kv_across_n_heads"], dropout_p=cfg["dropout_p"],
-        softmax_scale=cfg.get("softmax_scale"), precomputed_kv=pre, dtype=entry["dtype"], xp=target.xp, device=device,
-        seed=entry["seed"],
-    )
-    if cfg.get("state_dict_conversion"):
-        sd = {"in_proj_weight": arr("in_proj_weight"), "out_proj.weight": arr("out_proj_weight")}
-        weights = convert_torch_nn_multihead_attention_state_dict(sd, cfg["nhead"])
-    else:
-        weights = {k: arr(k) for k in entry["weight_keys"]}
-    layer.set_parameters(precomputed_kv=pre, **weights)
-
-    x = arr("x")
-    x_kv = arr("x_kv") if "x_kv" in data else None
-    call = {k: cfg[k] for k in ("add_input", "allow_inplace", "save_peak_mem_factor", "reuse_first_head_kv") if k in cfg}
-    scenario = cfg["cache_scenario"]
-    ours: dict[str, Any] = {}
-
-    def caches(kv_name: str) -> None:
-        if layer.kv_cache is not None:
-            ours[kv_name] = layer.kv_cache
-        else:
-            ours["k_cache"], ours["v_cache"] = layer.k_cache, layer.v_cache
-
-    if scenario == "none":
-        if pre is not None:
-            ours["output"] = layer(x, use_cached_kv=True, **call)
-        else:
-            ours["output"] = layer(target.xp.asarray(x, copy=True), x_kv, **call)
-        if "output_torch_nn" in entry["output_keys"]:
-            ours["output_torch_nn"] = ours["output"]
-    elif scenario in ("cache_kv", "use_cached"):
-        # Self-attention caches directly here (the reference needed a copy of x as x_kv).
-        only = cfg.get("only_cache_first_head_kv", False)
-        ours["output_with_cache"] = layer(x, x_kv, cache_kv=True, only_cache_first_head_kv=only)
-        if scenario == "cache_kv":
-            caches("kv_cache")
-            ours["output"] = layer(x, x_kv)
-        else:
-            caches("kv_cache_used")
-            ours["output_with_cached_kv"] = layer(arr("x_new_query"), use_cached_kv=True)
-    elif scenario == "streaming":
-        n = 1
-        while f"x_chunk{n}" in data:
-            ours[f"output_chunk{n}"] = layer(arr(f"x_chunk{n}"), x)
-            n += 1
-        ours["output_full_reference"] = layer(x)
-    else:
+    scenario = entry["config"]["cache_scenario"]
+    if scenario not in _SCENARIOS:
         msg = f"unknown cache_scenario {scenario!r} in case {entry['case_id']}"
         raise ValueError(msg)
-    return ours
+    replay = _Replay(entry, data, resolve_backend(xp), device)
+    _SCENARIOS[scenario](replay)
+    return replay.ours
 
 
 def verify_fixtures(directory: Any, *, xp: Any = None, device: Any = None) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from ._backends import Backend, device_of
 __all__ = ["run_blocks", "matmul_rows"]
 
 #: Fewest rows per worker for which ``matmul_rows`` splits a product.
-MIN_ROWS_PER_WORKER = 256
+MIN_GEMM_ROWS_PER_WORKER = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +43,7 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, fixed_order: bool 
     depend on how many rows came with it or where (``batch_invariant``).
     """
     rows = a.shape[0]
-    if workers <= 1 or rows < workers * MIN_ROWS_PER_WORKER or not be.item_assignment:
+    if workers <= 1 or rows < workers * MIN_GEMM_ROWS_PER_WORKER or not be.item_assignment:
         return be.matmul(a, b, fixed_order=fixed_order)
     return _matmul_blocks(a, b, -(-rows // workers), be=be, workers=workers, fixed_order=fixed_order)
 

@@ -160,41 +160,10 @@ def convert_torch_nn_multihead_attention_state_dict(
         ``{"w_qkv", "w_out"}`` or ``{"w_q", "w_kv", "w_out"}``, with
         ``w_out [N, H, E]``.
     """
-    if not isinstance(state_dict, dict):
-        msg = f"state_dict must be a dict, got {type(state_dict).__name__}"
-        raise TypeError(msg)
     nhead = check_positive_int(nhead, "nhead")
     check_bool(disable_stacked_w_qkv, "disable_stacked_w_qkv")
-    for key in ("in_proj_weight", "out_proj.weight"):
-        if key not in state_dict:
-            msg = f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), got keys {sorted(state_dict)}"
-            raise ValueError(msg)
-    for key in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"):
-        if state_dict.get(key) is not None:
-            msg = f"state_dict holds {key!r}, which this layout cannot represent (only in_proj_weight/out_proj.weight)"
-            raise ValueError(msg)
-    w_in, w_o = state_dict["in_proj_weight"], state_dict["out_proj.weight"]
-    source = backend_of(w_in, w_o, names=("in_proj_weight", "out_proj.weight"))
-    src = source.xp
-    if hasattr(w_in, "detach"):  # torch parameters: convert values, not the autograd graph
-        w_in, w_o = w_in.detach(), w_o.detach()
-    if w_in.ndim != 2 or w_in.shape[0] != 3 * w_in.shape[1]:
-        msg = f"in_proj_weight must have shape [3 * emsize, emsize], got {shape_str(w_in.shape)}"
-        raise ValueError(msg)
-    E = w_in.shape[1]
-    if E % nhead:
-        msg = f"emsize must be divisible by nhead: emsize {E}, got nhead {nhead}"
-        raise ValueError(msg)
-    if tuple(w_o.shape) != (E, E):
-        msg = f"out_proj.weight must have shape {shape_str((E, E))}, got {shape_str(w_o.shape)}"
-        raise ValueError(msg)
-    for key in ("in_proj_bias", "out_proj.bias"):
-        b = state_dict.get(key)
-        if b is not None:
-            b = b.detach() if hasattr(b, "detach") else b
-            if bool(src.any(b != 0)):
-                msg = f"state_dict[{key!r}] is non-zero; this attention has no biases, so converting would change results"
-                raise ValueError(msg)
+    source, w_in, w_o = _checked_state_dict(state_dict, nhead)
+    src, E = source.xp, w_in.shape[1]
     d = E // nhead
     w_in = src.reshape(w_in, (3, nhead, d, E))
     w_out = src.reshape(src.matrix_transpose(w_o), (nhead, d, E))
@@ -208,3 +177,43 @@ def convert_torch_nn_multihead_attention_state_dict(
     if target is source and device is None:
         return {k: src.asarray(v, copy=True) for k, v in out.items()}
     return {k: convert(v, target, device) for k, v in out.items()}
+
+
+def _detached(a: Any) -> Any:
+    """torch parameters' values without their autograd graph; other arrays as they are."""
+    return a.detach() if hasattr(a, "detach") else a
+
+
+def _checked_state_dict(state_dict: Any, nhead: int) -> tuple[Any, Any, Any]:
+    """The backend, ``in_proj_weight [3 E, E]`` and ``out_proj.weight [E, E]`` of a state dict this layout can
+    represent; a ValueError/TypeError naming what cannot be converted."""
+    if not isinstance(state_dict, dict):
+        msg = f"state_dict must be a dict, got {type(state_dict).__name__}"
+        raise TypeError(msg)
+    for key in ("in_proj_weight", "out_proj.weight"):
+        if key not in state_dict:
+            msg = f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), got keys {sorted(state_dict)}"
+            raise ValueError(msg)
+    for key in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"):
+        if state_dict.get(key) is not None:
+            msg = f"state_dict holds {key!r}, which this layout cannot represent (only in_proj_weight/out_proj.weight)"
+            raise ValueError(msg)
+    w_in, w_o = state_dict["in_proj_weight"], state_dict["out_proj.weight"]
+    source = backend_of(w_in, w_o, names=("in_proj_weight", "out_proj.weight"))
+    w_in, w_o = _detached(w_in), _detached(w_o)
+    if w_in.ndim != 2 or w_in.shape[0] != 3 * w_in.shape[1]:
+        msg = f"in_proj_weight must have shape [3 * emsize, emsize], got {shape_str(w_in.shape)}"
+        raise ValueError(msg)
+    E = w_in.shape[1]
+    if E % nhead:
+        msg = f"emsize must be divisible by nhead: emsize {E}, got nhead {nhead}"
+        raise ValueError(msg)
+    if tuple(w_o.shape) != (E, E):
+        msg = f"out_proj.weight must have shape {shape_str((E, E))}, got {shape_str(w_o.shape)}"
+        raise ValueError(msg)
+    for key in ("in_proj_bias", "out_proj.bias"):
+        b = state_dict.get(key)
+        if b is not None and bool(source.xp.any(_detached(b) != 0)):
+            msg = f"state_dict[{key!r}] is non-zero; this attention has no biases, so converting would change results"
+            raise ValueError(msg)
+    return source, w_in, w_o
