@@ -196,7 +196,8 @@ def check_precomputed_combination(precomputed_k: Any, precomputed_v: Any, precom
 
 
 def check_weight_combination(given: dict[str, Any], *, nhead: int, kv_heads: int, d_k: int, d_v: int) -> None:
-    """The rules of ``set_parameters``: which weights (and precomputed keys/values) may come together."""
+    """The rules of ``set_parameters``: which weights (and precomputed keys/values) may come together (``w_out``,
+    always required, is checked first by the caller)."""
     present = sorted(n for n, a in given.items() if a is not None)
 
     def rule(ok: bool, text: str) -> None:
@@ -204,9 +205,6 @@ def check_weight_combination(given: dict[str, Any], *, nhead: int, kv_heads: int
             msg = f"set_parameters: {text}; got {present}"
             raise ValueError(msg)
 
-    if given["w_out"] is None:
-        msg = "w_out is required, got None"
-        raise ValueError(msg)
     check_precomputed_combination(given["precomputed_k"], given["precomputed_v"], given["precomputed_kv"])
     w_qkv, w_q, w_kv, w_k, w_v = (given[n] for n in ("w_qkv", "w_q", "w_kv", "w_k", "w_v"))
     has_pre = given["precomputed_kv"] is not None or given["precomputed_k"] is not None

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from ._backends import backend_of, device_of
+from ._backward import attend_backward
 from ._core import attend, plan_attention
 from ._lazy import run_attention
 from ._random import random_seed, split_seed
@@ -85,9 +86,9 @@ def scaled_dot_product_attention(
     batch_invariant : bool
         Every output row is bitwise the same whatever else is in the call
         (other batch rows, other queries, the query length, chunk sizes,
-        workers): fixed tiles of 64 queries (the last padded) by 512 keys,
-        one batch row each, no key splits. Costs the padding and smaller
-        tiles (see the README).
+        workers), on any CPU and BLAS: fixed-order products row by row, fixed
+        tiles of 32 queries (the last padded) by 512 keys, no key splits.
+        Costs ×3-4 on NumPy (see the README for what is promised).
 
     Returns
     -------
@@ -110,8 +111,6 @@ def scaled_dot_product_attention(
 def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
     """The forward as one node of the library's autograd, whose backward is ``attend_backward`` (mask and bias
     are constants)."""
-    from ._backward import attend_backward
-
     def forward(q: Any, k: Any, v: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         out, lse = attend(q, k, v, be=be, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
         return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse)
@@ -165,8 +164,6 @@ def scaled_dot_product_attention_vjp(
         Arrays of ``q``'s, ``k``'s and ``v``'s shapes, in ``q``'s library, device and dtype. Grouped
         heads' gradients are summed over each group (``dk``, ``dv`` have K heads).
     """
-    from ._backward import attend_backward
-
     if check_probability(dropout_p, "dropout_p") > 0 and seed is None:
         msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
         raise ValueError(msg)

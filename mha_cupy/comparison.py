@@ -141,7 +141,10 @@ def _precision(x: Any, name: str) -> str:
 
 
 def _check_tol(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a finite number >= 0, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    if not (math.isfinite(value) and value >= 0):
         msg = f"{name} must be a finite number >= 0, got {value!r}"
         raise ValueError(msg)
     return float(value)

@@ -18,6 +18,7 @@ from ._cache import KVCache
 from ._lazy import run_attention
 from ._random import random_seed
 from ._layer_plan import CallOptions, CallPlan, plan_call
+from ._layer_vjp import layer_vjp
 from ._threads import matmul_rows
 from ._validation import (
     check_array,
@@ -329,8 +330,6 @@ class MultiHeadAttention:
 
     def _run_with_gradient(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """``_run`` as one node of the library's autograd (torch, JAX), whose backward is ``layer_vjp``."""
-        from ._layer_vjp import layer_vjp
-
         if plan.cache_mode is not None or plan.write_into_x:
             msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
                    "be False when inputs or weights require grad (cache under torch.no_grad())")
@@ -374,8 +373,6 @@ class MultiHeadAttention:
             Weight name to gradient in that weight's layout, for the weights
             the layer has (``w_qkv`` or ``w_q`` with ``w_kv`` or ``w_k``, ``w_v``; ``w_out``).
         """
-        from ._layer_vjp import layer_vjp
-
         opts = CallOptions.from_keywords(call_keywords, where="MultiHeadAttention.vjp")
         for name in ("cache_kv", "allow_inplace"):
             if getattr(opts, name):

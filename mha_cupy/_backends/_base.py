@@ -80,12 +80,16 @@ class Backend:
     @classmethod
     def load(cls) -> Any:
         """Import the library and return its Array API namespace, or raise ``BackendUnavailableError``."""
+        return cls.namespace_of_module(cls.import_package())
+
+    @classmethod
+    def import_package(cls) -> Any:
+        """The library's package, or ``BackendUnavailableError`` (``"not-installed"``) with the install hint."""
         try:
-            module = importlib.import_module(cls.package)
+            return importlib.import_module(cls.package)
         except ImportError as exc:
             msg = f"xp={cls.name!r} needs the package {cls.package!r}, which is not installed ({exc}); {cls.install_hint}"
             raise BackendUnavailableError(msg, library=cls.name, reason="not-installed") from exc
-        return cls.namespace_of_module(module)
 
     @staticmethod
     def namespace_of_module(module: Any) -> Any:

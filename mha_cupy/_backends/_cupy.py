@@ -3,7 +3,6 @@ GPU or driver is present, device memory for the default budget, and the host cop
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import array_api_compat
@@ -28,11 +27,7 @@ class CupyBackend(Backend):
 
     @classmethod
     def load(cls) -> Any:
-        try:
-            cupy = importlib.import_module("cupy")
-        except ImportError as exc:
-            msg = f"xp='cupy' needs CuPy, which is not installed ({exc}); {cls.install_hint}"
-            raise BackendUnavailableError(msg, library="cupy", reason="not-installed") from exc
+        cupy = cls.import_package()
         try:
             available = bool(cupy.is_available())
         except Exception:  # noqa: BLE001 - a broken driver can raise instead of answering False

@@ -10,7 +10,7 @@ from typing import Any
 import array_api_compat
 import numpy
 
-from ._base import Backend, BackendUnavailableError
+from ._base import Backend
 
 __all__ = ["DaskBackend"]
 
@@ -30,11 +30,7 @@ class DaskBackend(Backend):
 
     @classmethod
     def load(cls) -> Any:
-        try:
-            importlib.import_module("dask.array")
-        except ImportError as exc:
-            msg = f"xp='dask' needs Dask, which is not installed ({exc}); {cls.install_hint}"
-            raise BackendUnavailableError(msg, library="dask", reason="not-installed") from exc
+        cls.import_package()
         return importlib.import_module("array_api_compat.dask.array")
 
     @classmethod

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import os
 from types import SimpleNamespace
-from typing import Any
 
 __all__ = ["load", "ENV_SWITCH"]
 
@@ -45,10 +44,9 @@ def load() -> SimpleNamespace | None:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        import numba  # noqa: F401
-    except ImportError:
+        return _build()
+    except ImportError:  # numba is an optional extra (`fast`)
         return None
-    return _build()
 
 
 def _build() -> SimpleNamespace:

@@ -68,9 +68,6 @@ class NumpyBackend(Backend):
         controller = _blas_controller()
         return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
-    def to_numpy(self, x: Any) -> numpy.ndarray:
-        return numpy.asarray(x)
-
     def exp_(self, x: Any) -> Any:
         return numpy.exp(x, out=x)
 
