@@ -11,17 +11,16 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._backends import backend_of, device_of, same_device
+from ._backends import Backend, backend_of, device_of, same_device
+from ._cache import KVCache
 from ._core import AttentionPlan, plan_attention
 from ._random import STREAMS, derive_seed
 from ._validation import check_array, check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
+from .weights import Weights
 
-if TYPE_CHECKING:
-    from .module import MultiHeadAttention
-
-__all__ = ["CallPlan", "CallOptions", "plan_call"]
+__all__ = ["CallPlan", "CallOptions", "LayerState", "plan_call"]
 
 @dataclass(frozen=True)
 class CallOptions:
@@ -68,6 +67,31 @@ _FLAGS = tuple(f.name for f in fields(CallOptions) if f.type == "bool")
 
 
 @dataclass(frozen=True)
+class LayerState:
+    """What a call needs of its layer, read once by ``MultiHeadAttention`` (sizes, numerics, weights, cache and
+    the count of dropout calls), so that planning, projections and the vjp never reach into the layer."""
+
+    be: Backend
+    device: Any
+    dtype: Any
+    emsize: int
+    nhead: int
+    nhead_kv: int
+    d_k: int
+    d_v: int
+    scale: float
+    dropout_p: float | None
+    seed: int
+    calls: int
+    weights: Weights
+    cache: KVCache | None
+
+    @property
+    def xp(self) -> Any:
+        return self.be.xp
+
+
+@dataclass(frozen=True)
 class CallPlan:
     """What one layer call does."""
 
@@ -92,7 +116,7 @@ class CallPlan:
     fixed_order: bool = False
 
 
-def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
+def plan_call(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
     """Check a call of ``layer`` and resolve it; raises before anything changes."""
     for name in _FLAGS:
         check_bool(getattr(opts, name), name)
@@ -104,7 +128,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     B, T = math.prod(x.shape[:-2]), x.shape[-2]
     source = "cache" if opts.use_cached_kv else ("self" if x_kv is None else "cross")
     new_len = T if x_kv is None else x_kv.shape[-2]
-    cache = layer._cache
+    cache = layer.cache
     if opts.use_cached_kv and cache.batch != B:
         msg = f"x has {B} flattened batch rows but the cache holds {cache.batch}"
         raise ValueError(msg)
@@ -113,13 +137,13 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     if mode == "append":
         kv_len = cache.length + new_len
     # Lazy chunked arrays (Dask) run as one part: their chunks, not the factor, bound each task's memory.
-    step = max(1, B if factor is None or layer._be.lazy_blocks else -(-B // factor))
+    step = max(1, B if factor is None or layer.be.lazy_blocks else -(-B // factor))
     parts = tuple((b0, min(B, b0 + step)) for b0 in range(0, B, step)) or ((0, 0),)
     seed = None
     if opts.training and layer.dropout_p:
-        seed = derive_seed(layer.seed, STREAMS["dropout"], layer._calls)
+        seed = derive_seed(layer.seed, STREAMS["dropout"], layer.calls)
     attention = plan_attention(
-        be=layer._be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
+        be=layer.be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
         dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,
         q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size, memory_budget=opts.memory_budget,
         workers=opts.workers, budget_divisor=factor or 1, batch_invariant=opts.batch_invariant,
@@ -127,7 +151,7 @@ def plan_call(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions)
     return CallPlan(
         batch=B, q_len=T, kv_len=new_len, kv_source=source,
         project_heads=1 if opts.reuse_first_head_kv else layer.nhead_kv, cache_mode=mode, cache_shapes=shapes,
-        add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer._be.item_assignment,
+        add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer.be.item_assignment,
         attention=attention, fixed_order=opts.batch_invariant,
     )
 
@@ -144,13 +168,13 @@ def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:
         raise ValueError(msg)
 
 
-def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOptions) -> None:
+def _check_inputs(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> None:
     check_array(x, "x")
     if x_kv is not None:
         check_array(x_kv, "x_kv")
     be = backend_of(x, x_kv, names=("x", "x_kv"))
     if be.xp is not layer.xp:
-        msg = f"x must be an array of the layer's namespace {layer._be.name}, got {be.name}; use .to()"
+        msg = f"x must be an array of the layer's namespace {layer.be.name}, got {be.name}; use .to()"
         raise TypeError(msg)
     if not same_device(device_of(x), layer.device):
         msg = f"x must be on the layer's device {layer.device}, got {device_of(x)}; use .to()"
@@ -164,7 +188,7 @@ def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOpti
         check_shape_and_dtype(x_kv, "x_kv", (*x.shape[:-2], None, E), legend="[..., kv_len, emsize]",
                               dtype=layer.dtype, be=be)
     if opts.use_cached_kv:
-        if layer._cache is None:
+        if layer.cache is None:
             msg = "use_cached_kv=True but the cache is empty; call with cache_kv=True first or pass precomputed keys/values"
             raise ValueError(msg)
         if x_kv is not None:
@@ -178,7 +202,7 @@ def _check_inputs(layer: "MultiHeadAttention", x: Any, x_kv: Any, opts: CallOpti
         raise ValueError(msg)
 
 
-def _cache_mode(layer: "MultiHeadAttention", opts: CallOptions, B: int,
+def _cache_mode(layer: LayerState, opts: CallOptions, B: int,
                 new_len: int) -> tuple[str | None, tuple[tuple[int, ...], ...]]:
     """Whether the call replaces or appends to the cache, and the shapes a new cache would have."""
     if not opts.cache_kv:
@@ -188,9 +212,9 @@ def _cache_mode(layer: "MultiHeadAttention", opts: CallOptions, B: int,
         shapes: tuple[tuple[int, ...], ...] = ((B, new_len, 2, kh, layer.d_k),)
     else:
         shapes = ((B, new_len, kh, layer.d_k), (B, new_len, kh, layer.d_v))
-    if not (opts.append_kv and layer._cache is not None):
+    if not (opts.append_kv and layer.cache is not None):
         return "replace", shapes
-    have = layer._cache.layout()
+    have = layer.cache.layout()
     want = [(s[0], *s[2:]) for s in shapes]
     if have != want:
         msg = (

@@ -15,35 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._backward import attend_backward
 from ._core import attend
-
-if TYPE_CHECKING:
-    from ._layer_plan import CallPlan
-    from .module import MultiHeadAttention
+from ._layer_plan import CallPlan, LayerState
+from ._projections import queries_keys_values, rows_matmul
 
 __all__ = ["layer_vjp"]
 
 
-def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, d_out: Any) -> tuple[Any, Any, dict]:
+def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) -> tuple[Any, Any, dict]:
     """``(dx, dx_kv, grads)`` for a resolved call (one that writes neither ``x`` nor the cache). Dropout uses the
     plan's mask; the layer's call counter is the caller's business."""
     xp, E, B, T = layer.xp, layer.emsize, plan.batch, plan.q_len
     x3 = xp.reshape(x, (B, T, E))
     kv3 = xp.reshape(x_kv, (B, plan.kv_len, E)) if plan.kv_source == "cross" else None
     dy = xp.reshape(d_out, (B, T, E))
-    q, k, v = layer._qkv(plan, x3, kv3, 0, B)
+    q, k, v = queries_keys_values(layer, plan, x3, kv3, 0, B)
     att_plan = dataclasses.replace(plan.attention, with_lse=True)
-    heads, lse = attend(q, k, v, be=layer._be, plan=att_plan)
+    heads, lse = attend(q, k, v, be=layer.be, plan=att_plan)
     N, V, H = layer.nhead, layer.d_v, layer.d_k
     w_out = xp.reshape(layer.weights.w_out, (N * V, E))
-    d_heads = xp.reshape(layer._rows_matmul(plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
-    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer._be, plan=att_plan)
-    grads = {"w_out": xp.reshape(_weight_grad(xp, heads, dy), (N, V, E))}
-    w_q, d_wq = _q_weight(layer), _weight_grad(xp, dq, x3)
-    dx = layer._rows_matmul(plan, xp.reshape(dq, (B, T, N * H)), w_q)
+    d_heads = xp.reshape(rows_matmul(layer, plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
+    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer.be, plan=att_plan)
+    grads = {"w_out": xp.reshape(_weight_grad(heads, dy, xp=xp), (N, V, E))}
+    w_q, d_wq = _q_weight(layer), _weight_grad(dq, x3, xp=xp)
+    dx = rows_matmul(layer, plan, xp.reshape(dq, (B, T, N * H)), w_q)
     d_src, d_wk, d_wv = _kv_grads(layer, plan, x3 if kv3 is None else kv3, dk, dv)
     if plan.kv_source == "self":
         dx = dx + d_src
@@ -54,18 +52,18 @@ def layer_vjp(layer: "MultiHeadAttention", plan: "CallPlan", x: Any, x_kv: Any, 
     return xp.reshape(dx, x.shape), dx_kv, grads
 
 
-def _weight_grad(xp: Any, grad: Any, src: Any) -> Any:
+def _weight_grad(grad: Any, src: Any, *, xp: Any) -> Any:
     """``grad^T @ src`` over all rows: ``[F, E]`` for ``grad [..., F]`` and ``src [..., E]`` with the same rows."""
     rows, features = math.prod(src.shape[:-1]), math.prod(grad.shape[src.ndim - 1:])  # no -1: rows may be 0
     return xp.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, features))), xp.reshape(src, (rows, src.shape[-1])))
 
 
-def _q_weight(layer: "MultiHeadAttention") -> Any:
+def _q_weight(layer: LayerState) -> Any:
     """The query projection as ``[N H, E]``."""
     return layer.xp.reshape(layer.weights.query(), (layer.nhead * layer.d_k, layer.emsize))
 
 
-def _kv_weights(layer: "MultiHeadAttention", kh: int) -> tuple[Any, Any]:
+def _kv_weights(layer: LayerState, kh: int) -> tuple[Any, Any]:
     """The key and value projections of the first ``kh`` kv heads as ``[kh H, E]`` and ``[kh V, E]``."""
     xp, E = layer.xp, layer.emsize
     w_kv, w_k, w_v = layer.weights.key_value(kh)
@@ -74,18 +72,18 @@ def _kv_weights(layer: "MultiHeadAttention", kh: int) -> tuple[Any, Any]:
     return xp.reshape(w_k, (-1, E)), xp.reshape(w_v, (-1, E))
 
 
-def _kv_grads(layer: "MultiHeadAttention", plan: "CallPlan", src: Any, dk: Any, dv: Any) -> tuple[Any, Any, Any]:
+def _kv_grads(layer: LayerState, plan: CallPlan, src: Any, dk: Any, dv: Any) -> tuple[Any, Any, Any]:
     """The source's gradient ``[B, S, E]`` and the projected heads' weight gradients (None from the cache)."""
     if plan.kv_source == "cache":
         return None, None, None
     xp, B, S = layer.xp, src.shape[0], src.shape[1]
     w_k, w_v = _kv_weights(layer, plan.project_heads)
     dk3, dv3 = (xp.reshape(g, (B, S, math.prod(g.shape[2:]))) for g in (dk, dv))
-    d_src = layer._rows_matmul(plan, dk3, w_k) + layer._rows_matmul(plan, dv3, w_v)
-    return d_src, _weight_grad(xp, dk3, src), _weight_grad(xp, dv3, src)
+    d_src = rows_matmul(layer, plan, dk3, w_k) + rows_matmul(layer, plan, dv3, w_v)
+    return d_src, _weight_grad(dk3, src, xp=xp), _weight_grad(dv3, src, xp=xp)
 
 
-def _in_layout(layer: "MultiHeadAttention", plan: "CallPlan", d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:
+def _in_layout(layer: LayerState, plan: CallPlan, d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:
     """Gradients of the layer's own weight arrays (``w_qkv``, ``w_q``, ``w_kv``, ``w_k``, ``w_v``), zeros for
     kv heads this call did not project."""
     xp, w, N, K, H, V, E = layer.xp, layer.weights, layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize

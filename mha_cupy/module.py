@@ -17,9 +17,9 @@ from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_ba
 from ._cache import KVCache
 from ._lazy import run_attention
 from ._random import random_seed
-from ._layer_plan import CallOptions, CallPlan, plan_call
+from ._layer_plan import CallOptions, CallPlan, LayerState, plan_call
 from ._layer_vjp import layer_vjp
-from ._threads import matmul_rows
+from ._projections import queries_keys_values, rows_matmul
 from ._validation import (
     check_array,
     check_bool,
@@ -139,7 +139,9 @@ class MultiHeadAttention:
         self.device = self._be.check_device(device)
         self._weights: Weights | None = None
         self._cache: KVCache | None = None
-        weights = initial_weights(self, with_kv=not present, zero_output=initialize_output_to_zero)
+        weights = initial_weights((self.nhead, self.nhead_kv, self.d_k, self.d_v, self.emsize), gain=self.init_gain,
+                                  seed=self.seed, dtype=self.dtype, xp=self.xp, device=self.device,
+                                  with_kv=not present, zero_output=initialize_output_to_zero)
         self.set_parameters(precomputed_k=precomputed_k, precomputed_v=precomputed_v,
                             precomputed_kv=precomputed_kv, **weights)
 
@@ -323,7 +325,7 @@ class MultiHeadAttention:
             Same namespace, device and dtype as ``x``.
         """
         opts = CallOptions.from_keywords(options, where="MultiHeadAttention.__call__")
-        plan = plan_call(self, x, x_kv, opts)
+        plan = plan_call(self._state(), x, x_kv, opts)
         if self._be.needs_grad(x, x_kv, *self._weights.present().values()):
             return self._run_with_gradient(plan, x, x_kv)
         return self._run(plan, x, x_kv)
@@ -334,7 +336,7 @@ class MultiHeadAttention:
             msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
                    "be False when inputs or weights require grad (cache under torch.no_grad())")
             raise ValueError(msg)
-        weights = self._weights.present()
+        state, weights = self._state(), self._weights.present()
         names = list(weights)
         n_in = 1 if x_kv is None else 2
 
@@ -342,7 +344,7 @@ class MultiHeadAttention:
             return (self._run(plan, inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
 
         def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
-            dx, dx_kv, grads = layer_vjp(self, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
+            dx, dx_kv, grads = layer_vjp(state, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
             return (dx, *((dx_kv,) if n_in == 2 else ()), *(grads[n] for n in names))
 
         inputs = (x, *((x_kv,) if n_in == 2 else ()), *weights.values())
@@ -378,7 +380,7 @@ class MultiHeadAttention:
             if getattr(opts, name):
                 msg = f"vjp does not write the cache or x: {name} must be False, got {getattr(opts, name)!r}"
                 raise ValueError(msg)
-        plan = plan_call(self, x, x_kv, opts)
+        plan = plan_call(self._state(), x, x_kv, opts)
         if self._be.lazy_blocks:
             msg = f"vjp does not take {self._be.name} arrays yet; compute them into blocks first"
             raise TypeError(msg)
@@ -387,7 +389,7 @@ class MultiHeadAttention:
         check_shape_and_dtype(d_out, "d_out", tuple(x.shape), legend="like x", dtype=self.dtype, be=self._be)
         if plan.attention.dropout_key is not None:
             self._calls += 1  # a vjp is a forward call too: the next call draws the next mask
-        return layer_vjp(self, plan, x, x_kv, d_out)
+        return layer_vjp(self._state(), plan, x, x_kv, d_out)
 
     def _run(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """Execute a resolved call: the only place a call changes the layer."""
@@ -426,7 +428,7 @@ class MultiHeadAttention:
     def _part(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int, offset: int) -> Any:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
         xp = self.xp
-        q, k, v = self._qkv(plan, x, x_kv, b0, b1)
+        q, k, v = queries_keys_values(self._state(), plan, x, x_kv, b0, b1)
         if plan.cache_mode is not None and self._be.lazy_blocks:
             k, v = self._store_lazy(plan, k, v)
         elif plan.cache_mode is not None:
@@ -435,8 +437,8 @@ class MultiHeadAttention:
                 k, v = self._cache.keys_values(b0, b1)
         heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0))
         N, V, T = self.nhead, self.d_v, q.shape[1]
-        return self._rows_matmul(plan, xp.reshape(heads, (b1 - b0, T, N * V)),
-                                 xp.reshape(self._weights.w_out, (N * V, self.emsize)))
+        return rows_matmul(self._state(), plan, xp.reshape(heads, (b1 - b0, T, N * V)),
+                           xp.reshape(self._weights.w_out, (N * V, self.emsize)))
 
     def _store_lazy(self, plan: CallPlan, k: Any, v: Any) -> tuple[Any, Any]:
         """Cache lazy keys/values as they are, chunks included (appends concatenate); the keys and values
@@ -449,37 +451,12 @@ class MultiHeadAttention:
         self._cache = KVCache(new, new[0].shape[1])
         return self._cache.keys_values(0, plan.batch) if plan.cache_mode == "append" else (k, v)
 
-    def _rows_matmul(self, plan: CallPlan, x: Any, w: Any) -> Any:
-        """``x [b, L, D] @ w [D, F]`` -> ``[b, L, F]``: one 2-D GEMM over the b L rows (a batched product runs
-        as b small GEMMs in NumPy); on lazy chunked arrays a broadcast product, which keeps x's chunks."""
-        xp = self.xp
-        if self._be.lazy_blocks:
-            return xp.matmul(x, w)
-        y = matmul_rows(xp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2])), w, be=self._be,
-                        workers=plan.attention.workers, fixed_order=plan.fixed_order)
-        return xp.reshape(y, (x.shape[0], x.shape[1], w.shape[1]))
-
-    def _qkv(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int) -> tuple[Any, Any, Any]:
-        """Queries ``[b, T, N, H]``, keys ``[b, S, kh, H]`` and values ``[b, S, kh, V]`` of one batch part."""
-        N, H, V, kh, w = self.nhead, self.d_k, self.d_v, plan.project_heads, self._weights
-        if plan.kv_source == "cache":
-            return (self._project(plan, x, w.query(), (N, H)), *self._cache.keys_values(b0, b1))
-        if w.w_qkv is not None and plan.kv_source == "self":
-            qkv = self._project(plan, x, w.w_qkv, (3, N, H))
-            return qkv[:, :, 0, ...], qkv[:, :, 1, ...], qkv[:, :, 2, ...]
-        q = self._project(plan, x, w.query(), (N, H))
-        src = x if x_kv is None else x_kv
-        w_kv, w_k, w_v = w.key_value(kh)
-        if w_kv is not None:
-            kv = self._project(plan, src, w_kv, (2, kh, H))
-            return q, kv[:, :, 0, ...], kv[:, :, 1, ...]
-        return q, self._project(plan, src, w_k, (kh, H)), self._project(plan, src, w_v, (kh, V))
-
-    def _project(self, plan: CallPlan, x: Any, w: Any, shape: tuple[int, ...]) -> Any:
-        """``x [b, L, E] @ w.reshape(-1, E).T`` reshaped to ``[b, L, *shape]``, as one 2-D GEMM over the b L rows."""
-        xp = self.xp
-        y = self._rows_matmul(plan, x, xp.matrix_transpose(xp.reshape(w, (-1, self.emsize))))
-        return xp.reshape(y, (x.shape[0], x.shape[1], *shape))
+    def _state(self) -> LayerState:
+        """What a call needs of this layer, read once (``_layer_plan.LayerState``)."""
+        return LayerState(be=self._be, device=self.device, dtype=self.dtype, emsize=self.emsize, nhead=self.nhead,
+                          nhead_kv=self.nhead_kv, d_k=self.d_k, d_v=self.d_v, scale=self.scale,
+                          dropout_p=self.dropout_p, seed=self.seed, calls=self._calls, weights=self._weights,
+                          cache=self._cache)
 
 
 # help() and editors show the call's keywords, whose defaults live in CallOptions alone.

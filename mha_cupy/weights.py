@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ._backends import backend_of, convert, resolve_backend
 from ._random import STREAMS, uniform
 from ._validation import check_bool, check_positive_int, shape_str
-
-if TYPE_CHECKING:
-    from .module import MultiHeadAttention
 
 __all__ = [
     "WEIGHT_NAMES",
@@ -99,21 +96,22 @@ def init_uniform(shape: tuple[int, ...], bound: float, *, seed: int, name: str, 
     return xp.astype((u * 2.0 - 1.0) * bound, dtype)
 
 
-def initial_weights(layer: "MultiHeadAttention", *, with_kv: bool, zero_output: bool) -> dict[str, Any]:
-    """A new layer's weights in the reference's layouts, from the Philox streams of ``layer.seed``.
+def initial_weights(sizes: tuple[int, int, int, int, int], *, gain: float, seed: int, dtype: Any, xp: Any, device: Any,
+                    with_kv: bool, zero_output: bool) -> dict[str, Any]:
+    """A new layer's weights in the reference's layouts, from the Philox streams of ``seed``.
 
-    ``w_qkv`` when ``d_k == d_v``, ``K == N`` and the layer has key/value
-    weights (``with_kv``); else ``w_q`` with ``w_kv`` or ``w_k``/``w_v`` (or
-    none, for precomputed keys/values). ``w_out`` is Xavier-uniform, or zero.
+    ``sizes`` is ``(N, K, H, V, E)``. ``w_qkv`` when ``d_k == d_v``, ``K == N``
+    and the layer has key/value weights (``with_kv``); else ``w_q`` with
+    ``w_kv`` or ``w_k``/``w_v`` (or none, for precomputed keys/values).
+    ``w_out`` is Xavier-uniform, or zero.
     """
-    N, K, H, V, E, gain = layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v, layer.emsize, layer.init_gain
+    N, K, H, V, E = sizes
 
     def init(name: str, shape: tuple[int, ...], bound: float) -> Any:
-        return init_uniform(shape, bound, seed=layer.seed, name=name, dtype=layer.dtype, xp=layer.xp,
-                            device=layer.device)
+        return init_uniform(shape, bound, seed=seed, name=name, dtype=dtype, xp=xp, device=device)
 
     if zero_output:
-        weights = {"w_out": layer.xp.zeros((N, V, E), dtype=layer.dtype, device=layer.device)}
+        weights = {"w_out": xp.zeros((N, V, E), dtype=dtype, device=device)}
     else:
         weights = {"w_out": init("w_out", (N, V, E), output_weight_bound(N, V, E))}
     if H == V and K == N and with_kv:

@@ -40,7 +40,7 @@ def test_call_signature_shows_the_options_and_their_defaults():
 def test_plan_resolves_parts_cache_and_dropout(backend):
     layer = make().to(backend.xp, device=backend.device)
     x = backend.asarray(np.zeros((7, 5, 16)))
-    plan = plan_call(layer, x, None, options(save_peak_mem_factor=3, allow_inplace=True, training=True, cache_kv=True))
+    plan = plan_call(layer._state(), x, None, options(save_peak_mem_factor=3, allow_inplace=True, training=True, cache_kv=True))
     assert plan.parts == ((0, 3), (3, 6), (6, 7)) and plan.kv_source == "self" and plan.cache_mode == "replace"
     assert plan.cache_shapes == ((7, 5, 2, 4, 4),)
     assert plan.write_into_x == backend.adapter.item_assignment  # JAX concatenates instead

@@ -76,3 +76,31 @@ def test_no_module_takes_another_modules_private_names():
     foreign = [f"{m} imports {n} from {t}" for m, edges in _imports().items() for t, n in edges
                if n.startswith("_") and not n.startswith("__")]
     assert not foreign, "\n".join(foreign)
+
+
+def test_readme_layout_lists_each_modules_imports():
+    """The README's Layout table names, for every module file, the package modules it imports."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("## Layout"):readme.index("## Testing")]
+    actual: dict[str, set[str]] = {}
+    for module, edges in _imports().items():
+        parts = module.split(".")
+        if len(parts) == 2:  # a module right under mha_cupy
+            actual[parts[1]] = {t.split(".")[1] for t, _ in edges if len(t.split(".")) > 1} - {parts[1]}
+    rows, order = {}, []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            order.append(cells[0].strip("`").split(".py")[0].rstrip("/"))
+            if cells[0].endswith(".py`"):
+                rows[cells[0].strip("`")[:-3]] = cells[2]
+    checked = 0
+    for name, cell in rows.items():
+        if name not in actual or not (cell.startswith("`") or cell == "nothing"):
+            continue  # "all of the above", "everything above"
+        listed = set() if cell == "nothing" else {c.strip().strip("`") for c in cell.split(",")}
+        assert listed == actual[name], f"README Layout row {name}.py lists {sorted(listed)}, imports {sorted(actual[name])}"
+        below = [m for m in listed if order.index(m) > order.index(name)]
+        assert not below, f"README Layout: {name}.py imports {below}, listed below it (imports only go down the table)"
+        checked += 1
+    assert checked >= 15, rows
