@@ -74,7 +74,7 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
     l_row = core.fold(lse, b0, b1, t0, t1)
     l_row = safe_max(l_row, xp=xp)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
-    s_end = min(s_hi, core.s_end(t1))
+    s_end = min(s_hi, core.keys_end(t1))
     for s0 in range(s_lo, s_end, plan.chunks.kv):
         bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start

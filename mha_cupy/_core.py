@@ -53,11 +53,11 @@ class AttentionPlan:
     #: same whatever else is in the call.
     batch_invariant: bool = False
 
-    def key_ranges(self, s_end: int) -> list[tuple[int, int]]:
-        """``key_splits`` ranges of whole key chunks covering ``[0, s_end)`` (fewer when there are fewer chunks)."""
-        chunks = -(-s_end // self.chunks.kv)
+    def key_ranges(self, end: int) -> list[tuple[int, int]]:
+        """``key_splits`` ranges of whole key chunks covering ``[0, end)`` (fewer when there are fewer chunks)."""
+        chunks = -(-end // self.chunks.kv)
         per = -(-chunks // max(1, min(self.key_splits, chunks))) * self.chunks.kv
-        return [(s0, min(s_end, s0 + per)) for s0 in range(0, s_end, per)] or [(0, 0)]
+        return [(s0, min(end, s0 + per)) for s0 in range(0, end, per)] or [(0, 0)]
 
     def blocks(self, batch: int, q_len: int) -> list[tuple[int, int, int, int]]:
         """The (batch rows, query rows) blocks ``(b0, b1, t0, t1)``, batch-major."""
@@ -170,7 +170,7 @@ def _run(loop: "ChunkLoop") -> Any:
         out = xp.zeros((B, T, N, loop.V), dtype=loop.q.dtype, device=loop.dev)
         return (out, xp.zeros((B, T, N), dtype=loop.cdt, device=loop.dev)) if plan.with_lse else out
     if not be.item_assignment:
-        return _assemble([loop.finish(*loop.partial(*blk, 0, loop.s_end(blk[3]))) for blk in blocks], plan, B, xp=xp)
+        return _assemble([loop.finish(*loop.whole_block(*blk)) for blk in blocks], plan, B, xp=xp)
     out = xp.empty((B, T, N, loop.V), dtype=loop.q.dtype, device=loop.dev)
     lse = xp.empty((B, T, N), dtype=loop.cdt, device=loop.dev) if plan.with_lse else None
 
@@ -180,14 +180,13 @@ def _run(loop: "ChunkLoop") -> Any:
             lse[blk[0]:blk[1], blk[2]:blk[3], ...] = block_lse
 
     if plan.key_splits == 1:
-        run_blocks(lambda *blk: write(blk, *loop.finish(*loop.partial(*blk, 0, loop.s_end(blk[3])))), blocks,
-                   plan.workers, be)
+        run_blocks(lambda *blk: write(blk, *loop.finish(*loop.whole_block(*blk))), blocks, plan.workers, be)
     else:
-        ranges = [plan.key_ranges(loop.s_end(blk[3])) for blk in blocks]
+        ranges = [plan.key_ranges(loop.keys_end(blk[3])) for blk in blocks]
         parts: list[list[Any]] = [[None] * len(r) for r in ranges]
 
         def part(i: int, j: int) -> None:  # merged in range order below: the same bits on every run
-            parts[i][j] = loop.normalize(*loop.partial(*blocks[i], *ranges[i][j]))
+            parts[i][j] = loop.normalize(*loop.block_state(*blocks[i], *ranges[i][j]))
 
         run_blocks(part, [(i, j) for i, r in enumerate(ranges) for j in range(len(r))], plan.workers, be)
         for blk, block_parts in zip(blocks, parts):
@@ -229,10 +228,10 @@ class Scalars(NamedTuple):
 
 
 class ChunkLoop:
-    """One attention problem as chunk loops: ``partial`` computes a (batch, query) block's online-softmax state
+    """One attention problem as chunk loops: ``block_state`` computes a (batch, query) block's online-softmax state
     ``(m, l, acc)`` over a key range, ``normalize`` turns a state into output rows and their log-sum-exp in the
     compute dtype, ``finish`` into the output dtype. ``fold``/``unfold``, ``allowed``, ``keep``, ``hide_keys``
-    and ``s_end`` are what the backward (``_backward``) shares with the forward."""
+    and ``keys_end`` are what the backward (``_backward``) shares with the forward."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
                  offsets: tuple[int, int, int], shift: int, q_len: int | None = None) -> None:
@@ -282,7 +281,7 @@ class ChunkLoop:
             self._index(tsl.start + to, tsl.stop + to, 2, lanes), self._index(ssl.start + so, ssl.stop + so, 4, lanes),
             key=self.plan.dropout_key, threshold=self.threshold)
 
-    def s_end(self, t1: int) -> int:
+    def keys_end(self, t1: int) -> int:
         """Keys visible to any query of rows ``< t1`` (all, unless causal)."""
         return max(0, min(self.S, min(t1, self.q_len) + self.shift)) if self.plan.is_causal else self.S
 
@@ -301,7 +300,11 @@ class ChunkLoop:
         xp, (nb, K, _, d), G = self.xp, a.shape, self.G
         return xp.reshape(xp.permute_dims(xp.reshape(a, (nb, K, nt, G, d)), (0, 2, 1, 3, 4)), (nb, nt, K * G, d))
 
-    def partial(self, b0: int, b1: int, t0: int, t1: int, s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
+    def whole_block(self, b0: int, b1: int, t0: int, t1: int) -> tuple[Any, Any, Any]:
+        """``block_state`` over every key the block's queries may see."""
+        return self.block_state(b0, b1, t0, t1, 0, self.keys_end(t1))
+
+    def block_state(self, b0: int, b1: int, t0: int, t1: int, s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
         """The online-softmax state ``(m, l, acc)`` of block ``[b0:b1, t0:t1]`` over keys ``[s_lo, s_hi)``."""
         xp, K, G, V, cdt = self.xp, self.K, self.G, self.V, self.cdt
         nb, nt = b1 - b0, t1 - t0

@@ -1,4 +1,4 @@
-"""Test helpers: backends, an ``assert_close`` that checks namespace and dtype, and
+"""Test helpers: backends, an ``assert_matches_reference`` that checks namespace and dtype, and
 an independent float64 attention written with NumPy for parity checks."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ BACKEND_IDS = ("numpy", "array_api_strict", "array_api_strict-device1", "torch",
 
 
 @dataclass
-class Backend:
+class BackendCase:
     """A library under test: its namespace, a device, and ``asarray`` to bring NumPy test data there."""
 
     name: str
@@ -60,7 +60,7 @@ def cupy_skip_reason() -> str | None:
     return None
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str) -> BackendCase:
     if name == "cupy":
         reason = cupy_skip_reason()
         if reason:
@@ -75,11 +75,11 @@ def make_backend(name: str) -> Backend:
             pytest.skip(f"{lib} is not installed")
     adapter = resolve_backend(lib)
     if name == "array_api_strict-device1":
-        return Backend(name, adapter.xp, adapter.xp.Device("device1"))
-    return Backend(name, adapter.xp, adapter.default_device())
+        return BackendCase(name, adapter.xp, adapter.xp.Device("device1"))
+    return BackendCase(name, adapter.xp, adapter.default_device())
 
 
-def assert_close(actual: Any, expected: Any, *, xp: Any, dtype: Any, device: Any = None, what: str = "result",
+def assert_matches_reference(actual: Any, expected: Any, *, xp: Any, dtype: Any, device: Any = None, what: str = "result",
                  tol: float | None = None) -> float:
     """``actual`` is an array of ``xp`` with ``dtype`` (and ``device``) within the tolerance of ``expected``.
 

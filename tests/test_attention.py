@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, keep_mask, naive_attention, require
+from helpers import assert_matches_reference, keep_mask, naive_attention, require
 from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._backends import resolve_backend, to_numpy
@@ -31,7 +31,7 @@ def test_matches_direct_computation_at_every_chunking(backend, dtype, chunks):
     expected = naive_attention(q, k, v)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
     tol = 1e-12 if dtype == "float64" else 1e-6
-    assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device, tol=tol)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device, tol=tol)
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS[1:], ids=str)
@@ -43,7 +43,7 @@ def test_chunked_and_unchunked_both_equal_direct(backend, chunks, dtype):
     tol = 1e-12 if dtype == "float64" else 1e-6
     for qc, kc in ((11, 13), chunks):
         got = sdpa(q, k, v, q_chunk_size=qc, kv_chunk_size=kc)
-        assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), tol=tol, what=f"chunks {qc}, {kc}")
+        assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), tol=tol, what=f"chunks {qc}, {kc}")
 
 
 @pytest.mark.parametrize("T,S", [(5, 5), (3, 8), (8, 3)])
@@ -52,7 +52,7 @@ def test_causal_bottom_right(backend, T, S, chunks):
     q, k, v = data(3, T=T, S=S)
     expected = naive_attention(q, k, v, is_causal=True)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), is_causal=True, q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
-    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
     if T > S:  # the first T - S queries see no key: zeros, never NaN
         assert np.all(to_numpy(got)[:, : T - S] == 0)
 
@@ -66,7 +66,7 @@ def test_mask_and_bias_broadcast(backend, shape):
     expected = naive_attention(q, k, v, mask=mask, bias=bias)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), mask=backend.asarray(mask), bias=backend.asarray(bias),
                q_chunk_size=3, kv_chunk_size=4)
-    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
 
 
 def test_fully_masked_rows_are_zero(backend):
@@ -87,13 +87,13 @@ def test_huge_logits_do_not_overflow(backend, dtype):
     k = k * 100.0
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), kv_chunk_size=2)
     assert np.all(np.isfinite(to_numpy(got)))
-    assert_close(got, naive_attention(q, k, v), xp=backend.xp, dtype=backend.dtype(dtype), tol=1e-3 if dtype == "float32" else 1e-9)
+    assert_matches_reference(got, naive_attention(q, k, v), xp=backend.xp, dtype=backend.dtype(dtype), tol=1e-3 if dtype == "float32" else 1e-9)
 
 
 def test_scale(backend):
     q, k, v = data(8)
     got = sdpa(*(backend.asarray(a) for a in (q, k, v)), scale=0.37)
-    assert_close(got, naive_attention(q, k, v, scale=0.37), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert_matches_reference(got, naive_attention(q, k, v, scale=0.37), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -109,7 +109,7 @@ def test_low_precision_computes_in_float32(backend, dtype):
     got = sdpa(*low, kv_chunk_size=7, is_causal=True)
     # The reference sees the same rounded inputs, in float64.
     expected = naive_attention(*(to_numpy(a) for a in low), is_causal=True)
-    assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
 
 
 class CountingMatmul:
@@ -166,7 +166,7 @@ def test_workers_do_not_change_results(backend, workers):
     many = sdpa(*arrays, q_chunk_size=4, kv_chunk_size=5, workers=workers, dropout_p=0.2, seed=4)
     np.testing.assert_array_equal(to_numpy(many), to_numpy(one))  # same blocks, same arithmetic
     expected = naive_attention(q, k, v, keep=keep_mask(4, 0.2, 3, 6, 17, 19), dropout_p=0.2)
-    assert_close(many, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert_matches_reference(many, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
 
 
 def test_default_workers_and_blas_limit_restored():
@@ -211,7 +211,7 @@ def test_matches_torch_sdpa(seed):
         theirs["attn_mask"] = causal_lower_right(T, S)
     expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **theirs)
     got = sdpa(q, k, v, q_chunk_size=int(rng.integers(1, 5)), kv_chunk_size=int(rng.integers(1, 5)), **kwargs)
-    assert_close(got, expected.transpose(1, 2).numpy(), xp=resolve_backend("numpy").xp, dtype=np.float64)
+    assert_matches_reference(got, expected.transpose(1, 2).numpy(), xp=resolve_backend("numpy").xp, dtype=np.float64)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_return_lse_equals_direct_computation(backend, kw):
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-12 * max(1.0, np.abs(expected[finite]).max()))
-    assert_close(out, naive_attention(q, k, v, is_causal=causal, **host), xp=backend.xp, dtype=backend.xp.float64,
+    assert_matches_reference(out, naive_attention(q, k, v, is_causal=causal, **host), xp=backend.xp, dtype=backend.xp.float64,
                  tol=1e-12)
 
 

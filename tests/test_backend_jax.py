@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, direct, keep_mask, layer_keep_mask, naive_attention, require
+from helpers import assert_matches_reference, direct, keep_mask, layer_keep_mask, naive_attention, require
 from mha_cupy import MultiHeadAttention, scaled_dot_product_attention
 from mha_cupy import dropout as D
 from mha_cupy._backends import resolve_backend, to_numpy
@@ -55,7 +55,7 @@ def test_attention_with_dropout_and_causal(jnp):
     got = scaled_dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), dropout_p=0.3, seed=5, is_causal=True,
                                        q_chunk_size=2, kv_chunk_size=3)
     expected = naive_attention(q, k, v, is_causal=True, keep=keep_mask(5, 0.3, 2, 4, 5, 7), dropout_p=0.3)
-    assert_close(got, expected, xp=jnp, dtype=jnp.float32)
+    assert_matches_reference(got, expected, xp=jnp, dtype=jnp.float32)
 
 
 def test_layer_caches_streaming_and_training(jnp):
@@ -65,9 +65,9 @@ def test_layer_caches_streaming_and_training(jnp):
     x = rng.standard_normal((2, 6, 12)).astype(np.float32)
     x_new = rng.standard_normal((2, 3, 12)).astype(np.float32)
     out = layer(jnp.asarray(x), training=True, add_input=True, allow_inplace=True, save_peak_mem_factor=2)
-    assert_close(out, direct(layer, x, add_input=True, keep=layer_keep_mask(layer, 0, 2, 6, 6)), xp=jnp, dtype=jnp.float32)
+    assert_matches_reference(out, direct(layer, x, add_input=True, keep=layer_keep_mask(layer, 0, 2, 6, 6)), xp=jnp, dtype=jnp.float32)
     for start, stop in ((0, 2), (2, 6)):
         layer(jnp.asarray(x[:, start:stop]), cache_kv=True, append_kv=True)
     assert layer.kv_cache.shape == (2, 6, 2, 2, 3)
     got = layer(jnp.asarray(x_new), use_cached_kv=True)
-    assert_close(got, direct(layer, x_new, x), xp=jnp, dtype=jnp.float32)
+    assert_matches_reference(got, direct(layer, x_new, x), xp=jnp, dtype=jnp.float32)

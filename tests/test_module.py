@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from helpers import assert_close, direct, direct_kv, layer_keep_mask, naive_attention
+from helpers import assert_matches_reference, direct, direct_kv, layer_keep_mask, naive_attention
 from mha_cupy import MultiHeadAttention
 from mha_cupy._backends import to_numpy
 
@@ -42,7 +42,7 @@ def test_every_option_equals_direct_computation_on_every_backend(backend, opts):
                       add_input=opts.get("add_input", False), keep=keep)
     got = layer(backend.asarray(x), None if x_kv is None else backend.asarray(x_kv), **opts)
     # Dropout masks are the documented Philox masks on every library, so training outputs agree to rounding.
-    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, device=backend.device, tol=1e-12)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float64, device=backend.device, tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
@@ -56,7 +56,7 @@ def test_low_precision_layer(backend, dtype):
     x = backend.xp.astype(backend.asarray(np.random.default_rng(11).standard_normal((2, 40, 64))), backend.dtype(dtype))
     out = layer(x, kv_chunk_size=9)
     expected = direct(layer, to_numpy(x).astype(np.float64))  # float64 from the same rounded weights and inputs
-    assert_close(out, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
+    assert_matches_reference(out, expected, xp=backend.xp, dtype=backend.dtype(dtype), device=backend.device)
 
 
 def test_layer_equals_direct_computation():
@@ -76,7 +76,7 @@ def test_cache_then_use_on_every_backend(backend, kw):
     expected = direct(layer, x_new, x, keep=layer_keep_mask(layer, 0, 2, 3, 6))
     layer(backend.asarray(x), cache_kv=True)
     got = layer(backend.asarray(x_new), use_cached_kv=True, training=True)
-    assert_close(got, expected, xp=backend.xp, dtype=backend.xp.float64, device=backend.device, tol=1e-12)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float64, device=backend.device, tol=1e-12)
     layer.empty_kv_cache()
     assert not layer.has_cached_kv and layer.kv_cache is None and layer.k_cache is None
 
@@ -94,15 +94,15 @@ def test_streaming_append_equals_feeding_whole(backend, pieces, kw):
         start += n
         # Each piece attends to everything fed so far (its own keys included).
         expected_piece = direct(layer, x[:, start - n:start], x[:, :start])
-        assert_close(piece, expected_piece, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+        assert_matches_reference(piece, expected_piece, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
     k, v = direct_kv(layer, x)
     if layer.kv_cache is not None:
-        assert_close(layer.kv_cache, np.stack([k, v], axis=2), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+        assert_matches_reference(layer.kv_cache, np.stack([k, v], axis=2), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
     else:
-        assert_close(layer.k_cache, k, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
-        assert_close(layer.v_cache, v, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+        assert_matches_reference(layer.k_cache, k, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+        assert_matches_reference(layer.v_cache, v, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
     got_new = layer(backend.asarray(x_new), use_cached_kv=True)
-    assert_close(got_new, direct(layer, x_new, x), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert_matches_reference(got_new, direct(layer, x_new, x), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
 
 
 def test_cache_kv_without_append_replaces():

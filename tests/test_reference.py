@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, naive_attention, require
+from helpers import assert_matches_reference, naive_attention, require
 from mha_cupy import MultiHeadAttention
 from mha_cupy._reference import layer_like, reference_layer
 
@@ -57,7 +57,7 @@ def test_plain_call_matches_reference(seed, backend):
     with torch.no_grad():
         expected = ref(t(x), None if x_kv is None else t(x_kv)).numpy()
     got = ours(backend.asarray(x), None if x_kv is None else backend.asarray(x_kv))
-    assert_close(got, expected, xp=backend.xp, dtype=backend.dtype(cfg["dtype"]), device=backend.device)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.dtype(cfg["dtype"]), device=backend.device)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -79,7 +79,7 @@ def test_options_match_reference(seed, option):
         expected = ref(t(x.copy()), None if x_kv is None else t(x_kv), **kwargs).numpy()
     x_in = x.copy()
     got = ours(x_in, x_kv, **kwargs, **extra)
-    assert_close(got, expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(got, expected, xp=ours.xp, dtype=ours.dtype)
     if not kwargs.get("allow_inplace"):
         np.testing.assert_array_equal(x_in, x)  # inputs untouched
 
@@ -101,14 +101,14 @@ def test_cache_then_use_cached_matches_reference(seed, first_head, backend):
     got_cache = ours(xb, None if x_kv is None else backend.asarray(x_kv), cache_kv=True, only_cache_first_head_kv=first_head)
     got_used = ours(backend.asarray(x_new), use_cached_kv=True)
     dt = backend.dtype(cfg["dtype"])
-    assert_close(got_cache, out_cache, xp=backend.xp, dtype=dt, what="caching call")
-    assert_close(got_used, out_used, xp=backend.xp, dtype=dt, what="cached call")
+    assert_matches_reference(got_cache, out_cache, xp=backend.xp, dtype=dt, what="caching call")
+    assert_matches_reference(got_used, out_used, xp=backend.xp, dtype=dt, what="cached call")
     for name in ("kv_cache", "k_cache", "v_cache"):
         ref_c = getattr(ref, "_" + name)
         if ref_c is None:
             assert getattr(ours, name) is None
         else:
-            assert_close(getattr(ours, name), ref_c.numpy(), xp=backend.xp, dtype=dt, what=name)
+            assert_matches_reference(getattr(ours, name), ref_c.numpy(), xp=backend.xp, dtype=dt, what=name)
 
 
 def test_precomputed_kv_matches_reference():
@@ -120,7 +120,7 @@ def test_precomputed_kv_matches_reference():
     x = rng.standard_normal((3, 5, 12))
     with torch.no_grad():
         expected = ref(t(x), use_cached_kv=True).numpy()
-    assert_close(ours(x, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(ours(x, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
 
 
 def test_initialisation_matches_reference_distribution():
@@ -150,8 +150,8 @@ def test_cache_kv_on_stacked_self_attention_caches():
     with torch.no_grad():
         expected = ref(t(x)).numpy()
         ref(t(x), t(x.copy()), cache_kv=True)
-    assert_close(out, expected, xp=ours.xp, dtype=ours.dtype)
-    assert_close(ours.kv_cache, ref._kv_cache.numpy(), xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(out, expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(ours.kv_cache, ref._kv_cache.numpy(), xp=ours.xp, dtype=ours.dtype)
 
 
 def test_precomputed_k_and_v_together_are_accepted():
@@ -162,7 +162,7 @@ def test_precomputed_k_and_v_together_are_accepted():
     x = rng.standard_normal((2, 5, 8))
     q = (x @ np.asarray(ours.w_q)[0].reshape(-1, 8).T).reshape(2, 5, 4, 4)
     expected = naive_attention(q, k, v).reshape(2, 5, 12) @ np.asarray(ours.w_out).reshape(12, 8)
-    assert_close(ours(x, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(ours(x, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
 
 
 def test_reuse_first_head_kv_without_x_kv_raises():
@@ -181,7 +181,7 @@ def test_only_cache_first_head_kv_is_honoured_on_k_v_layout():
     v = (x @ np.asarray(ours.w_v)[:1].reshape(-1, 8).T).reshape(2, 5, 1, 3)
     q = (x_new @ np.asarray(ours.w_q)[0].reshape(-1, 8).T).reshape(2, 3, 4, 4)
     expected = naive_attention(q, k, v).reshape(2, 3, 12) @ np.asarray(ours.w_out).reshape(12, 8)
-    assert_close(ours(x_new, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(ours(x_new, use_cached_kv=True), expected, xp=ours.xp, dtype=ours.dtype)
 
 
 @pytest.mark.parametrize("d_v", [3, 5])
@@ -203,8 +203,8 @@ def test_reuse_first_head_kv_with_cache_kv_caches_the_shared_head(d_v):
         if d_v != 3:
             ref._k_cache, ref._v_cache = ref._k_cache[..., :1, :], ref._v_cache[..., :1, :]
         expected_used = ref(t(x_new), use_cached_kv=True).numpy()
-    assert_close(out, expected, xp=ours.xp, dtype=ours.dtype)
-    assert_close(ours(x_new, use_cached_kv=True), expected_used, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(out, expected, xp=ours.xp, dtype=ours.dtype)
+    assert_matches_reference(ours(x_new, use_cached_kv=True), expected_used, xp=ours.xp, dtype=ours.dtype)
 
 
 def test_dropout_only_in_training():
@@ -215,7 +215,7 @@ def test_dropout_only_in_training():
     ref.dropout_p = None
     with torch.no_grad():
         expected = ref(t(x)).numpy()
-    assert_close(ours(x), expected, xp=ours.xp, dtype=ours.dtype)  # inference: no dropout
+    assert_matches_reference(ours(x), expected, xp=ours.xp, dtype=ours.dtype)  # inference: no dropout
     a, b = ours(x, training=True), ours(x, training=True)
     assert np.abs(a - expected).max() > 1e-3  # training: dropout applied
     assert np.abs(a - b).max() > 1e-3  # a fresh mask per call
@@ -240,6 +240,6 @@ def test_tabpfn_multiquery_item_attention_sequence(factor):
         r_test = ref(t(x_test.copy()), None, use_cached_kv=True, reuse_first_head_kv=True, **kw).numpy()
     o_train = ours(x_train.copy(), x_train.copy(), cache_kv=True, only_cache_first_head_kv=True, **kw)
     o_test = ours(x_test.copy(), None, use_cached_kv=True, reuse_first_head_kv=True, **kw)
-    assert_close(o_train, r_train, xp=ours.xp, dtype=ours.dtype, what="train rows")
-    assert_close(o_test, r_test, xp=ours.xp, dtype=ours.dtype, what="test rows")
-    assert_close(ours.kv_cache, ref._kv_cache.numpy(), xp=ours.xp, dtype=ours.dtype, what="first-head cache")
+    assert_matches_reference(o_train, r_train, xp=ours.xp, dtype=ours.dtype, what="train rows")
+    assert_matches_reference(o_test, r_test, xp=ours.xp, dtype=ours.dtype, what="test rows")
+    assert_matches_reference(ours.kv_cache, ref._kv_cache.numpy(), xp=ours.xp, dtype=ours.dtype, what="first-head cache")
