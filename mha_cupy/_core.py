@@ -186,11 +186,12 @@ def _run(loop: "ChunkLoop") -> Any:
         parts: list[list[Any]] = [[None] * len(r) for r in ranges]
 
         def part(i: int, j: int) -> None:  # merged in range order below: the same bits on every run
-            parts[i][j] = loop.normalize(*loop.block_state(*blocks[i], *ranges[i][j]))
+            parts[i][j] = loop.normalize(*loop.block_state(*blocks[i], *ranges[i][j]), split=True)
 
         run_blocks(part, [(i, j) for i, r in enumerate(ranges) for j in range(len(r))], plan.workers, be)
         for blk, block_parts in zip(blocks, parts):
-            write(blk, *merge_partials([o for o, _ in block_parts], [s for _, s in block_parts], xp=xp))
+            outs, maxima, log_sums = zip(*block_parts)
+            write(blk, *merge_partials(outs, log_sums, bases=maxima, xp=xp))
     return out if lse is None else (out, lse)
 
 
@@ -339,14 +340,18 @@ class ChunkLoop:
         seen = xp.permute_dims(xp.any(allowed, axis=(2, 3)), (0, 2, 1))  # [b|1, s, K|1]
         return xp.where(xp.reshape(seen, (*seen.shape, 1)), chunk, self.scalars.zero)
 
-    def normalize(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
+    def normalize(self, m: Any, l: Any, acc: Any, *, split: bool = False) -> tuple[Any, ...]:
         """A state's output rows ``[b, t, N, V]`` and log-sum-exp ``[b, t, N]``, both in the compute dtype; rows with
-        no visible key give 0 and ``-inf``."""
+        no visible key give 0 and ``-inf``. With ``split``, the log-sum-exp as its two terms ``(m, log l)`` (for
+        ``merge_partials``' ``bases``)."""
         xp, (nb, K, nt, G, _), c = self.xp, m.shape, self.scalars
         empty = l == c.zero  # fully masked rows: acc is 0
         res = self.unfold(acc / xp.reshape(xp.where(empty, c.one, l), (nb, K, nt * G, 1)), nt)
-        lse = xp.where(empty, c.neg_inf, m + xp.log(xp.where(empty, c.one, l)))
-        return res, xp.reshape(xp.permute_dims(lse, (0, 2, 1, 3, 4)), (nb, nt, self.N))
+        log_l = xp.log(xp.where(empty, c.one, l))
+        rows = (lambda a: xp.reshape(xp.permute_dims(a, (0, 2, 1, 3, 4)), (nb, nt, self.N)))  # noqa: E731
+        if split:
+            return res, rows(m), rows(log_l)
+        return res, rows(xp.where(empty, c.neg_inf, m + log_l))
 
     def finish(self, m: Any, l: Any, acc: Any) -> tuple[Any, Any]:
         """``normalize`` with the output in the input dtype, and the log-sum-exp only with ``plan.with_lse``."""

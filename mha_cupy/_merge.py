@@ -21,19 +21,31 @@ def safe_max(m: Any, *, xp: Any) -> Any:
     return xp.where(xp.isinf(m), xp.zeros_like(m), m)
 
 
-def merge_partials(outs: Sequence[Any], lses: Sequence[Any], *, xp: Any) -> tuple[Any, Any]:
-    """``(out, lse)`` of the union of disjoint key sets from their parts ``outs [..., V]``, ``lses [...]``."""
+def merge_partials(outs: Sequence[Any], lses: Sequence[Any], *, xp: Any,
+                   bases: Sequence[Any] | None = None) -> tuple[Any, Any]:
+    """``(out, lse)`` of the union of disjoint key sets from their parts ``outs [..., V]``, ``lses [...]``.
+
+    With ``bases``, part i's log-sum-exp is ``bases[i] + lses[i]`` (a running max and the log of its sum, as the
+    chunk loop keeps them): the weights then come from differences of the maxima, exact, where rounding a
+    large log-sum-exp first would cost up to ulp(|lse|) of each weight.
+    """
+    tops = lses if bases is None else bases
     if len(outs) == 1:
-        return outs[0], lses[0]
-    m = lses[0]
-    for lse in lses[1:]:
-        m = xp.maximum(m, lse)
+        return outs[0], tops[0] if bases is None else _lse(bases[0], lses[0], xp=xp)
+    m = tops[0]
+    for top in tops[1:]:
+        m = xp.maximum(m, top)
     shift = safe_max(m, xp=xp)
     total, acc = None, None
-    for out, lse in zip(outs, lses):
-        w = xp.exp(lse - shift)
+    for i, out in enumerate(outs):
+        w = xp.exp(tops[i] - shift) if bases is None else xp.exp((bases[i] - shift) + lses[i])
         total = w if total is None else total + w
         acc = out * w[..., None] if acc is None else acc + out * w[..., None]
     empty = total == 0
     denom = xp.where(empty, xp.ones_like(total), total)
     return acc / denom[..., None], xp.where(empty, xp.full_like(m, -math.inf), shift + xp.log(denom))
+
+
+def _lse(base: Any, rest: Any, *, xp: Any) -> Any:
+    """``base + rest``, ``-inf`` where the row saw no key (``base = -inf``)."""
+    return xp.where(xp.isinf(base), base, base + rest)

@@ -97,3 +97,21 @@ def test_any_head_sizes_and_any_query_offsets(name, dims):
     full = host(layer(x, x_kv, batch_invariant=True))
     for lo, hi in ((3, 40), (100, 101), (7, 149)):
         np.testing.assert_array_equal(host(layer(x[:, lo:hi], x_kv, batch_invariant=True)), full[:, lo:hi])
+
+
+@pytest.mark.parametrize("name, dtype", [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")])
+def test_half_precision_layer_rows_and_accuracy(name, dtype):
+    """Half precisions: the fixed-order products run in float32 (16-bit partial sums would lose a digit), so
+    batch_invariant keeps the accuracy of an ordinary call and its rows their bits."""
+    be = lib(name)
+    rng = np.random.default_rng(7)
+    layer = MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, seed=3, xp=be.xp, dtype=dtype)
+    X, XKV = (be.xp.astype(be.from_numpy(rng.standard_normal(s).astype(np.float32), be.default_device()), layer.dtype)
+              for s in ((3, 40, 64), (3, 50, 64)))
+    whole = layer(X, XKV, batch_invariant=True)
+    np.testing.assert_array_equal(host(layer(X[1:2, 5:9], XKV[1:2], batch_invariant=True)).astype(np.float32),
+                                  host(whole)[1:2, 5:9].astype(np.float32))
+    exact = direct(layer, host(X).astype(np.float64), host(XKV).astype(np.float64))
+    err_invariant = np.abs(host(whole).astype(np.float64) - exact).max()
+    err_plain = np.abs(host(layer(X, XKV)).astype(np.float64) - exact).max()
+    assert err_invariant <= 2 * err_plain, (err_invariant, err_plain)

@@ -53,6 +53,7 @@ def test_hidden_keys_contribute_nothing_backward(backend):
 def test_hidden_keys_with_batch_invariant_and_causal():
     """Padded query rows (``batch_invariant``) see no key, so they hide nothing; causal hides the rest."""
     (q, k, v, _, mask), (k_bad, v_bad) = padded_problem(2, T=7)
+    mask = np.broadcast_to(mask, (2, 7, 1, 7)).copy()  # per query: padded rows get the padding's fill
     for kw in (dict(batch_invariant=True), dict(is_causal=True), dict(batch_invariant=True, is_causal=True)):
         got = scaled_dot_product_attention(q, k_bad, v_bad, mask=mask, **kw)
         assert_close(got, naive_attention(q, k, v, mask=mask, is_causal=kw.get("is_causal", False)), rtol=TOL)
@@ -66,14 +67,16 @@ def test_hidden_keys_on_dask():
     assert_close(got.compute(), naive_attention(q, k, v, mask=mask), rtol=TOL)
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
-def test_empty_batch_in_the_layer(backend, lead):
+def test_empty_batch_in_the_layer(backend, lead, batch_invariant):
     layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, xp=backend.xp, device=backend.device,
                                dtype=backend.dtype("float32"), seed=0)
     x = backend.asarray(np.zeros((*lead, 4, 8), np.float32))
     x_kv = backend.asarray(np.zeros((*lead, 6, 8), np.float32))
-    for got in (layer(x), layer(x, x_kv), layer(x, x_kv, cache_kv=True), layer(x, use_cached_kv=True),
-                layer(backend.xp.asarray(x, copy=True), save_peak_mem_factor=2, allow_inplace=True)):
+    kw = dict(batch_invariant=batch_invariant)
+    for got in (layer(x, **kw), layer(x, x_kv, **kw), layer(x, x_kv, cache_kv=True, **kw), layer(x, use_cached_kv=True, **kw),
+                layer(backend.xp.asarray(x, copy=True), save_peak_mem_factor=2, allow_inplace=True, **kw)):
         assert tuple(got.shape) == (*lead, 4, 8)
     dx, dx_kv, grads = layer.vjp(x, x, x_kv)
     assert tuple(dx.shape) == tuple(x.shape) and tuple(dx_kv.shape) == tuple(x_kv.shape)

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -120,7 +122,11 @@ def test_numpy_adapter_uses_the_kernel_and_falls_back(kernels, monkeypatch):
         return scores, m, np.zeros_like(m), np.ones((1, 2, 6, 5), np.float32)
 
     args = state()
+    calls = []
+    spy = SimpleNamespace(softmax_chunk=lambda *a: (calls.append(a), kernels.softmax_chunk(*a)))
+    monkeypatch.setattr(_numba, "load", lambda: spy)
     compiled = be.online_softmax(*(a.copy() for a in args), consts)
+    assert len(calls) == 1  # the kernel ran
     monkeypatch.setattr(_numba, "load", lambda: None)
     fallback = be.online_softmax(*(a.copy() for a in args), consts)
     for got, want in zip(compiled, fallback):

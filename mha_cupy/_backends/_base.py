@@ -206,9 +206,15 @@ class Backend:
 
     def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
         """``a [..., M, D] @ b [..., D, F]``; with ``fixed_order`` every element is summed in order of the
-        inner index, each product and sum rounded (``fixed_order_matmul``), so that a row's bits do not depend
-        on its position or on the other rows (``batch_invariant``). Leading dims must be equal."""
-        return fixed_order_matmul(a, b, xp=self.xp) if fixed_order else self.xp.matmul(a, b)
+        inner index, each product and sum rounded (``fixed_order_matmul``), in the compute dtype (float32 for
+        half precisions, whose 16-bit partial sums would lose a digit), so that a row's bits do not depend on
+        its position or on the other rows (``batch_invariant``). Leading dims must be equal."""
+        if not fixed_order:
+            return self.xp.matmul(a, b)
+        cdt = self.compute_dtype(a.dtype)
+        if a.dtype == cdt:
+            return fixed_order_matmul(a, b, xp=self.xp)
+        return self.xp.astype(fixed_order_matmul(self.xp.astype(a, cdt), self.xp.astype(b, cdt), xp=self.xp), a.dtype)
 
     def matmul_into(self, a: Any, b: Any, out: Any, *, fixed_order: bool = False) -> None:
         """Write ``matmul(a, b)`` into ``out`` (the caller's own array), without a temporary where the library can."""

@@ -1,7 +1,8 @@
 """Compiled CPU kernels for NumPy arrays (numba, the optional ``fast`` extra).
 
-Two kernels, each used through the NumPy and torch-CPU adapters only
-(``Backend.online_softmax``, ``Backend.matmul``):
+Two kernels, used through the adapters only: ``softmax_chunk`` by NumPy's
+``Backend.online_softmax``, ``matmul_fixed`` by NumPy's and torch-CPU's
+``Backend.matmul(fixed_order=True)``:
 
 - ``softmax_chunk``: one key chunk of the online softmax over a float32 score
   tile, fused row by row while the row is in L1: the running max, the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from types import SimpleNamespace
 
 __all__ = ["load", "ENV_SWITCH"]
@@ -46,6 +48,11 @@ def load() -> SimpleNamespace | None:
     try:
         return _build()
     except ImportError:  # numba is an optional extra (`fast`)
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. numba finds no writable cache location: run without
+        warnings.warn(f"mha_cupy runs without its compiled kernels: numba failed to load them ({exc!r}); set "
+                      f"NUMBA_CACHE_DIR to a writable folder, or {ENV_SWITCH}=0 to silence this", RuntimeWarning,
+                      stacklevel=2)
         return None
 
 

@@ -1,6 +1,6 @@
 """The numba kernels themselves (imported by ``_numba.load`` only where numba is installed). Module-level
-functions, so that numba's on-disk cache serves them (a first call in a new process then takes ~0.25 s instead
-of compiling). See ``_numba`` for what each computes and why.
+functions, so that numba's on-disk cache serves them (a process's first call then takes ~0.4 s, 1.2 s when
+compiling). See ``_numba`` for what each computes and why.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any, ContextManager
 
@@ -41,8 +42,8 @@ def _compiled_matmul(a: numpy.ndarray, b: numpy.ndarray) -> bool:
 
 
 def _stack(a: numpy.ndarray) -> numpy.ndarray:
-    """``a [..., M, D]`` as a contiguous stack ``[P, M, D]``."""
-    return numpy.ascontiguousarray(a).reshape(-1, *a.shape[-2:])
+    """``a [..., M, D]`` as a contiguous stack ``[P, M, D]`` (a view where ``a`` is contiguous; P, M or D may be 0)."""
+    return numpy.ascontiguousarray(a).reshape(math.prod(a.shape[:-2]), *a.shape[-2:])
 
 
 class NumpyBackend(Backend):
@@ -73,7 +74,7 @@ class NumpyBackend(Backend):
 
     def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
         if not (fixed_order and _compiled_matmul(a, b)):
-            return super().matmul(a, b, fixed_order=fixed_order)
+            return super().matmul(a, b, fixed_order=fixed_order)  # half precisions: in float32
         out = numpy.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
         self.matmul_into(a, b, out, fixed_order=True)
         return out
@@ -82,7 +83,7 @@ class NumpyBackend(Backend):
         if not fixed_order:
             numpy.matmul(a, b, out=out)
         elif _compiled_matmul(a, b) and out.flags.c_contiguous and out.dtype == a.dtype:
-            _numba.load().matmul_fixed(_stack(a), _stack(b), out.reshape(-1, *out.shape[-2:]))
+            _numba.load().matmul_fixed(_stack(a), _stack(b), _stack(out))
         else:
             out[...] = super().matmul(a, b, fixed_order=True)
 

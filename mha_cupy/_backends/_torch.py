@@ -67,12 +67,15 @@ class TorchBackend(Backend):
         return x.exp_()
 
     def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
-        # CPU tensors share memory with NumPy arrays: the compiled fixed-order product, the same bits.
-        if fixed_order and a.device.type == "cpu" and _numba.load() is not None and not (a.requires_grad or b.requires_grad):
-            import torch
+        # CPU tensors share memory with NumPy arrays: the compiled fixed-order product, the same bits, in the
+        # compute dtype. Detached: gradients of these products come from the explicit backward (layer_vjp).
+        if not (fixed_order and a.device.type == "cpu" and _numba.load() is not None):
+            return super().matmul(a, b, fixed_order=fixed_order)
+        import torch
 
-            return torch.from_numpy(_numpy_backend().matmul(a.numpy(), b.numpy(), fixed_order=True))
-        return super().matmul(a, b, fixed_order=fixed_order)
+        cdt = self.compute_dtype(a.dtype)
+        host = (x.detach().to(cdt).numpy() for x in (a, b))
+        return torch.from_numpy(_numpy_backend().matmul(*host, fixed_order=True)).to(a.dtype)
 
     def needs_grad(self, *arrays: Any) -> bool:
         import torch
