@@ -78,9 +78,7 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
     for s0 in range(s_lo, s_end, plan.chunks.kv):
         bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start
-        kb, vb, allowed = core.k[bsl, ssl, ...], core.v[bsl, ssl, ...], core.allowed(bsl, tsl, ssl)
-        if core.mask is not None:  # keys no query of the block sees: a zero gradient times NaN stays NaN otherwise
-            kb, vb = core.hide_keys(kb, allowed), core.hide_keys(vb, allowed)
+        kb, vb, allowed = core.key_chunk(bsl, tsl, ssl)  # hidden keys zeroed: 0 * NaN would poison the gradients
         kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt)  # [b, K, s, H]
         vb = xp.astype(xp.permute_dims(vb, (0, 2, 1, 3)), cdt)  # [b, K, s, V]
         p = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]

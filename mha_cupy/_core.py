@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import dropout as _dropout
-from ._random import split_seed
 from ._backends import Backend, device_of
 from ._budget import ChunkPlan, plan_chunks, resolve_memory_budget
 from ._merge import merge_partials
+from ._random import split_seed
 from ._threads import run_blocks
 from ._validation import check_optional_positive_int, check_positive_int
 
@@ -231,7 +231,7 @@ class Scalars(NamedTuple):
 class ChunkLoop:
     """One attention problem as chunk loops: ``block_state`` computes a (batch, query) block's online-softmax state
     ``(m, l, acc)`` over a key range, ``normalize`` turns a state into output rows and their log-sum-exp in the
-    compute dtype, ``finish`` into the output dtype. ``fold``/``unfold``, ``allowed``, ``keep``, ``hide_keys``
+    compute dtype, ``finish`` into the output dtype. ``fold``/``unfold``, ``key_chunk``, ``allowed``, ``keep``
     and ``keys_end`` are what the backward (``_backward``) shares with the forward."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
@@ -321,9 +321,7 @@ class ChunkLoop:
         for s0 in range(s_lo, s_hi, self.plan.chunks.kv):
             bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_hi, s0 + self.plan.chunks.kv))
             ns = ssl.stop - ssl.start
-            kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self.allowed(bsl, tsl, ssl)
-            if self.mask is not None:
-                kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
+            kb, vb, allowed = self.key_chunk(bsl, tsl, ssl)
             kb, vb = xp.permute_dims(kb, (0, 2, 3, 1)), xp.permute_dims(vb, (0, 2, 1, 3))  # [b, K, H, s], [b, K, s, V]
             bias = None if self.bias is None else block_of(self.bias, bsl, tsl, ssl, (K, G), xp=xp)
             keep = self.keep(bsl, tsl, ssl) if self.plan.dropout_key is not None else None
@@ -332,6 +330,14 @@ class ChunkLoop:
             m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.scalars, out,
                                   be=self.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
         return m, l, acc
+
+    def key_chunk(self, bsl: slice, tsl: slice, ssl: slice) -> tuple[Any, Any, Any]:
+        """Keys ``[b, s, K, H]`` and values ``[b, s, K, V]`` of chunk ``ssl`` for block ``(bsl, tsl)``, those no query of
+        the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key)."""
+        kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self.allowed(bsl, tsl, ssl)
+        if self.mask is not None:
+            kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
+        return kb, vb, allowed
 
     def hide_keys(self, chunk: Any, allowed: Any) -> Any:
         """A ``[b, s, K, D]`` chunk of keys or values with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]``

@@ -76,7 +76,7 @@ class NumpyBackend(Backend):
         if not (fixed_order and _compiled_matmul(a, b)):
             return super().matmul(a, b, fixed_order=fixed_order)  # half precisions: in float32
         out = numpy.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
-        self.matmul_into(a, b, out, fixed_order=True)
+        _numba.load().matmul_fixed(_stack(a), _stack(b), _stack(out))
         return out
 
     def matmul_into(self, a: Any, b: Any, out: Any, *, fixed_order: bool = False) -> None:
