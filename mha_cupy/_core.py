@@ -125,14 +125,16 @@ def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Bac
 
 
 def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
-           offsets: tuple[int, int, int] = (0, 0, 0), causal_shift: int | None = None) -> Any:
+           offsets: tuple[int, int, int] = (0, 0, 0), causal_shift: int | None = None,
+           scales: tuple[Any, Any] = (None, None)) -> Any:
     """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` of backend ``be`` under ``plan``.
 
     ``mask`` and ``bias`` are 4-D (``check_mask``). When the arrays are blocks
     of a larger problem, ``offsets`` are the block's first (batch, query, key)
     indices in it (for the dropout counter) and ``causal_shift`` is
     ``S - T`` of the whole problem plus the query offset minus the key offset
-    (default: this call's ``S - T``). Arrays are in memory here; lazy chunked
+    (default: this call's ``S - T``). ``scales`` are those of quantized keys and values (``[B|1, 1, 1, 1]`` in
+    q's dtype, or None: ``check_quantized``), applied chunk by chunk. Arrays are in memory here; lazy chunked
     ones are decided at the entry points (``_lazy``). Returns the output
     ``[B,T,N,V]``, or ``(output, lse)`` with ``plan.with_lse`` (``lse [B,T,N]``
     in the compute dtype). Blocks write their own slices (or, where arrays are
@@ -147,7 +149,8 @@ def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: An
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
                       for a, fill in ((mask, False), (bias, 0.0)))  # padded rows see no key: they hide none
     shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
-    loop = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T)
+    loop = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T,
+                     scales=scales)
     result = _run(loop)
     if q.shape[1] == T:
         return result
@@ -235,8 +238,10 @@ class ChunkLoop:
     and ``keys_end`` are what the backward (``_backward``) shares with the forward."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
-                 offsets: tuple[int, int, int], shift: int, q_len: int | None = None) -> None:
+                 offsets: tuple[int, int, int], shift: int, q_len: int | None = None,
+                 scales: tuple[Any, Any] = (None, None)) -> None:
         self.q, self.k, self.v, self.be, self.xp, self.plan = q, k, v, be, be.xp, plan
+        self.scales = scales  # of quantized keys and values
         self.mask, self.bias, self.offsets = mask, bias, offsets
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
@@ -333,11 +338,20 @@ class ChunkLoop:
 
     def key_chunk(self, bsl: slice, tsl: slice, ssl: slice) -> tuple[Any, Any, Any]:
         """Keys ``[b, s, K, H]`` and values ``[b, s, K, V]`` of chunk ``ssl`` for block ``(bsl, tsl)``, those no query of
-        the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key)."""
-        kb, vb, allowed = self.k[bsl, ssl, ...], self.v[bsl, ssl, ...], self.allowed(bsl, tsl, ssl)
+        the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key); quantized
+        ones dequantized (``dequantize``)."""
+        kb, vb = (self.dequantize(a[bsl, ssl, ...], scale, bsl) for a, scale in zip((self.k, self.v), self.scales))
+        allowed = self.allowed(bsl, tsl, ssl)
         if self.mask is not None:
             kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
         return kb, vb, allowed
+
+    def dequantize(self, chunk: Any, scale: Any, bsl: slice) -> Any:
+        """A chunk of quantized keys or values in q's dtype, times its batch rows' ``scale`` (TabPFN's order: cast,
+        then multiply); ``chunk`` itself when ``scale`` is None."""
+        if scale is None:
+            return chunk
+        return self.xp.astype(chunk, self.q.dtype) * (scale if scale.shape[0] == 1 else scale[bsl, ...])
 
     def hide_keys(self, chunk: Any, allowed: Any) -> Any:
         """A ``[b, s, K, D]`` chunk of keys or values with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]``

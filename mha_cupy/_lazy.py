@@ -29,11 +29,12 @@ __all__ = ["run_attention", "check_chunks"]
 
 
 def run_attention(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
-                  offsets: tuple[int, int, int] = (0, 0, 0)) -> Any:
-    """``_core.attend`` for arrays of any backend: in memory directly, lazy chunked ones as a block graph."""
+                  offsets: tuple[int, int, int] = (0, 0, 0), scales: tuple[Any, Any] = (None, None)) -> Any:
+    """``_core.attend`` for arrays of any backend: in memory directly, lazy chunked ones as a block graph
+    (``scales`` of quantized keys and values only in memory: the entry point refuses them on lazy arrays)."""
     if be.lazy_blocks:
         return _attend_blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
-    return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
+    return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, scales=scales)
 
 
 def _starts(chunks: tuple[int, ...]) -> list[int]:

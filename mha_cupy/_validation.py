@@ -12,7 +12,7 @@ import numbers
 import operator
 from typing import Any, Sequence
 
-from ._backends import Backend
+from ._backends import Backend, device_of
 
 __all__ = [
     "shape_str",
@@ -27,6 +27,7 @@ __all__ = [
     "check_finite_real",
     "check_scale",
     "check_mask",
+    "check_quantized",
     "check_precomputed_combination",
     "check_weight_combination",
 ]
@@ -50,7 +51,8 @@ def check_shape_and_dtype(
 
     ``None`` in ``expected`` accepts any size. ``legend`` names the axes for the
     message (e.g. ``"[batch, q_len, heads, d_k]"``). ``dtype``, when given, must
-    equal ``x.dtype``; otherwise ``x`` must be of a real floating dtype of ``be``.
+    equal ``x.dtype``; ``False`` leaves the dtype to the caller; otherwise ``x`` must be of a real floating dtype
+    of ``be``.
     """
     shape = tuple(x.shape)
     axes = f" {legend}" if legend else ""
@@ -61,7 +63,8 @@ def check_shape_and_dtype(
         if want is not None and got != want:
             msg = f"{name} must have shape {shape_str(expected)}{axes}, got shape {shape_str(shape)}"
             raise ValueError(msg)
-    check_dtype(x, name, dtype, be=be)
+    if dtype is not False:
+        check_dtype(x, name, dtype, be=be)
 
 
 def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend) -> None:
@@ -183,6 +186,49 @@ def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backen
         msg = f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape {shape_str(shape)}"
         raise ValueError(msg)
     return xp.reshape(x, (1,) * (4 - len(shape)) + shape)
+
+
+def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be: Backend) -> Any:
+    """Keys or values ``x`` stored quantized, read as ``x * scale`` (TabPFN 9's ``QuantizedKVCacheEntry``).
+
+    Without a scale, ``x`` must have ``dtype`` (that of q). With one, ``x``
+    must have a quantized dtype (``be.quantized_dtypes()``: int8, float8_e4m3fn)
+    and ``scale`` be a finite real number, or a finite floating array of shape
+    ``[]``, ``[n]`` or ``[n, 1, 1, 1]`` with ``n`` 1 or ``batch`` (one scale
+    per batch row). Returns the scale as ``[n, 1, 1, 1]`` in ``dtype`` on
+    ``x``'s device (dequantizing multiplies in q's dtype, as TabPFN does), or None.
+    """
+    quantized = be.quantized_dtypes()
+    scale_name = f"{name}_scale"
+    is_quantized = any(x.dtype == d for d in quantized.values())
+    if scale is None:
+        if is_quantized:
+            msg = (f"{name} has the quantized dtype {be.dtype_name(x.dtype)}: pass its dequantization scale as "
+                   f"{scale_name}= ({name} * {scale_name} are the real values), or cast {name} to {be.dtype_name(dtype)}")
+            raise TypeError(msg)
+        check_dtype(x, name, dtype, be=be)
+        return None
+    if not is_quantized:
+        msg = (f"{name} must have a quantized dtype {sorted(quantized)} of {be.name} when {scale_name} is given, "
+               f"got {be.dtype_name(x.dtype)}; drop {scale_name} for unquantized {name}")
+        raise TypeError(msg)
+    xp = be.xp
+    if isinstance(scale, numbers.Real) or not be.is_array(scale):
+        value = _as_float(scale, scale_name, "a finite float or a floating array of one scale per batch row")
+        return xp.full((1, 1, 1, 1), value, dtype=dtype, device=device_of(x))
+    shape = tuple(scale.shape)
+    n = shape[0] if shape else 1
+    if shape not in ((), (n,), (n, 1, 1, 1)) or n not in (1, batch):
+        msg = f"{scale_name} must have shape [], [n] or [n, 1, 1, 1] with n 1 or the batch {batch}, got {shape_str(shape)}"
+        raise ValueError(msg)
+    if not xp.isdtype(scale.dtype, "real floating"):
+        msg = f"{scale_name} must have a real floating dtype, got {be.dtype_name(scale.dtype)}"
+        raise TypeError(msg)
+    if not be.lazy_blocks and not bool(xp.all(xp.isfinite(scale))):
+        msg = f"{scale_name} must be finite, got non-finite values"
+        raise ValueError(msg)
+    scale = xp.reshape(scale, (n, 1, 1, 1))
+    return xp.astype(scale, dtype) if scale.dtype != dtype else scale
 
 
 def check_precomputed_combination(precomputed_k: Any, precomputed_v: Any, precomputed_kv: Any) -> None:

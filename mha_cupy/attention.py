@@ -7,6 +7,7 @@ heads, H key size (d_k), V value size (d_v).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 from ._backends import backend_of, device_of
@@ -14,7 +15,8 @@ from ._backward import attend_backward
 from ._core import attend, plan_attention
 from ._lazy import run_attention
 from ._random import random_seed, split_seed
-from ._validation import check_array, check_bool, check_mask, check_probability, check_scale, check_shape_and_dtype
+from ._validation import (check_array, check_bool, check_mask, check_probability, check_quantized, check_scale,
+                          check_shape_and_dtype)
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp"]
 
@@ -36,6 +38,8 @@ def scaled_dot_product_attention(
     workers: int | None = None,
     return_lse: bool = False,
     batch_invariant: bool = False,
+    k_scale: Any = None,
+    v_scale: Any = None,
 ) -> Any:
     """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
 
@@ -89,6 +93,14 @@ def scaled_dot_product_attention(
         workers), on any CPU and BLAS: fixed-order products row by row, fixed
         tiles of 32 queries (the last padded) by 512 keys, no key splits.
         Costs ×3-4 on NumPy (see the README for what is promised).
+    k_scale, v_scale : float or array, optional
+        Keys and values stored quantized (TabPFN 9's KV caches): ``k`` of
+        dtype int8 or float8_e4m3fn (NumPy's through ml_dtypes) holds
+        ``keys / k_scale``. The scale is a number or an array of shape ``[]``,
+        ``[B]`` or ``[B, 1, 1, 1]`` (one per batch row). Each key chunk is
+        dequantized inside the loop (``k.astype(q.dtype) * k_scale``, as
+        TabPFN's ``QuantizedKVCacheEntry.dequantize``), never the whole of
+        ``k``. Not with gradients, nor on Dask yet.
 
     Returns
     -------
@@ -99,13 +111,28 @@ def scaled_dot_product_attention(
         that may attend no key (fully masked) returns zeros, where PyTorch
         returns NaN.
     """
-    be, plan, mask, bias = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
-                                    is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
-                                    memory_budget=memory_budget, workers=workers, return_lse=return_lse,
-                                    batch_invariant=batch_invariant)
+    be, plan, mask, bias, scales = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask,
+                                            bias=bias, is_causal=is_causal, q_chunk_size=q_chunk_size,
+                                            kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers,
+                                            return_lse=return_lse, batch_invariant=batch_invariant,
+                                            k_scale=k_scale, v_scale=v_scale)
+    if any(s is not None for s in scales):
+        _check_quantized_call(be, q, k, v)
+        return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias, scales=scales)
     if be.needs_grad(q, k, v):
         return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias)
     return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias)
+
+
+def _check_quantized_call(be: Any, q: Any, k: Any, v: Any) -> None:
+    """What quantized keys or values cannot be combined with (yet)."""
+    if be.needs_grad(q, k, v):
+        msg = ("k_scale/v_scale: quantized keys or values take no gradients; run without gradients "
+               "(torch.no_grad()), or pass dequantized k and v")
+        raise TypeError(msg)
+    if be.lazy_blocks:
+        msg = f"k_scale/v_scale do not take {be.name} arrays yet; pass in-memory arrays, or dequantized k and v"
+        raise TypeError(msg)
 
 
 def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
@@ -167,10 +194,10 @@ def scaled_dot_product_attention_vjp(
     if check_probability(dropout_p, "dropout_p") > 0 and seed is None:
         msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
         raise ValueError(msg)
-    be, plan, mask, bias = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
-                                    is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
-                                    memory_budget=memory_budget, workers=workers, return_lse=True,
-                                    batch_invariant=False, budget_divisor=2)  # three tiles live per step, not two
+    be, plan, mask, bias, _ = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
+                                       is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
+                                       memory_budget=memory_budget, workers=workers, return_lse=True,
+                                       batch_invariant=False, budget_divisor=2)  # three tiles live per step, not two
     check_array(d_out, "d_out")
     backend_of(q, d_out, names=("q", "d_out"))
     B, T, N, _ = q.shape
@@ -185,16 +212,21 @@ def scaled_dot_product_attention_vjp(
 
 def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, mask: Any, bias: Any, is_causal: Any,
              q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any, workers: Any, return_lse: Any,
-             batch_invariant: Any, budget_divisor: int = 1) -> tuple[Any, Any, Any, Any]:
-    """Every argument checked, and the call resolved: ``(backend, plan, mask, bias)``, masks 4-D."""
+             batch_invariant: Any, budget_divisor: int = 1, k_scale: Any = None,
+             v_scale: Any = None) -> tuple[Any, Any, Any, Any, tuple[Any, Any]]:
+    """Every argument checked, and the call resolved: ``(backend, plan, mask, bias, (k_scale, v_scale))``, masks
+    4-D, scales ``[B|1, 1, 1, 1]`` arrays or None."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_array(a, name)
-    be = backend_of(q, k, v, mask, bias, names=("q", "k", "v", "mask", "bias"))
+    scale_arrays = [None if isinstance(s, numbers.Real) else s for s in (k_scale, v_scale)]  # numbers are no library's
+    be = backend_of(q, k, v, mask, bias, *scale_arrays, names=("q", "k", "v", "mask", "bias", "k_scale", "v_scale"))
     check_shape_and_dtype(q, "q", (None, None, None, None), legend="[batch, q_len, heads, d_k]", be=be)
     B, T, N, H = q.shape
-    check_shape_and_dtype(k, "k", (B, None, None, H), legend="[batch, kv_len, kv_heads, d_k]", dtype=q.dtype, be=be)
+    check_shape_and_dtype(k, "k", (B, None, None, H), legend="[batch, kv_len, kv_heads, d_k]", dtype=False, be=be)
     S, K = k.shape[1], k.shape[2]
-    check_shape_and_dtype(v, "v", (B, S, K, None), legend="[batch, kv_len, kv_heads, d_v]", dtype=q.dtype, be=be)
+    check_shape_and_dtype(v, "v", (B, S, K, None), legend="[batch, kv_len, kv_heads, d_v]", dtype=False, be=be)
+    scales = tuple(check_quantized(a, name, s, batch=B, dtype=q.dtype, be=be)
+                   for a, name, s in ((k, "k", k_scale), (v, "v", v_scale)))
     if K == 0 or N % K:
         msg = f"q heads must be a multiple of k/v heads: q has {N} heads, got k/v with {K}"
         raise ValueError(msg)
@@ -213,4 +245,4 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
         memory_budget=memory_budget, workers=workers, return_lse=check_bool(return_lse, "return_lse"),
         batch_invariant=check_bool(batch_invariant, "batch_invariant"), budget_divisor=budget_divisor,
     )
-    return be, plan, mask, bias
+    return be, plan, mask, bias, scales

@@ -337,3 +337,96 @@ def test_keys_split_across_workers_when_blocks_are_few(kw):
         from helpers import naive_lse
 
         np.testing.assert_allclose(lse, naive_lse(q, k, is_causal=kw.get("is_causal", False)), rtol=0, atol=1e-12)
+
+
+# -- quantized keys and values (k_scale, v_scale) -----------------------------------------------------------------
+
+
+def quantized(seed, *, B=3, S=37, K=2, H=5, V=3, per_row=True):
+    """int8 keys and values with their scales (TabPFN 9's symmetric scheme), and what they stand for in float64."""
+    rng = np.random.default_rng(seed)
+    k8 = rng.integers(-127, 128, (B, S, K, H), dtype=np.int8)
+    v8 = rng.integers(-127, 128, (B, S, K, V), dtype=np.int8)
+    k_scale = (rng.uniform(0.005, 0.02, (B, 1, 1, 1)) if per_row else np.full((), 0.01)).astype(np.float32)
+    v_scale = np.float32(0.015)
+    return k8, v8, k_scale, v_scale, k8 * k_scale.astype(np.float64), v8 * np.float64(v_scale)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("chunks", [(None, None), (2, 5), (3, 36)], ids=str)
+def test_quantized_kv_equal_direct_computation_over_the_dequantized_cache(backend, per_row, chunks):
+    k8, v8, k_scale, v_scale, k, v = quantized(5, per_row=per_row)
+    q = np.random.default_rng(6).standard_normal((3, 7, 6, 5)).astype(np.float32)
+    mask = np.random.default_rng(7).random((3, 7, 1, 37)) < 0.8
+    expected = naive_attention(q.astype(np.float64), k, v, mask=mask)
+    got = sdpa(backend.asarray(q), backend.asarray(k8), backend.asarray(v8), k_scale=backend.asarray(k_scale),
+               v_scale=float(v_scale), mask=backend.asarray(mask), q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float32, tol=1e-5)
+
+
+def test_float8_kv_where_the_library_has_it(backend):
+    """float8_e4m3fn keys and values (NumPy's through ml_dtypes), against float64 over what they hold."""
+    if "float8_e4m3fn" not in backend.adapter.quantized_dtypes():
+        pytest.skip(f"{backend.name} has no float8_e4m3fn dtype")
+    xp, rng = backend.xp, np.random.default_rng(8)
+    q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32)
+    k8, v8 = (xp.astype(backend.asarray(rng.uniform(-400, 400, (2, 50, 2, 8)).astype(np.float32)),
+                        backend.adapter.quantized_dtypes()["float8_e4m3fn"]) for _ in range(2))
+    held_k, held_v = (to_numpy(xp.astype(a, xp.float32)).astype(np.float64) for a in (k8, v8))
+    expected = naive_attention(q.astype(np.float64), held_k * (0.25 / 448), held_v * (1 / 448))
+    got = sdpa(backend.asarray(q), k8, v8, k_scale=0.25 / 448, v_scale=1 / 448, kv_chunk_size=16)
+    assert_matches_reference(got, expected, xp=xp, dtype=xp.float32, tol=1e-5)
+
+
+def test_quantized_kv_dequantized_one_chunk_at_a_time(monkeypatch):
+    from mha_cupy._core import ChunkLoop
+
+    seen = []
+    original = ChunkLoop.dequantize
+    monkeypatch.setattr(ChunkLoop, "dequantize", lambda self, chunk, scale, bsl: (
+        seen.append(chunk.shape[1]), original(self, chunk, scale, bsl))[1])
+    k8, v8, k_scale, v_scale, k, v = quantized(9, S=1000)
+    q = np.random.default_rng(10).standard_normal((3, 4, 6, 5)).astype(np.float32)
+    sdpa(q, k8, v8, k_scale=k_scale, v_scale=v_scale, kv_chunk_size=128)
+    assert max(seen) <= 128 and len(seen) >= 2 * 1000 // 128  # keys and values, chunk by chunk
+
+
+def test_quantized_kv_batch_invariant_rows():
+    k8, v8, k_scale, v_scale, _, _ = quantized(11, B=4, S=700)
+    q = np.random.default_rng(12).standard_normal((4, 45, 6, 5)).astype(np.float32)
+    whole = sdpa(q, k8, v8, k_scale=k_scale, v_scale=v_scale, batch_invariant=True)
+    part = sdpa(q[1:3, 10:13], k8[1:3], v8[1:3], k_scale=k_scale[1:3], v_scale=v_scale, batch_invariant=True)
+    assert np.array_equal(part, whole[1:3, 10:13])
+
+
+@pytest.mark.parametrize(("change", "error", "words"), [
+    ({"k_scale": None}, TypeError, "pass its dequantization scale as k_scale"),
+    ({"k": "float"}, TypeError, "k must have a quantized dtype"),
+    ({"k_scale": np.ones((2, 1, 1, 1), np.float32)}, ValueError, r"n 1 or the batch 3, got \[2, 1, 1, 1\]"),
+    ({"k_scale": np.ones((3, 1), np.float32)}, ValueError, "k_scale must have shape"),
+    ({"k_scale": np.array([1.0, np.nan, 1.0], np.float32)}, ValueError, "k_scale must be finite"),
+    ({"k_scale": np.ones(3, np.int32)}, TypeError, "k_scale must have a real floating dtype"),
+    ({"v_scale": float("inf")}, ValueError, "v_scale must be a finite float"),
+    ({"v_scale": True}, TypeError, "v_scale must be a finite float"),
+])
+def test_quantized_kv_refusals(change, error, words):
+    k8, v8, k_scale, v_scale, _, _ = quantized(13)
+    q = np.random.default_rng(14).standard_normal((3, 4, 6, 5)).astype(np.float32)
+    args = {"k": k8, "v": v8, "k_scale": k_scale, "v_scale": v_scale, **change}
+    if isinstance(args["k"], str):
+        args["k"] = k8.astype(np.float32)
+    before = [a.copy() for a in (q, k8, v8, k_scale)]
+    with pytest.raises(error, match=words):
+        sdpa(q, args.pop("k"), args.pop("v"), **args)
+    assert all(np.array_equal(a, b) for a, b in zip(before, (q, k8, v8, k_scale)))
+
+
+def test_quantized_kv_refused_with_gradients_and_on_dask():
+    torch = require("torch")
+    da = require("dask.array")
+    k8, v8, k_scale, v_scale, _, _ = quantized(15)
+    q = np.random.default_rng(16).standard_normal((3, 4, 6, 5)).astype(np.float32)
+    with pytest.raises(TypeError, match="take no gradients"):
+        sdpa(torch.tensor(q, requires_grad=True), torch.tensor(k8), torch.tensor(v8), k_scale=1.0, v_scale=1.0)
+    with pytest.raises(TypeError, match="do not take dask arrays yet"):
+        sdpa(da.from_array(q), da.from_array(k8), da.from_array(v8), k_scale=1.0, v_scale=1.0)

@@ -173,6 +173,14 @@ class Backend:
             raise TypeError(msg)
         return available[name]
 
+    def quantized_dtypes(self) -> dict[str, Any]:
+        """Storage dtypes of quantized keys and values (``k_scale``/``v_scale``) by name: ``int8`` always,
+        ``float8_e4m3fn`` where the library has it (TabPFN 9's two KV-cache dtypes)."""
+        found = {"int8": self.xp.int8}
+        if hasattr(self.xp, "float8_e4m3fn"):
+            found["float8_e4m3fn"] = self.xp.float8_e4m3fn
+        return found
+
     def enable_float64(self) -> None:
         """Make float64 available where the library gates it behind a switch (JAX's ``jax_enable_x64``);
         for whole-process tools such as ``mha-cupy verify``, never called by the library itself."""

@@ -69,6 +69,14 @@ class NumpyBackend(Backend):
         controller = _blas_controller()
         return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
+    def quantized_dtypes(self) -> dict[str, Any]:
+        found = super().quantized_dtypes()
+        try:  # NumPy has no float8; ml_dtypes (a JAX dependency) adds it
+            import ml_dtypes
+        except ImportError:
+            return found
+        return {**found, "float8_e4m3fn": numpy.dtype(ml_dtypes.float8_e4m3fn)}
+
     def exp_(self, x: Any) -> Any:
         return numpy.exp(x, out=x)
 
