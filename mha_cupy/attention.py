@@ -236,6 +236,8 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
         seed = random_seed()
     if seed is not None:
         split_seed(seed)
+    # A dequantized chunk: the cast and the scaled copy of each quantized key's (or value's) K heads, in q's dtype.
+    dequantized = 2 * K * be.itemsize(q.dtype) * ((k_scale is not None) * H + (v_scale is not None) * v.shape[3])
     mask = check_mask(mask, "mask", (B, T, N, S), be=be)
     bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
     plan = plan_attention(
@@ -244,5 +246,6 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
         dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
         memory_budget=memory_budget, workers=workers, return_lse=check_bool(return_lse, "return_lse"),
         batch_invariant=check_bool(batch_invariant, "batch_invariant"), budget_divisor=budget_divisor,
+        dequantized_key_bytes=dequantized,
     )
     return be, plan, mask, bias, scales

@@ -23,9 +23,9 @@ Which calls we take (``is_preferred`` sees only the call's shapes):
   in grad mode through our autograd node;
 - ``policy="auto"``: of those, only calls outside grad mode where the
   benchmark (``benchmarks/bench_tabpfn_backend.py``) shows us at least as fast
-  or leaner: every call over a quantized cache (no dense copy; 0.3-0.9 of
-  TabPFN's time), and dense float32 calls of few query rows over many keys
-  (``AUTO_RULE`` below; TabPFN's decoder over the training rows).
+  or leaner: calls over many keys, from a quantized cache (no dense copy;
+  0.3-0.9 of TabPFN's time at 20,000 keys), or dense float32 ones of few
+  query rows (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
 
 Importing this module imports neither torch nor tabpfn; ``register`` does.
 """
@@ -47,14 +47,15 @@ __all__ = ["POLICIES", "AUTO_RULE", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUT
 POLICIES = ("auto", "all")
 #: The name the backend is registered under.
 BACKEND_NAME = "mha_cupy"
-#: ``policy="auto"`` takes dense calls of few query rows (batch × queries) over many keys with wide heads:
+#: ``policy="auto"`` takes calls over many keys: quantized ones, and dense ones of few query rows (batch × queries)
+#: with wide heads. Below these sizes TabPFN's own path measured faster (per-call overheads dominate).
+AUTO_MIN_KEYS = 8192
 AUTO_MAX_QUERY_ROWS = 512
-AUTO_MIN_KEYS = 4096
 AUTO_MIN_HEAD_DIM = 32
 #: What ``policy="auto"`` takes, in words (the numbers are in the README and ``benchmarks/results``).
-AUTO_RULE = (f"calls over a quantized (int8 or float8_e4m3fn) KV cache, and dense float32 calls of at most "
-             f"{AUTO_MAX_QUERY_ROWS} query rows over at least {AUTO_MIN_KEYS} keys with heads of "
-             f"{AUTO_MIN_HEAD_DIM} or more; outside grad mode, on the CPU")
+AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys: from a quantized (int8 or float8_e4m3fn) KV cache, or "
+             f"dense float32 ones of at most {AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or "
+             f"more; outside grad mode, on the CPU")
 _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 _lock = threading.Lock()
@@ -108,10 +109,9 @@ class TabPFNAttentionBackend:
             return False
         if self.policy == "all":
             return True
-        if spec.is_grad_enabled:
+        if spec.is_grad_enabled or spec.seq_len_kv < AUTO_MIN_KEYS:
             return False
         return quantized or (spec.dtype == torch.float32 and spec.head_dim >= AUTO_MIN_HEAD_DIM
-                             and spec.seq_len_kv >= AUTO_MIN_KEYS
                              and (spec.batch_size or 1) * (spec.seq_len_q or 0) <= AUTO_MAX_QUERY_ROWS)
 
     def run(self, q_BSHD: Any, k_BSJD: Any, v_BSJD: Any, *, quantized_kv: Any = None, **kwargs: Any) -> Any:

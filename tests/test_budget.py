@@ -120,6 +120,7 @@ def test_working_set_stays_within_the_budget(kw):
     if kw.get("bias"):
         kw = dict(bias=rng.standard_normal((2048, 1, 2048), dtype=np.float32))
     budget = 2 * 2**20
+    scaled_dot_product_attention(q[:, :4], k[:, :4], v[:, :4])  # loads numba's kernels: once, not the call's
     tracemalloc.start()
     try:
         out = scaled_dot_product_attention(q, k, v, memory_budget=budget, workers=1, **kw)
@@ -136,3 +137,27 @@ def test_few_queries_get_one_block_and_long_key_chunks():
     assert (plan.batch, plan.q) == (1, 8) and plan.kv == 2**20 // 64
     many = plan_chunks(**shape(q_len=4096, kv_len=4096), workers=2)
     assert many.kv == 512 and many.q < 4096  # enough queries: they are split, chunks stay cache-sized
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dequantized_chunks_stay_within_the_budget(workers):
+    """Few queries over many int8 keys: the dequantized key and value chunks count against the budget (without
+    them in the plan, the longer key chunks of few-query calls would dequantize the whole cache at once)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from mha_cupy import scaled_dot_product_attention
+
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 4, 8, 64), dtype=np.float32)
+    k, v = (rng.integers(-127, 128, (1, 60_000, 8, 64), dtype=np.int8) for _ in range(2))
+    scaled_dot_product_attention(q, k[:, :4], v[:, :4], k_scale=0.01, v_scale=0.01)  # numba's kernels load once
+    budget = 4 * 2**20
+    tracemalloc.start()
+    try:
+        out = scaled_dot_product_attention(q, k, v, k_scale=0.01, v_scale=0.01, memory_budget=budget, workers=workers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - out.nbytes <= budget, f"{(peak - out.nbytes) / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"

@@ -86,6 +86,7 @@ class CallRecord:
     quantized_dtype: torch.dtype | None  # storage dtype of the entry as it reached us
     dense_kv_given: bool  # whether TabPFN also handed dense k/v
     error: float  # scaled error of our output against TabPFN's own path on the same inputs
+    q_shape: tuple[int, ...]  # [B, T, N, H]
 
 
 class Spy:
@@ -101,6 +102,6 @@ class Spy:
             with attention_backends.recorded_attention_backends():  # not among the model's calls
                 theirs = tabpfn_sdpa(q, k, v, quantized_kv=quantized_kv, backend=None)
             self.records.append(CallRecord(None if quantized_kv is None else quantized_kv.key.dtype,
-                                           k is not None, scaled_error(ours, theirs)))
+                                           k is not None, scaled_error(ours, theirs), tuple(q.shape)))
             return ours
         return spied

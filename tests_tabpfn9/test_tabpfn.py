@@ -109,17 +109,29 @@ def test_quantized_entries_reach_us_as_stored(kv, monkeypatch, registered):
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8", "dense"])
-def test_auto_takes_the_quantized_calls_only_on_a_small_model(kv, registered):
-    """Here every dense call is small (under ``AUTO_MIN_KEYS`` keys): auto leaves them to TabPFN."""
-    backend = registered(policy="auto")
+def test_auto_leaves_small_calls_to_tabpfn(kv, registered):
+    """Every call of the small model has fewer than ``AUTO_MIN_KEYS`` keys: auto takes none of them."""
+    registered(policy="auto")
+    assert all(c is None for c in run_model(random_model("v3"), KV_DTYPES[kv]).calls)
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8", "dense"])
+def test_auto_takes_what_its_rule_says(kv, monkeypatch, registered):
+    """With the key threshold lowered under the small model's 600 training rows: every quantized call, and the
+    dense calls of few query rows with wide heads (the decoder's), equal to TabPFN's own path."""
+    monkeypatch.setattr(mha_cupy.tabpfn, "AUTO_MIN_KEYS", 500)
     model = random_model("v3")
     reference = run_model(model, KV_DTYPES[kv])
-    mha_cupy.tabpfn.unregister()
+    spy = Spy()
+    monkeypatch.setattr(TabPFNAttentionBackend, "run", spy.wrap(TabPFNAttentionBackend.run))
     registered(policy="auto")
     ours = run_model(model, KV_DTYPES[kv])
-    taken = [c is not None for c in ours.calls]
-    assert sum(taken) == (model.config.nlayers if kv != "dense" else 0)
-    assert all(c is None or c.name == backend.name for c in ours.calls)
+    assert sum(c is not None for c in ours.calls) == len(spy.records) > 0
+    quantized = [r for r in spy.records if r.quantized_dtype is not None]
+    assert len(quantized) == (0 if kv == "dense" else model.config.nlayers)
+    dense = [r for r in spy.records if r.quantized_dtype is None]
+    assert dense and all(r.q_shape[0] * r.q_shape[1] <= 512 and r.q_shape[3] >= 32 for r in dense)
+    assert all(r.error <= TOL for r in spy.records)
     assert scaled_error(ours.cached, reference.cached) <= TOL
 
 
@@ -171,11 +183,12 @@ def test_declines_what_it_cannot_do(policy, changes):
     ({"quantized_kv_dtype": None}, True, True),  # few queries over many keys
     ({"quantized_kv_dtype": None, "seq_len_q": 513}, False, True),
     ({"quantized_kv_dtype": None, "batch_size": 9}, False, True),
-    ({"quantized_kv_dtype": None, "seq_len_kv": 4095}, False, True),
+    ({"quantized_kv_dtype": None, "seq_len_kv": 8191}, False, True),
+    ({"seq_len_kv": 8191}, False, True),
     ({"quantized_kv_dtype": None, "head_dim": 16}, False, True),
     ({"quantized_kv_dtype": None, "dtype": torch.float64}, False, True),
     ({"quantized_kv_dtype": None, "is_grad_enabled": True}, False, True),
-    ({"seq_len_q": 100_000, "seq_len_kv": 10}, True, True),
+    ({"seq_len_q": 100_000}, True, True),
     ({"quantized_kv_dtype": torch.float8_e4m3fn}, True, True),
     ({"dtype": torch.bfloat16}, True, True),
 ])
