@@ -5,9 +5,10 @@ The model is TabPFN-3's default configuration (24 ICL layers, 8 heads of 64) wit
 initialisation, fitted on random data with ``PerformanceOptions(kv_cache_dtype=torch.int8)``. For each number of
 training rows and test rows, the predict (``x_is_test_only=True`` from the cache) runs under TabPFN's own path,
 ``register(policy="auto")`` and ``register(policy="all")``, interleaved, ``--repeats`` times each after one warm-up
-call: the median time, and the peak resident memory growth of the call (Linux: ``/proc/self/clear_refs`` resets
-the peak, ``VmHWM`` reads it) over the memory before it (glibc told to map blocks of 128 KiB or more
-directly and to trim its heap before each call, so that pages freed earlier do not hide the growth). ``dense_copy_mib`` is the dense float32 copy of one
+call: the median time. Then, in a second pass (glibc told to map blocks of 128 KiB or more directly and to trim
+its heap before each call, so that pages freed earlier do not hide the growth; this would distort the times),
+the peak resident memory growth of the call over the memory before it (Linux: ``/proc/self/clear_refs`` resets
+the peak, ``VmHWM`` reads it), the median of two. ``dense_copy_mib`` is the dense float32 copy of one
 layer's keys and values that TabPFN's own path makes from an int8 entry (``QuantizedKVCacheEntry.dequantize``).
 
 Training rows beyond ``--fit-rows`` (default 20,000) are not fitted: the fitted cache is repeated along the
@@ -44,30 +45,28 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _glibc():
-    """glibc, told to serve every block of 128 KiB or more by mmap (returned to the system when freed), so that
-    memory freed by the fit does not hide a call's growth; None elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed (no dynamic raise after frees)
-        return libc
-    except (OSError, AttributeError):
-        return None
+def hold_freed_memory_back() -> None:
+    """Tell glibc to serve every block of 128 KiB or more by mmap and so return it to the system when freed, so
+    that memory freed earlier (by the fit, by earlier calls) does not hide a call's growth. Only for the memory
+    pass: every large temporary then costs fresh pages, which would distort the timings."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed (no dynamic raise after frees)
+    libc.malloc_trim(0)
 
 
-_LIBC = _glibc()
-
-
-def measure(call) -> tuple[float, float]:
-    """Seconds and peak resident memory growth (MiB) of ``call()``."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)  # free heap pages back to the system: the growth below is new pages
-    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
-    before = _rss_kib("VmRSS")
+def timed(call) -> float:
     start = time.perf_counter()
     call()
-    seconds = time.perf_counter() - start
-    return seconds, (_rss_kib("VmHWM") - before) / 1024
+    return time.perf_counter() - start
+
+
+def peak_growth_mib(call) -> float:
+    """Peak resident memory growth of ``call()`` (Linux), after ``hold_freed_memory_back``."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
+    before = _rss_kib("VmRSS")
+    call()
+    return (_rss_kib("VmHWM") - before) / 1024
 
 
 def repeat_cache(cache, y, times: int):
@@ -91,6 +90,44 @@ def repeat_cache(cache, y, times: int):
     return bigger, torch.cat([y] * times)
 
 
+def first_difference(model, run_alone, run_among, n_among: int) -> dict:
+    """Whether test row 0's prediction is bitwise the same alone and among ``n_among`` rows, and if not, the first
+    leaf module (in call order) whose output for row 0 differs: every leaf module's output is captured in both
+    runs and row 0 read along the axis that has 1 entry alone and ``n_among`` among the others."""
+    import torch
+
+    def capture():
+        outputs, handles = [], []
+        for name, module in model.named_modules():
+            if not list(module.children()):
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, name=name: outputs.append((name, o.detach().clone()))
+                    if isinstance(o, torch.Tensor) else None))
+        return outputs, handles
+
+    runs = []
+    for run in (run_alone, run_among):
+        outputs, handles = capture()
+        try:
+            final = run()
+        finally:
+            for h in handles:
+                h.remove()
+        runs.append((final, outputs))
+    (alone, alone_outs), (among, among_outs) = runs
+    result = {"rows_among": n_among, "bitwise_equal": bool(torch.equal(alone[0:1], among[0:1])),
+              "max_abs_difference": float((alone[0:1].double() - among[0:1].double()).abs().max())}
+    for (name, a), (_, b) in zip(alone_outs, among_outs):
+        axes = [d for d in range(a.dim()) if a.shape[d] == 1 and b.shape[d] == n_among
+                and a.shape[:d] + a.shape[d + 1:] == b.shape[:d] + b.shape[d + 1:]]
+        if axes and not torch.equal(a, b.narrow(axes[0], 0, 1)):
+            result["first_differing_module"] = name
+            result["its_type"] = type(dict(model.named_modules())[name]).__name__
+            result["its_max_abs_difference"] = float((a.double() - b.narrow(axes[0], 0, 1).double()).abs().max())
+            break
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, nargs="+", default=[20_000, 100_000])
@@ -100,6 +137,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="4 layers, 2,000 training rows, 1 and 64 test rows")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="instead of timing: is a test row's prediction bitwise the same alone and among 63 others "
+                             "under register(policy='all', batch_invariant=True), and if not, which layer breaks it")
     add_dispatch_argument(parser)
     args = parser.parse_args()
     apply_dispatch(args.dispatch)
@@ -126,45 +166,64 @@ def main() -> None:
                           performance_options=PerformanceOptions(kv_cache_dtype=torch.int8))
         fit_s = time.perf_counter() - start
     print(f"fitted {args.fit_rows} rows in {fit_s:.0f} s", flush=True)
+    if args.invariance:
+        x_test = torch.randn(64, 1, args.features, generator=gen)
+        mha_cupy.tabpfn.register(policy="all", batch_invariant=True)
+        try:
+            with torch.no_grad():
+                found = first_difference(model, lambda: model(x_test[:1], y_fit, kv_cache=fitted, x_is_test_only=True),
+                                         lambda: model(x_test, y_fit, kv_cache=fitted, x_is_test_only=True), 64)
+        finally:
+            mha_cupy.tabpfn.unregister()
+        print(json.dumps({"invariance": found, "machine": machine(), "versions": versions()}))
+        return
+
+    def predict(mode, x_test, y, cache, measure):
+        """``measure(predict)`` under ``mode``, the output, and how many attention calls were ours, of how many."""
+        out = {}
+        if mode != "tabpfn":
+            mha_cupy.tabpfn.register(policy=mode)
+        try:
+            with torch.no_grad(), recorded_attention_backends() as calls:
+                value = measure(lambda: out.setdefault("y", model(x_test, y, kv_cache=cache, x_is_test_only=True)))
+        finally:
+            mha_cupy.tabpfn.unregister()
+        return value, out["y"], sum(c is not None for c in calls), len(calls)
+
+    def configurations():
+        for n_train in args.train:
+            times = -(-n_train // args.fit_rows)
+            cache, y = (fitted, y_fit) if times == 1 else repeat_cache(fitted, y_fit, times)
+            for n_test in args.test:
+                yield n_train, n_test, cache, y, torch.randn(n_test, 1, args.features,
+                                                             generator=torch.Generator().manual_seed(n_test))
 
     rows = []
-    for n_train in args.train:
-        times = -(-n_train // args.fit_rows)
-        cache, y = (fitted, y_fit) if times == 1 else repeat_cache(fitted, y_fit, times)
-        entry = cache.kv[0]
-        dense_copy = 2 * entry.key.numel() * 4 / 2**20
-        for n_test in args.test:
-            x_test = torch.randn(n_test, 1, args.features, generator=gen)
-            results = {m: {"s": [], "mib": []} for m in MODES}
-            outputs = {}
-            for r in range(args.repeats + 1):
-                for mode in MODES:
-                    if mode != "tabpfn":
-                        mha_cupy.tabpfn.register(policy=mode)
-                    try:
-                        with torch.no_grad(), recorded_attention_backends() as calls:
-                            seconds, mib = measure(lambda: outputs.__setitem__(
-                                mode, model(x_test, y, kv_cache=cache, x_is_test_only=True)))
-                    finally:
-                        mha_cupy.tabpfn.unregister()
-                    if r:  # the first round warms up (numba's kernels load, allocator pools fill)
-                        results[mode]["s"].append(seconds)
-                        results[mode]["mib"].append(mib)
-                    results[mode]["ours"] = sum(c is not None for c in calls)
-                    results[mode]["calls"] = len(calls)
-            ref = outputs["tabpfn"].double()
-            row = {"train_rows": n_train, "fitted_rows": min(n_train, args.fit_rows), "test_rows": n_test,
-                   "dense_copy_mib": round(dense_copy, 1)}
+    for n_train, n_test, cache, y, x_test in configurations():  # timings, with glibc's usual behaviour
+        row = {"train_rows": n_train, "fitted_rows": min(n_train, args.fit_rows), "test_rows": n_test,
+               "dense_copy_mib": round(2 * cache.kv[0].key.numel() * 4 / 2**20, 1)}
+        seconds, outputs = {m: [] for m in MODES}, {}
+        for r in range(args.repeats + 1):  # interleaved; the first round warms up (numba's kernels load)
             for mode in MODES:
-                res = results[mode]
-                row[mode] = {"median_s": round(statistics.median(res["s"]), 4), "times_s": [round(s, 4) for s in res["s"]],
-                             "peak_growth_mib": round(statistics.median(res["mib"]), 1),
-                             "calls_ours": res["ours"], "calls": res["calls"],
-                             "scaled_error": float((outputs[mode].double() - ref).abs().max() / max(1.0, float(ref.abs().max())))}
-                if mode != "tabpfn":
-                    row[mode]["time_ratio"] = round(row[mode]["median_s"] / row["tabpfn"]["median_s"], 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                t, outputs[mode], ours, calls = predict(mode, x_test, y, cache, timed)
+                seconds[mode] += [t] if r else []
+                row[mode] = {"calls_ours": ours, "calls": calls}
+        ref = outputs["tabpfn"].double()
+        for mode in MODES:
+            row[mode].update(median_s=round(statistics.median(seconds[mode]), 4),
+                             times_s=[round(t, 4) for t in seconds[mode]],
+                             scaled_error=float((outputs[mode].double() - ref).abs().max() / max(1.0, float(ref.abs().max()))))
+            if mode != "tabpfn":
+                row[mode]["time_ratio"] = round(row[mode]["median_s"] / row["tabpfn"]["median_s"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    hold_freed_memory_back()
+    for row, (n_train, n_test, cache, y, x_test) in zip(rows, configurations()):  # then memory
+        for mode in MODES:
+            row[mode]["peak_growth_mib"] = round(statistics.median(
+                predict(mode, x_test, y, cache, peak_growth_mib)[0] for _ in range(2)), 1)
+        print(json.dumps({k: row[k] for k in ("train_rows", "test_rows", "dense_copy_mib")}
+                         | {m: row[m]["peak_growth_mib"] for m in MODES}), flush=True)
 
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
     out = args.out or Path(__file__).resolve().parent / "results" / f"tabpfn-backend-{args.dispatch}-{stamp}.json"

@@ -2,7 +2,7 @@
 
 from ._budget import get_memory_budget, set_memory_budget
 from ._backends import BackendUnavailableError
-from .attention import scaled_dot_product_attention, scaled_dot_product_attention_vjp
+from .attention import merge_attention, scaled_dot_product_attention, scaled_dot_product_attention_vjp
 from .comparison import Comparison, compare
 from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads
@@ -18,6 +18,7 @@ __all__ = [
     "convert_torch_nn_multihead_attention_state_dict",
     "broadcast_kv_across_heads",
     "get_memory_budget",
+    "merge_attention",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_vjp",
     "set_memory_budget",

@@ -5,7 +5,7 @@ and the output gradient ``dO``, each (batch, query) block recomputes its
 scores tile by tile, ``P = exp(scale q k^T + bias - L)`` (0 where masked), and
 with ``D = rowsum(dO * O)`` and the dropout factor ``Z`` (keep / (1 - p), or 1):
 
-    dV += (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - D),
+    dV += (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - D) (times 1 - (capped / c)^2 with softcap c),
     dQ += scale dS K,   dK += scale dS^T Q.
 
 No score matrix larger than one tile exists; grouped heads are folded into GEMM
@@ -35,7 +35,7 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, b
     The gradients have the inputs' shapes and dtype.
     """
     xp = be.xp
-    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), shift=k.shape[1] - q.shape[1])
+    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0))
     cdt = core.cdt
     B, T, N, H = q.shape
     S, K, V = k.shape[1], k.shape[2], v.shape[3]
@@ -44,7 +44,7 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, b
     # FlashAttention-2's split: each worker owns a key range, so its dk, dv rows are its own; the query
     # gradients of the ranges are summed afterwards, in range order (the same bits on every run).
     workers = plan.workers if be.item_assignment else 1
-    ranges = dataclasses.replace(plan, key_splits=max(1, workers)).key_ranges(S)
+    ranges = dataclasses.replace(plan, key_splits=max(1, workers)).key_ranges(0, S)
     dqs: list[Any] = [None] * len(ranges)
 
     def key_range(i: int, s_lo: int, s_hi: int) -> None:
@@ -74,14 +74,15 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
     l_row = core.fold(lse, b0, b1, t0, t1)
     l_row = safe_max(l_row, xp=xp)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
-    s_end = min(s_hi, core.keys_end(t1))
-    for s0 in range(s_lo, s_end, plan.chunks.kv):
+    lo, hi = core.key_span(b0, b1, t0, t1)
+    s_end = min(s_hi, hi)
+    for s0 in range(max(s_lo, lo), s_end, plan.chunks.kv):  # both on the chunk grid
         bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
         ns = ssl.stop - ssl.start
         kb, vb, allowed = core.key_chunk(bsl, tsl, ssl)  # hidden keys zeroed: 0 * NaN would poison the gradients
         kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt)  # [b, K, s, H]
         vb = xp.astype(xp.permute_dims(vb, (0, 2, 1, 3)), cdt)  # [b, K, s, V]
-        p = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
+        p, capped = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
         z = None
         if plan.dropout_key is not None:
             keep = xp.reshape(core.keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
@@ -92,6 +93,8 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
         if z is not None:
             dp = dp * z
         ds = p * (dp - d_row)
+        if capped is not None:  # through c * tanh(x / c): times 1 - tanh(x / c)^2
+            ds = ds * (core.scalars.one - (capped / plan.softcap) ** 2)
         dq = dq + xp.matmul(ds, kb)
         dk_blk = xp.matmul(xp.matrix_transpose(ds), qs)  # scale dS^T q: qs carries the scale
         idx = (bsl, ssl, Ellipsis)
@@ -100,11 +103,16 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
     return core.unfold(dq * plan.scale, nt), dk, dv
 
 
-def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice, ssl: slice) -> Any:
-    """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where ``allowed`` (or None: all) hides a key."""
-    xp, K, G = core.xp, core.K, core.G
+def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice,
+                   ssl: slice) -> tuple[Any, Any]:
+    """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where ``allowed`` (or None: all) hides a key; and the
+    soft-capped logits (None without ``softcap``)."""
+    xp, K, G, softcap = core.xp, core.K, core.G, core.plan.softcap
     nb, nt, ns = bsl.stop - bsl.start, tsl.stop - tsl.start, ssl.stop - ssl.start
     scores = xp.matmul(qs, xp.matrix_transpose(kb))
+    capped = None
+    if softcap is not None:
+        scores = capped = xp.tanh(scores / softcap) * softcap
     if core.bias is not None or allowed is not None:
         scores = xp.reshape(scores, (nb, K, nt, G, ns))
         if core.bias is not None:
@@ -112,4 +120,4 @@ def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, 
         if allowed is not None:
             scores = xp.where(allowed, scores, core.scalars.neg_inf)
         scores = xp.reshape(scores, (nb, K, nt * G, ns))
-    return xp.exp(scores - l_row)
+    return xp.exp(scores - l_row), capped

@@ -14,6 +14,7 @@ against that head's keys, so keys and values are never repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -52,12 +53,35 @@ class AttentionPlan:
     #: Fixed tiles (queries padded to whole tiles, no key splits): every row's result is bitwise the
     #: same whatever else is in the call.
     batch_invariant: bool = False
+    #: Query and key lengths ``(T, S)`` of the whole problem: the default row lengths and the alignment
+    #: (None: those of the arrays ``attend`` is given).
+    extent: tuple[int, int] | None = None
+    #: Per batch row (whole problem): the queries and keys that exist (None: all T, all S). Queries past a row's
+    #: length give 0 (lse ``-inf``); keys past it are hidden, and key chunks wholly past it are skipped.
+    q_lengths: tuple[int, ...] | None = None
+    kv_lengths: tuple[int, ...] | None = None
+    #: Sliding window ``(left, right)``: query t of row b sees keys ``p - left <= s <= p + right``,
+    #: ``p = t + shift(b)``; None: no window. Key chunks outside every query's window are skipped.
+    window: tuple[int, int] | None = None
+    #: Logit soft-capping: logits (after the scale, before bias and masks) become ``c * tanh(logits / c)``.
+    softcap: float | None = None
 
-    def key_ranges(self, end: int) -> list[tuple[int, int]]:
-        """``key_splits`` ranges of whole key chunks covering ``[0, end)`` (fewer when there are fewer chunks)."""
-        chunks = -(-end // self.chunks.kv)
-        per = -(-chunks // max(1, min(self.key_splits, chunks))) * self.chunks.kv
-        return [(s0, min(end, s0 + per)) for s0 in range(0, end, per)] or [(0, 0)]
+    def row_lengths(self, b: int) -> tuple[int, int]:
+        """``(queries, keys)`` of batch row ``b`` of the whole problem."""
+        T, S = self.extent or (0, 0)
+        return (T if self.q_lengths is None else self.q_lengths[b]), (S if self.kv_lengths is None else self.kv_lengths[b])
+
+    def shift(self, b: int) -> int:
+        """Bottom-right alignment of row ``b``: query t sits at key position ``t + shift(b)`` (causal, window)."""
+        q_len, kv_len = self.row_lengths(b)
+        return kv_len - q_len
+
+    def key_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """``key_splits`` ranges of whole key chunks covering ``[start, end)`` (``start`` on the chunk grid; fewer
+        ranges when there are fewer chunks)."""
+        chunks = -(-(end - start) // self.chunks.kv)
+        per = -(-chunks // max(1, min(self.key_splits, chunks))) * self.chunks.kv if chunks > 0 else 1
+        return [(s0, min(end, s0 + per)) for s0 in range(start, end, per)] or [(start, start)]
 
     def blocks(self, batch: int, q_len: int) -> list[tuple[int, int, int, int]]:
         """The (batch rows, query rows) blocks ``(b0, b1, t0, t1)``, batch-major."""
@@ -86,6 +110,10 @@ def plan_attention(
     return_lse: bool = False,
     batch_invariant: bool = False,
     dequantized_key_bytes: int = 0,
+    q_lengths: tuple[int, ...] | None = None,
+    kv_lengths: tuple[int, ...] | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> AttentionPlan:
     """Validate the tuning keywords and resolve them into a plan.
 
@@ -94,7 +122,8 @@ def plan_attention(
     budget (the factor bounds the attention's working set too, down to
     cache-sized tiles on CPUs: see ``plan_chunks``). With
     ``batch_invariant`` the tiles are ``INVARIANT_CHUNKS`` whatever the budget
-    and chunk sizes say (they are still validated). ``dequantized_key_bytes``: see ``plan_chunks``.
+    and chunk sizes say (they are still validated). ``dequantized_key_bytes``: see ``plan_chunks``. The row
+    lengths, window and soft cap (validated by the caller) go into the plan as they are.
     """
     B, T, S, N, H, V = shape
     q_chunk = check_optional_positive_int(q_chunk_size, "q_chunk_size")
@@ -103,7 +132,9 @@ def plan_attention(
     budget = resolve_memory_budget(memory_budget, be=be, device=device)
     chunks = plan_chunks(
         batch=B, q_len=T, kv_len=S, heads=N, d_k=H, d_v=V, compute_itemsize=be.itemsize(be.compute_dtype(dtype)),
-        dropout=dropout_p > 0, masked=masked or is_causal, biased=biased, budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
+        dropout=dropout_p > 0, biased=biased or softcap is not None,
+        masked=masked or is_causal or window is not None or q_lengths is not None or kv_lengths is not None,
+        budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk,
         workers=workers, on_cpu=be.is_cpu(device), divisor=budget_divisor, dequantized_key_bytes=dequantized_key_bytes,
     )
     if batch_invariant:
@@ -113,7 +144,8 @@ def plan_attention(
     return AttentionPlan(scale=scale, chunks=chunks, workers=workers, is_causal=is_causal,
                          dropout_p=dropout_p if key is not None else 0.0, dropout_key=key,
                          key_splits=1 if batch_invariant else _key_splits(chunks, B, T, S, workers, be),
-                         with_lse=return_lse, batch_invariant=batch_invariant)
+                         with_lse=return_lse, batch_invariant=batch_invariant, extent=(T, S), q_lengths=q_lengths,
+                         kv_lengths=kv_lengths, window=window, softcap=softcap)
 
 
 def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Backend) -> int:
@@ -126,15 +158,13 @@ def _key_splits(chunks: ChunkPlan, B: int, T: int, S: int, workers: int, be: Bac
 
 
 def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
-           offsets: tuple[int, int, int] = (0, 0, 0), causal_shift: int | None = None,
-           scales: tuple[Any, Any] = (None, None)) -> Any:
+           offsets: tuple[int, int, int] = (0, 0, 0), scales: tuple[Any, Any] = (None, None)) -> Any:
     """Attention of validated ``q [B,T,N,H]`` over ``k [B,S,K,H]``, ``v [B,S,K,V]`` of backend ``be`` under ``plan``.
 
     ``mask`` and ``bias`` are 4-D (``check_mask``). When the arrays are blocks
     of a larger problem, ``offsets`` are the block's first (batch, query, key)
-    indices in it (for the dropout counter) and ``causal_shift`` is
-    ``S - T`` of the whole problem plus the query offset minus the key offset
-    (default: this call's ``S - T``). ``scales`` are those of quantized keys and values (``[B|1, 1, 1, 1]`` in
+    indices in it (the dropout counter, the row lengths and the causal and
+    window alignment are those of the whole problem, ``plan.extent``). ``scales`` are those of quantized keys and values (``[B|1, 1, 1, 1]`` in
     q's dtype, or None: ``check_quantized``), applied chunk by chunk. Arrays are in memory here; lazy chunked
     ones are decided at the entry points (``_lazy``). Returns the output
     ``[B,T,N,V]``, or ``(output, lse)`` with ``plan.with_lse`` (``lse [B,T,N]``
@@ -149,9 +179,7 @@ def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: An
         q = _pad_queries(q, pad, 0.0, xp=xp)
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
                       for a, fill in ((mask, False), (bias, 0.0)))  # padded rows see no key: they hide none
-    shift = k.shape[1] - T if causal_shift is None else causal_shift  # bottom-right causal alignment
-    loop = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, shift=shift, q_len=T,
-                     scales=scales)
+    loop = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, q_len=T, scales=scales)
     result = _run(loop)
     if q.shape[1] == T:
         return result
@@ -186,7 +214,7 @@ def _run(loop: "ChunkLoop") -> Any:
     if plan.key_splits == 1:
         run_blocks(lambda *blk: write(blk, *loop.finish(*loop.whole_block(*blk))), blocks, plan.workers, be)
     else:
-        ranges = [plan.key_ranges(loop.keys_end(blk[3])) for blk in blocks]
+        ranges = [plan.key_ranges(*loop.key_span(*blk)) for blk in blocks]
         parts: list[list[Any]] = [[None] * len(r) for r in ranges]
 
         def part(i: int, j: int) -> None:  # merged in range order below: the same bits on every run
@@ -236,24 +264,27 @@ class ChunkLoop:
     """One attention problem as chunk loops: ``block_state`` computes a (batch, query) block's online-softmax state
     ``(m, l, acc)`` over a key range, ``normalize`` turns a state into output rows and their log-sum-exp in the
     compute dtype, ``finish`` into the output dtype. ``fold``/``unfold``, ``key_chunk``, ``allowed``, ``keep``
-    and ``keys_end`` are what the backward (``_backward``) shares with the forward."""
+    and ``key_span`` are what the backward (``_backward``) shares with the forward."""
 
     def __init__(self, q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
-                 offsets: tuple[int, int, int], shift: int, q_len: int | None = None,
+                 offsets: tuple[int, int, int], q_len: int | None = None,
                  scales: tuple[Any, Any] = (None, None)) -> None:
+        self.q_len = q.shape[1] if q_len is None else q_len  # real queries: q may hold padded rows past them
+        if plan.extent is None:
+            plan = dataclasses.replace(plan, extent=(self.q_len, k.shape[1]))
         self.q, self.k, self.v, self.be, self.xp, self.plan = q, k, v, be, be.xp, plan
         self.scales = scales  # of quantized keys and values
         self.mask, self.bias, self.offsets = mask, bias, offsets
         self.N, self.H = q.shape[2], q.shape[3]
         self.S, self.K, self.V = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.N // self.K
-        self.shift = shift  # query t sees keys s <= t + shift (causal)
-        self.q_len = q.shape[1] if q_len is None else q_len  # real queries: q may hold padded rows past them
+        self.delta = offsets[1] - offsets[2]  # this block's query index minus key index, in the whole problem
+        self.limited = any(x is not None for x in (plan.q_lengths, plan.kv_lengths, plan.window)) or plan.is_causal
         self.dev = device_of(q)
         cdt = self.cdt = be.compute_dtype(q.dtype)
         self.scalars = Scalars(*(self.xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0)))
         # Library fast paths: on JAX each is compiled once per shape instead of op by op.
-        self.step = be.compile(_online_softmax_step, static_argnames=("be", "keep_scale", "fixed_order"))
+        self.step = be.compile(_online_softmax_step, static_argnames=("be", "keep_scale", "fixed_order", "softcap"))
         self.keep_decision = be.compile(_dropout.keep_decision, static_argnames=("key", "threshold"))
         self.keep_scale = 1.0 / (1.0 - plan.dropout_p) if plan.dropout_p < 1.0 else 0.0
         self.threshold = _dropout.keep_threshold(plan.dropout_p)
@@ -269,15 +300,50 @@ class ChunkLoop:
         shape[axis] = stop - start
         return self.xp.reshape(self.xp.arange(start, stop, dtype=dtype, device=self.dev), tuple(shape))
 
+    def rows(self, b0: int, b1: int) -> list[tuple[int, int, int]]:
+        """Per local batch row ``b0 <= b < b1``: its queries and keys in local indices (past them nothing exists)
+        and its shift (query t sits at key ``t + shift``)."""
+        (bo, to, so), plan = self.offsets, self.plan
+        found = []
+        for b in range(b0 + bo, b1 + bo):
+            q_len, kv_len = plan.row_lengths(b)
+            found.append((q_len - to, kv_len - so, plan.shift(b) + self.delta))
+        return found
+
+    def _per_row(self, values: list[int], dtype: Any) -> Any:
+        """``values`` (one per batch row) as ``[b, 1, 1, 1, 1]``, or a Python int when they are all equal."""
+        if len(set(values)) == 1:
+            return values[0]
+        return self.xp.reshape(self.xp.asarray(values, dtype=dtype, device=self.dev), (len(values), 1, 1, 1, 1))
+
+    def _right(self) -> int | None:
+        """How far right of its position a query sees (causal: 0, window: its right), None: unbounded."""
+        plan = self.plan
+        rights = ([0] if plan.is_causal else []) + ([plan.window[1]] if plan.window is not None else [])
+        return min(rights) if rights else None
+
     def allowed(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
-        """Where queries ``tsl`` may attend keys ``ssl`` (mask and causal), or None when all may."""
+        """Where queries ``tsl`` may attend keys ``ssl`` (mask, causal, window, row lengths), or None when all may."""
         xp, allowed = self.xp, None
         if self.mask is not None:
             allowed = block_of(self.mask, bsl, tsl, ssl, (self.K, self.G), xp=xp)
-        if self.plan.is_causal and ssl.stop - 1 > tsl.start + self.shift:  # some key here is hidden from some query
-            idx = self.index_dtype
-            causal = self._index(ssl.start, ssl.stop, 4, idx) <= self._index(tsl.start, tsl.stop, 2, idx) + self.shift
-            allowed = causal if allowed is None else xp.logical_and(allowed, causal)
+        if not self.limited:
+            return allowed
+        idx, window, right = self.index_dtype, self.plan.window, self._right()
+        q_ends, kv_ends, shifts = (list(c) for c in zip(*self.rows(bsl.start, bsl.stop)))
+        s = self._index(ssl.start, ssl.stop, 4, idx)
+        t = self._index(tsl.start, tsl.stop, 2, idx)
+        conditions = []
+        if tsl.stop > min(q_ends):  # some query here is past its row's length
+            conditions.append(t < self._per_row(q_ends, idx))
+        if ssl.stop > min(kv_ends):
+            conditions.append(s < self._per_row(kv_ends, idx))
+        if window is not None and ssl.start < tsl.stop - 1 + max(shifts) - window[0]:  # left of some window
+            conditions.append(s >= t + self._per_row([x - window[0] for x in shifts], idx))
+        if right is not None and ssl.stop - 1 > tsl.start + min(shifts) + right:  # right of some query's reach
+            conditions.append(s <= t + self._per_row([x + right for x in shifts], idx))
+        for c in conditions:
+            allowed = c if allowed is None else xp.logical_and(allowed, c)
         return allowed
 
     def keep(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
@@ -288,9 +354,20 @@ class ChunkLoop:
             self._index(tsl.start + to, tsl.stop + to, 2, lanes), self._index(ssl.start + so, ssl.stop + so, 4, lanes),
             key=self.plan.dropout_key, threshold=self.threshold)
 
-    def keys_end(self, t1: int) -> int:
-        """Keys visible to any query of rows ``< t1`` (all, unless causal)."""
-        return max(0, min(self.S, min(t1, self.q_len) + self.shift)) if self.plan.is_causal else self.S
+    def key_span(self, b0: int, b1: int, t0: int, t1: int) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` that some query of block ``[b0:b1, t0:t1]`` may see (row lengths, causal, window); ``lo``
+        on the key chunk grid, so that chunk boundaries are those of the whole key axis. ``(0, 0)``: none."""
+        if not self.limited:
+            return 0, self.S
+        window, right, lo, hi = self.plan.window, self._right(), self.S, 0
+        for q_end, kv_end, shift in self.rows(b0, b1):
+            last = min(t1, self.q_len, q_end) - 1  # the row's last real query in the block
+            row_hi = min(self.S, kv_end) if right is None else min(self.S, kv_end, last + shift + right + 1)
+            row_lo = 0 if window is None else max(0, t0 + shift - window[0])
+            if last >= t0 and row_lo < row_hi:
+                lo, hi = min(lo, row_lo), max(hi, row_hi)
+        kv = self.plan.chunks.kv
+        return ((lo // kv) * kv, hi) if lo < hi else (0, 0)
 
     def fold(self, a: Any, b0: int, b1: int, t0: int, t1: int) -> Any:
         """Rows ``[b0:b1, t0:t1]`` of a ``[B, T, N, D]`` (or ``[B, T, N]``: D = 1) array in the GEMM layout
@@ -309,7 +386,7 @@ class ChunkLoop:
 
     def whole_block(self, b0: int, b1: int, t0: int, t1: int) -> tuple[Any, Any, Any]:
         """``block_state`` over every key the block's queries may see."""
-        return self.block_state(b0, b1, t0, t1, 0, self.keys_end(t1))
+        return self.block_state(b0, b1, t0, t1, *self.key_span(b0, b1, t0, t1))
 
     def block_state(self, b0: int, b1: int, t0: int, t1: int, s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
         """The online-softmax state ``(m, l, acc)`` of block ``[b0:b1, t0:t1]`` over keys ``[s_lo, s_hi)``."""
@@ -334,7 +411,8 @@ class ChunkLoop:
             # The front of the tile, contiguous, so that a shorter last chunk needs no strides.
             out = None if tile is None else xp.reshape(tile[:rows * ns], (nb, K, nt * G, ns))
             m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.scalars, out,
-                                  be=self.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant)
+                                  be=self.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant,
+                                  softcap=self.plan.softcap)
         return m, l, acc
 
     def key_chunk(self, bsl: slice, tsl: slice, ssl: slice) -> tuple[Any, Any, Any]:
@@ -343,7 +421,7 @@ class ChunkLoop:
         ones dequantized (``dequantize``)."""
         kb, vb = (self.dequantize(a[bsl, ssl, ...], scale, bsl) for a, scale in zip((self.k, self.v), self.scales))
         allowed = self.allowed(bsl, tsl, ssl)
-        if self.mask is not None:
+        if allowed is not None and (self.mask is not None or self.plan.kv_lengths is not None):  # padding may be NaN
             kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
         return kb, vb, allowed
 
@@ -383,13 +461,14 @@ class ChunkLoop:
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
                          scalars: Scalars, tile: Any, *, be: Backend, keep_scale: float,
-                         fixed_order: bool) -> tuple[Any, Any, Any]:
+                         fixed_order: bool, softcap: float | None = None) -> tuple[Any, Any, Any]:
     """One key chunk of the online softmax: scores ``q k^T``, then the running max ``m [b,K,t,G,1]``, sum ``l``
     and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
 
     ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``scalars`` holds
     ``-inf``, 0 and 1 (``Scalars``); ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
-    may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones.
+    may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones; ``softcap``
+    caps the scaled logits (``c * tanh(logits / c)``) before bias and masks.
     """
     xp = be.xp
     neg_inf, zero, _ = scalars
@@ -403,6 +482,8 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
         be.matmul_into(qb, kb, tile, fixed_order=fixed_order)
         scores = tile
     scores = xp.reshape(scores, (nb, K, nt, G, kv_chunk))
+    if softcap is not None:
+        scores = xp.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:

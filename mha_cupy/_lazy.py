@@ -85,9 +85,8 @@ def _attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, 
     from dask.highlevelgraph import HighLevelGraph
 
     check_chunks(q, k, v, mask, bias)
-    shift = k.shape[1] - q.shape[1]
     block_plan = dataclasses.replace(plan, with_lse=True, key_splits=1)
-    token = tokenize(q, k, v, mask, bias, block_plan, offsets, shift)
+    token = tokenize(q, k, v, mask, bias, block_plan, offsets)
     part, merge, out_name, lse_name = (f"mha-{w}-{token}" for w in ("partial", "merge", "out", "lse"))
     dsk: dict[Any, Any] = {}
     b_starts, t_starts, s_starts = _starts(q.chunks[0]), _starts(q.chunks[1]), _starts(k.chunks[1])
@@ -97,7 +96,7 @@ def _attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, 
             key = (part, i, j, s)
             dsk[key] = (_partial_task, (q.name, i, j, 0, 0), (k.name, i, s, 0, 0), (v.name, i, s, 0, 0),
                         _block_key(mask, i, j, s), _block_key(bias, i, j, s), block_plan,
-                        (offsets[0] + b0, offsets[1] + t0, offsets[2] + s0), shift + t0 - s0)
+                        (offsets[0] + b0, offsets[1] + t0, offsets[2] + s0))
             keys.append(key)
         final = _tree(dsk, keys, (merge, i, j))
         dsk[(out_name, i, j, 0, 0)] = (_unpack_out, final, str(q.dtype))
@@ -138,12 +137,12 @@ def _tree(dsk: dict[Any, Any], keys: list[Any], prefix: tuple[Any, ...]) -> Any:
     return keys[0]
 
 
-def _partial_task(q: Any, k: Any, v: Any, mask: Any, bias: Any, plan: AttentionPlan, offsets: tuple[int, int, int],
-                  shift: int) -> Any:
+def _partial_task(q: Any, k: Any, v: Any, mask: Any, bias: Any, plan: AttentionPlan,
+                  offsets: tuple[int, int, int]) -> Any:
     """One block: the chunk loop in the blocks' library; output and log-sum-exp packed in the compute dtype."""
     be = resolve_backend(array_api_compat.array_namespace(q))
     with be.parallel_section():  # Dask runs tasks side by side: BLAS stays on one thread in each
-        out, lse = attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, causal_shift=shift)
+        out, lse = attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
     return be.xp.concat([be.xp.astype(out, lse.dtype), lse[..., None]], axis=3)
 
 

@@ -28,6 +28,9 @@ __all__ = [
     "check_scale",
     "check_mask",
     "check_quantized",
+    "check_lengths",
+    "check_window",
+    "check_softcap",
     "check_precomputed_combination",
     "check_weight_combination",
 ]
@@ -229,6 +232,53 @@ def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be
         raise ValueError(msg)
     scale = xp.reshape(scale, (n, 1, 1, 1))
     return xp.astype(scale, dtype) if scale.dtype != dtype else scale
+
+
+def check_lengths(x: Any, name: str, batch: int, limit: int, axis: str, *, be: Backend) -> tuple[int, ...] | None:
+    """Row lengths ``x``: None, or an integer array ``[batch]`` of ``be`` with values in ``[0, limit]``; returned
+    as Python ints (one small copy to the host: the loop decides from them which chunks to skip)."""
+    if x is None:
+        return None
+    if not be.is_array(x):
+        msg = f"{name} must be an integer array [batch] = [{batch}] or None, got {type(x).__name__}"
+        raise TypeError(msg)
+    if tuple(x.shape) != (batch,):
+        msg = f"{name} must have shape [batch] = [{batch}], got shape {shape_str(tuple(x.shape))}"
+        raise ValueError(msg)
+    if not be.xp.isdtype(x.dtype, "integral"):
+        msg = f"{name} must have an integer dtype, got {be.dtype_name(x.dtype)}"
+        raise TypeError(msg)
+    values = tuple(int(n) for n in be.to_numpy(x).tolist())
+    bad = [n for n in values if not 0 <= n <= limit]
+    if bad:
+        msg = f"{name} must lie in [0, {axis}] = [0, {limit}], got {bad[0]} (row {values.index(bad[0])})"
+        raise ValueError(msg)
+    return values
+
+
+def check_window(value: Any, name: str = "local_window_size") -> tuple[int, int] | None:
+    """A sliding window: None, an int ``w >= 0`` (``(w, w)``) or a pair ``(left, right)`` of ints ``>= 0``."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            msg = f"{name} must be an int or a pair (left, right), got {len(value)} values {tuple(value)!r}"
+            raise ValueError(msg)
+        return (check_positive_int(value[0], f"{name}[0] (left)", minimum=0),
+                check_positive_int(value[1], f"{name}[1] (right)", minimum=0))
+    w = check_positive_int(value, name, minimum=0)
+    return w, w
+
+
+def check_softcap(value: Any, name: str = "softcap") -> float | None:
+    """Logit soft-capping: None or a positive finite float."""
+    if value is None:
+        return None
+    result = _as_float(value, name, "a positive finite float or None")
+    if result <= 0:
+        msg = f"{name} must be a positive finite float or None, got {value!r}"
+        raise ValueError(msg)
+    return result
 
 
 def check_precomputed_combination(precomputed_k: Any, precomputed_v: Any, precomputed_kv: Any) -> None:

@@ -14,11 +14,12 @@ from ._backends import backend_of, device_of
 from ._backward import attend_backward
 from ._core import attend, plan_attention
 from ._lazy import run_attention
+from ._merge import merge_partials
 from ._random import random_seed, split_seed
-from ._validation import (check_array, check_bool, check_mask, check_probability, check_quantized, check_scale,
-                          check_shape_and_dtype)
+from ._validation import (check_array, check_bool, check_lengths, check_mask, check_probability, check_quantized,
+                          check_scale, check_shape_and_dtype, check_softcap, check_window)
 
-__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp"]
+__all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "merge_attention"]
 
 
 def scaled_dot_product_attention(
@@ -40,6 +41,10 @@ def scaled_dot_product_attention(
     batch_invariant: bool = False,
     k_scale: Any = None,
     v_scale: Any = None,
+    q_seq_lengths: Any = None,
+    kv_seq_lengths: Any = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> Any:
     """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
 
@@ -101,6 +106,22 @@ def scaled_dot_product_attention(
         dequantized inside the loop (``k.astype(q.dtype) * k_scale``, as
         TabPFN's ``QuantizedKVCacheEntry.dequantize``), never the whole of
         ``k``. Not with gradients, nor on Dask yet.
+    q_seq_lengths, kv_seq_lengths : integer array ``[B]``, optional
+        Variable-length batches: row b has ``q_seq_lengths[b]`` queries and
+        ``kv_seq_lengths[b]`` keys, the rest being padding. Queries past their
+        row's length give 0 (log-sum-exp ``-inf``, zero gradients); keys past
+        it are never attended, and key chunks wholly past it are skipped.
+        Causal masks and windows align each row bottom-right by its lengths:
+        query t of row b sits at key ``p(t) = t + kv_seq_lengths[b] - q_seq_lengths[b]``.
+    local_window_size : int or ``(left, right)``, optional
+        Sliding window: query t sees keys ``p(t) - left <= s <= p(t) + right``
+        (an int w means ``(w, w)``), with ``p(t) = t + S - T`` or its per-row
+        form above; combined with ``is_causal`` and ``mask``. Key chunks
+        outside every query's window are skipped.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2, FlashAttention's ``softcap``): the scaled
+        logits become ``softcap * tanh(logits / softcap)``, before ``bias`` and
+        the masks; gradients flow through it.
 
     Returns
     -------
@@ -115,7 +136,9 @@ def scaled_dot_product_attention(
                                             bias=bias, is_causal=is_causal, q_chunk_size=q_chunk_size,
                                             kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers,
                                             return_lse=return_lse, batch_invariant=batch_invariant,
-                                            k_scale=k_scale, v_scale=v_scale)
+                                            k_scale=k_scale, v_scale=v_scale, q_seq_lengths=q_seq_lengths,
+                                            kv_seq_lengths=kv_seq_lengths, local_window_size=local_window_size,
+                                            softcap=softcap)
     if any(s is not None for s in scales):
         _check_quantized_call(be, q, k, v)
         return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias, scales=scales)
@@ -165,6 +188,10 @@ def scaled_dot_product_attention_vjp(
     kv_chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     workers: int | None = None,
+    q_seq_lengths: Any = None,
+    kv_seq_lengths: Any = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of ``sum(scaled_dot_product_attention(q, k, v, ...) * d_out)`` with respect to q, k and v.
 
@@ -184,6 +211,8 @@ def scaled_dot_product_attention_vjp(
         Gradient of the output; same library, device and dtype as ``q``.
     scale, dropout_p, seed, mask, bias, is_causal, q_chunk_size, kv_chunk_size, memory_budget, workers
         As in :func:`scaled_dot_product_attention`.
+    q_seq_lengths, kv_seq_lengths, local_window_size, softcap
+        As in :func:`scaled_dot_product_attention`: padded queries and keys get zero gradients.
 
     Returns
     -------
@@ -197,7 +226,9 @@ def scaled_dot_product_attention_vjp(
     be, plan, mask, bias, _ = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
                                        is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
                                        memory_budget=memory_budget, workers=workers, return_lse=True,
-                                       batch_invariant=False, budget_divisor=2)  # three tiles live per step, not two
+                                       batch_invariant=False, budget_divisor=2,  # three tiles live per step, not two
+                                       q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
+                                       local_window_size=local_window_size, softcap=softcap)
     check_array(d_out, "d_out")
     backend_of(q, d_out, names=("q", "d_out"))
     B, T, N, _ = q.shape
@@ -212,14 +243,16 @@ def scaled_dot_product_attention_vjp(
 
 def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, mask: Any, bias: Any, is_causal: Any,
              q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any, workers: Any, return_lse: Any,
-             batch_invariant: Any, budget_divisor: int = 1, k_scale: Any = None,
-             v_scale: Any = None) -> tuple[Any, Any, Any, Any, tuple[Any, Any]]:
+             batch_invariant: Any, budget_divisor: int = 1, k_scale: Any = None, v_scale: Any = None,
+             q_seq_lengths: Any = None, kv_seq_lengths: Any = None, local_window_size: Any = None,
+             softcap: Any = None) -> tuple[Any, Any, Any, Any, tuple[Any, Any]]:
     """Every argument checked, and the call resolved: ``(backend, plan, mask, bias, (k_scale, v_scale))``, masks
     4-D, scales ``[B|1, 1, 1, 1]`` arrays or None."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_array(a, name)
     scale_arrays = [None if isinstance(s, numbers.Real) else s for s in (k_scale, v_scale)]  # numbers are no library's
-    be = backend_of(q, k, v, mask, bias, *scale_arrays, names=("q", "k", "v", "mask", "bias", "k_scale", "v_scale"))
+    be = backend_of(q, k, v, mask, bias, *scale_arrays, q_seq_lengths, kv_seq_lengths,
+                    names=("q", "k", "v", "mask", "bias", "k_scale", "v_scale", "q_seq_lengths", "kv_seq_lengths"))
     check_shape_and_dtype(q, "q", (None, None, None, None), legend="[batch, q_len, heads, d_k]", be=be)
     B, T, N, H = q.shape
     check_shape_and_dtype(k, "k", (B, None, None, H), legend="[batch, kv_len, kv_heads, d_k]", dtype=False, be=be)
@@ -247,5 +280,66 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
         memory_budget=memory_budget, workers=workers, return_lse=check_bool(return_lse, "return_lse"),
         batch_invariant=check_bool(batch_invariant, "batch_invariant"), budget_divisor=budget_divisor,
         dequantized_key_bytes=dequantized,
+        q_lengths=check_lengths(q_seq_lengths, "q_seq_lengths", B, T, "q_len", be=be),
+        kv_lengths=check_lengths(kv_seq_lengths, "kv_seq_lengths", B, S, "kv_len", be=be),
+        window=check_window(local_window_size), softcap=check_softcap(softcap),
     )
     return be, plan, mask, bias, scales
+
+
+def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
+    """Attention over the union of disjoint key sets, from the results over each set (xformers' ``merge_attentions``).
+
+    Parameters
+    ----------
+    outs : sequence of arrays, each ``[..., V]`` (for example ``[B, T, N, V]``)
+        Outputs of ``scaled_dot_product_attention(..., return_lse=True)`` over
+        disjoint sets of keys, of one library, device, dtype and shape.
+    lses : sequence of arrays, each ``[...]`` (``[B, T, N]``)
+        Their log-sum-exps, of one real floating dtype (``-inf``: the row saw no key).
+
+    Returns
+    -------
+    (out, lse)
+        ``lse = log sum_i exp(lse_i)`` and ``out = sum_i exp(lse_i - lse) out_i``,
+        computed in the dtype of ``lses`` (float32 or wider from
+        ``return_lse``); ``out`` in the dtype of ``outs``. Rows no part saw give
+        ``out = 0`` and ``lse = -inf``. Exact up to rounding; the same bits for the
+        same parts in the same order. This is the merge the Dask path and
+        split key ranges use.
+
+    Raises
+    ------
+    ValueError, TypeError
+        No parts, different numbers of outputs and log-sum-exps, or parts of
+        different shapes, dtypes, libraries or devices.
+    """
+    outs, lses = list(_as_parts(outs, "outs")), list(_as_parts(lses, "lses"))
+    if len(outs) != len(lses):
+        msg = f"outs and lses must have one entry per part, got {len(outs)} outs and {len(lses)} lses"
+        raise ValueError(msg)
+    names = tuple(f"outs[{i}]" for i in range(len(outs))) + tuple(f"lses[{i}]" for i in range(len(lses)))
+    be = backend_of(*outs, *lses, names=names)
+    for i, (out, lse) in enumerate(zip(outs, lses)):
+        check_shape_and_dtype(out, f"outs[{i}]", tuple(outs[0].shape), legend="[..., d_v] like outs[0]",
+                              dtype=outs[0].dtype, be=be)
+        check_shape_and_dtype(lse, f"lses[{i}]", tuple(outs[0].shape[:-1]), legend="outs[0]'s shape without d_v",
+                              dtype=lses[0].dtype, be=be)
+    if not outs[0].ndim:
+        msg = "outs must have at least one dimension [..., d_v], got 0-d arrays"
+        raise ValueError(msg)
+    xp = be.xp
+    parts = [xp.astype(o, lses[0].dtype) if o.dtype != lses[0].dtype else o for o in outs]
+    out, lse = merge_partials(parts, lses, xp=xp)
+    return (xp.astype(out, outs[0].dtype) if out.dtype != outs[0].dtype else out), lse
+
+
+def _as_parts(parts: Any, name: str) -> tuple[Any, ...]:
+    if not isinstance(parts, (list, tuple)) or not parts:
+        msg = f"{name} must be a non-empty list or tuple of arrays, got {type(parts).__name__}"
+        if isinstance(parts, (list, tuple)):
+            msg = f"{name} must hold at least one array, got an empty {type(parts).__name__}"
+        raise (ValueError if isinstance(parts, (list, tuple)) else TypeError)(msg)
+    for i, a in enumerate(parts):
+        check_array(a, f"{name}[{i}]")
+    return tuple(parts)

@@ -97,10 +97,28 @@ def assert_matches_reference(actual: Any, expected: Any, *, xp: Any, dtype: Any,
     return err
 
 
-def naive_attention(q, k, v, *, scale=None, mask=None, bias=None, is_causal=False, keep=None, dropout_p=0.0):
+def visible(B, T, S, *, is_causal=False, q_lengths=None, kv_lengths=None, window=None):
+    """``[B, T, S]``: whether query t of row b may see key s, from row lengths, causal and window, written out
+    directly: query t of row b sits at key position ``t + kv_len[b] - q_len[b]``."""
+    ql = np.full(B, T) if q_lengths is None else np.asarray(to_numpy(q_lengths)).astype(np.int64)
+    kl = np.full(B, S) if kv_lengths is None else np.asarray(to_numpy(kv_lengths)).astype(np.int64)
+    t, s = np.arange(T)[None, :, None], np.arange(S)[None, None, :]
+    pos = t + (kl - ql)[:, None, None]
+    ok = (t < ql[:, None, None]) & (s < kl[:, None, None])
+    if is_causal:
+        ok = ok & (s <= pos)
+    if window is not None:
+        left, right = (window, window) if isinstance(window, int) else window
+        ok = ok & (s >= pos - left) & (s <= pos + right)
+    return ok
+
+
+def naive_attention(q, k, v, *, scale=None, mask=None, bias=None, is_causal=False, keep=None, dropout_p=0.0,
+                    q_lengths=None, kv_lengths=None, window=None, softcap=None):
     """Direct float64 attention for ``q [B,T,N,H]``, ``k [B,S,K,H]``, ``v [B,S,K,V]`` (repeats kv heads).
 
-    ``keep`` is a ``[B,N,T,S]`` boolean dropout mask. Fully masked rows give 0.
+    ``keep`` is a ``[B,N,T,S]`` boolean dropout mask. Fully masked rows give 0. ``softcap`` caps the scaled
+    logits before the bias; lengths and windows as in ``visible``.
     """
     q, k, v = (np.asarray(to_numpy(a), dtype=np.float64) for a in (q, k, v))
     B, T, N, H = q.shape
@@ -112,15 +130,16 @@ def naive_attention(q, k, v, *, scale=None, mask=None, bias=None, is_causal=Fals
     v = np.repeat(v, G, axis=2)
     scale = 1.0 / np.sqrt(H) if scale is None else scale
     logits = np.einsum("bthd,bshd->bhts", q, k) * scale
-    allowed = np.ones((B, N, T, S), dtype=bool)
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+    allowed = np.broadcast_to(visible(B, T, S, is_causal=is_causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                      window=window)[:, None], (B, N, T, S)).copy()
     if mask is not None:
         allowed &= np.broadcast_to(np.moveaxis(np.asarray(to_numpy(mask)).reshape((1,) * (4 - np.ndim(to_numpy(mask))) + np.shape(to_numpy(mask))), 2, 1), (B, N, T, S))
     if bias is not None:
         b = np.asarray(to_numpy(bias), dtype=np.float64)
         b = b.reshape((1,) * (4 - b.ndim) + b.shape)
         logits = logits + np.moveaxis(b, 2, 1)
-    if is_causal:
-        allowed &= np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
     logits = np.where(allowed, logits, -np.inf)
     mx = logits.max(axis=-1, keepdims=True)
     mx = np.where(np.isfinite(mx), mx, 0.0)

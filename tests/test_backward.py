@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mha_cupy
-from helpers import keep_mask, require
+from helpers import keep_mask, require, visible
 from mha_cupy.testing import assert_close
 
 TOL = 1e-10
@@ -19,7 +19,8 @@ def problem(B=2, T=7, S=11, N=4, K=2, H=5, V=3, seed=0):
             rng.standard_normal((B, T, N, V)))
 
 
-def torch_grads(q, k, v, d_out, *, scale=None, mask=None, bias=None, is_causal=False, keep=None, dropout_p=0.0):
+def torch_grads(q, k, v, d_out, *, scale=None, mask=None, bias=None, is_causal=False, keep=None, dropout_p=0.0,
+                q_lengths=None, kv_lengths=None, window=None, softcap=None):
     """Autograd of a direct float64 attention written in torch (repeated kv heads, explicit masks)."""
     torch = require("torch")
     tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
@@ -27,13 +28,15 @@ def torch_grads(q, k, v, d_out, *, scale=None, mask=None, bias=None, is_causal=F
     S, G = k.shape[1], N // k.shape[2]
     kr, vr = (a.repeat_interleave(G, dim=2) for a in (tk, tv))
     logits = torch.einsum("btnh,bsnh->bnts", tq, kr) * (H**-0.5 if scale is None else scale)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     if bias is not None:
         logits = logits + torch.tensor(bias).permute(0, 2, 1, 3)
     allowed = torch.ones((B, N, T, S), dtype=torch.bool)
     if mask is not None:
         allowed = allowed & torch.tensor(np.broadcast_to(mask, (B, T, N, S))).permute(0, 2, 1, 3)
-    if is_causal:
-        allowed = allowed & torch.tensor(np.tril(np.ones((T, S), bool), k=S - T))
+    allowed = allowed & torch.tensor(visible(B, T, S, is_causal=is_causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                             window=window))[:, None]
     p = torch.softmax(logits.masked_fill(~allowed, -torch.inf), dim=-1).nan_to_num(0.0)
     if keep is not None:
         p = p * torch.tensor(keep) / (1 - dropout_p)
