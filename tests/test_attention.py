@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import array_api_compat
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_matches_reference, keep_mask, naive_attention, require
+import mha_cupy
 from mha_cupy import MultiHeadAttention
 from mha_cupy import scaled_dot_product_attention as sdpa
 from mha_cupy._backends import resolve_backend, to_numpy
@@ -430,3 +432,178 @@ def test_quantized_kv_refused_with_gradients_and_on_dask():
         sdpa(torch.tensor(q, requires_grad=True), torch.tensor(k8), torch.tensor(v8), k_scale=1.0, v_scale=1.0)
     with pytest.raises(TypeError, match="do not take dask arrays yet"):
         sdpa(da.from_array(q), da.from_array(k8), da.from_array(v8), k_scale=1.0, v_scale=1.0)
+
+
+# -- variable lengths, sliding windows, soft-capping ---------------------------------------------------------------
+
+LENGTHS = {"q": np.array([9, 4, 0]), "kv": np.array([13, 7, 3])}
+OPTIONS = {
+    "lengths": dict(q_seq_lengths="q", kv_seq_lengths="kv"),
+    "kv lengths causal": dict(kv_seq_lengths="kv", is_causal=True),
+    "lengths causal window": dict(q_seq_lengths="q", kv_seq_lengths="kv", is_causal=True, local_window_size=3),
+    "window (2, 1)": dict(local_window_size=(2, 1)),
+    "window 0": dict(local_window_size=0),
+    "softcap": dict(softcap=0.7),
+    "softcap bias mask lengths": dict(softcap=1.5, bias=True, mask=True, kv_seq_lengths="kv"),
+}
+
+
+REF_NAMES = {"q_seq_lengths": "q_lengths", "kv_seq_lengths": "kv_lengths", "local_window_size": "window"}
+
+
+def options_for(name, backend=None, T=9, S=13):
+    """The keywords of ``OPTIONS[name]`` for sdpa (arrays on ``backend``) and for ``naive_attention``."""
+    rng = np.random.default_rng(40)
+    ours = {}
+    for key, value in OPTIONS[name].items():
+        if key.endswith("seq_lengths"):
+            value = LENGTHS[value]
+        elif key == "bias":
+            value = rng.standard_normal((3, T, 1, S))
+        elif key == "mask":
+            value = rng.random((3, T, 4, S)) < 0.85
+        ours[key] = value
+    ref = {REF_NAMES.get(k, k): v for k, v in ours.items()}
+    if backend is not None:
+        ours = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in ours.items()}
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("chunks", [(None, None), (2, 3), (4, 5), (1, 1)], ids=str)
+def test_options_equal_direct_computation(backend, name, chunks):
+    """Chunkings that cut across the row lengths (4, 7) and windows, against ``naive_attention`` in float64."""
+    q, k, v = data(41, B=3, T=9, S=13, N=4, K=2)
+    ours, ref = options_for(name, backend)
+    expected = naive_attention(q, k, v, **ref)
+    got = sdpa(*(backend.asarray(a) for a in (q, k, v)), q_chunk_size=chunks[0], kv_chunk_size=chunks[1], **ours)
+    assert_matches_reference(got, expected, xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+
+
+def test_padded_rows_give_zeros_and_minus_infinity_and_padding_is_never_read():
+    q, k, v = data(42, B=3, T=9, S=13, N=4, K=2)
+    k[1, 7:], v[1, 7:] = np.nan, np.inf  # padding past row 1's length
+    out, lse = sdpa(q, k, v, q_seq_lengths=LENGTHS["q"], kv_seq_lengths=LENGTHS["kv"], return_lse=True, kv_chunk_size=5)
+    assert np.isfinite(out).all()
+    assert np.all(out[1, 4:] == 0) and np.all(out[2] == 0) and np.all(lse[1, 4:] == -np.inf) and np.all(lse[2] == -np.inf)
+
+
+@pytest.mark.parametrize("name", ["lengths causal window", "softcap bias mask lengths", "window (2, 1)"])
+def test_options_on_every_chunking_of_the_vjp(backend, name):
+    """Gradients through lengths, windows and soft-capping, against torch autograd of a direct float64
+    computation written in the tests (``test_backward.torch_grads``)."""
+    from test_backward import torch_grads
+
+    q, k, v = data(43, B=3, T=9, S=13, N=4, K=2)
+    d_out = np.random.default_rng(44).standard_normal((3, 9, 4, 3))
+    ours, ref = options_for(name, backend)
+    expected = torch_grads(q, k, v, d_out, **ref)
+    for chunks in [(None, None), (2, 3), (4, 5)]:
+        got = mha_cupy.scaled_dot_product_attention_vjp(*(backend.asarray(a) for a in (q, k, v, d_out)),
+                                                        q_chunk_size=chunks[0], kv_chunk_size=chunks[1], **ours)
+        for g, e, what in zip(got, expected, ("dq", "dk", "dv")):
+            assert_matches_reference(g, e, xp=backend.xp, dtype=backend.xp.float64, tol=1e-10, what=f"{what} {chunks}")
+
+
+def test_options_through_torch_autograd():
+    torch = require("torch")
+    from test_backward import torch_grads
+
+    q, k, v = data(45, B=3, T=9, S=13, N=4, K=2)
+    d_out = np.random.default_rng(46).standard_normal((3, 9, 4, 3))
+    ours, ref = options_for("lengths causal window")
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    out = sdpa(tq, tk, tv, softcap=2.0, kv_chunk_size=4, **{k_: torch.tensor(v_) if isinstance(v_, np.ndarray) else v_
+                                                            for k_, v_ in ours.items()})
+    (out * torch.tensor(d_out)).sum().backward()
+    expected = torch_grads(q, k, v, d_out, softcap=2.0, **ref)
+    for a, e in zip((tq, tk, tv), expected):
+        assert_matches_reference(a.grad, e, xp=array_api_compat.array_namespace(a.grad), dtype=torch.float64, tol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lengths causal window", "softcap", "window (2, 1)"])
+def test_options_on_dask_with_chunks_across_lengths_and_windows(name):
+    da = require("dask.array")
+    q, k, v = data(47, B=3, T=9, S=13, N=4, K=2)
+    ours, ref = options_for(name)
+    ours = {k_: da.from_array(v_) if isinstance(v_, np.ndarray) else v_ for k_, v_ in ours.items()}  # q's library
+    got = sdpa(da.from_array(q, chunks=(2, 4, 4, 5)), da.from_array(k, chunks=(2, 5, 2, 5)),
+               da.from_array(v, chunks=(2, 5, 2, 3)), **ours)
+    np.testing.assert_allclose(got.compute(), naive_attention(q, k, v, **ref), rtol=0, atol=1e-12)
+
+
+def test_window_skips_key_chunks_and_never_builds_a_full_mask():
+    """At L = 4096, window 64, chunks of 128: a query block of 128 sees at most 3 key chunks, not 32; and the
+    traced peak stays far below one [B, T, N, S] boolean array."""
+    import tracemalloc
+
+    from mha_cupy._core import ChunkLoop
+
+    rng = np.random.default_rng(48)
+    q, k, v = (rng.standard_normal((1, 4096, 2, 16), dtype=np.float32) for _ in range(3))
+    visited = []
+    original = ChunkLoop.key_chunk
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ChunkLoop, "key_chunk", lambda self, bsl, tsl, ssl: (visited.append(ssl), original(self, bsl, tsl, ssl))[1])
+        sdpa(q[:, :8], k[:, :8], v[:, :8], local_window_size=2)  # numba's kernels load before tracing
+        visited.clear()
+        tracemalloc.start()
+        try:
+            sdpa(q, k, v, local_window_size=64, q_chunk_size=128, kv_chunk_size=128, workers=1)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert len(visited) <= 32 * 3 and all(s.stop - s.start <= 128 for s in visited)
+    assert peak < 4096 * 4096 * 2 / 8, f"{peak / 2**20:.1f} MiB traced"
+
+
+@pytest.mark.parametrize(("kw", "error", "words"), [
+    (dict(q_seq_lengths=np.array([9, 10, 0])), ValueError, r"q_seq_lengths must lie in \[0, q_len\] = \[0, 9\], got 10"),
+    (dict(kv_seq_lengths=np.array([-1, 2, 3])), ValueError, "kv_seq_lengths must lie in"),
+    (dict(kv_seq_lengths=np.array([1, 2])), ValueError, r"kv_seq_lengths must have shape \[batch\] = \[3\]"),
+    (dict(kv_seq_lengths=np.array([1.0, 2.0, 3.0])), TypeError, "kv_seq_lengths must have an integer dtype"),
+    (dict(kv_seq_lengths=[1, 2, 3]), TypeError, "kv_seq_lengths must be an array, got builtins.list"),
+    (dict(local_window_size=-1), ValueError, "local_window_size must be an int >= 0"),
+    (dict(local_window_size=(1, -2)), ValueError, r"local_window_size\[1\] \(right\) must be an int >= 0"),
+    (dict(local_window_size=(1, 2, 3)), ValueError, "a pair"),
+    (dict(local_window_size=1.5), TypeError, "local_window_size must be an int"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap="1"), TypeError, "softcap must be a positive finite float"),
+])
+def test_option_refusals(kw, error, words):
+    q, k, v = data(49, B=3, T=9, S=13, N=4, K=2)
+    before = [a.copy() for a in (q, k, v)]
+    with pytest.raises(error, match=words):
+        sdpa(q, k, v, **kw)
+    with pytest.raises(error, match=words):
+        mha_cupy.scaled_dot_product_attention_vjp(q, k, v, q[..., :3], **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+# -- merge_attention -------------------------------------------------------------------------------------------------
+
+
+def test_merge_attention_equals_attention_over_the_union(backend):
+    q, k, v = data(50, B=2, T=5, S=12, N=4, K=2)
+    mask = np.ones((2, 5, 4, 12), bool)
+    mask[0, 1] = False  # a row no key is visible to
+    parts = [(0, 3), (3, 10), (10, 12)]
+    outs, lses = zip(*(sdpa(*(backend.asarray(a[:, :, :, :] if i == 0 else a[:, s0:s1]) for i, a in enumerate((q, k, v))),
+                            mask=backend.asarray(mask[..., s0:s1]), return_lse=True) for s0, s1 in parts))
+    out, lse = mha_cupy.merge_attention(list(outs), list(lses))
+    assert_matches_reference(out, naive_attention(q, k, v, mask=mask), xp=backend.xp, dtype=backend.xp.float64, tol=1e-12)
+    assert np.all(to_numpy(lse)[0, 1] == -np.inf) and np.all(to_numpy(out)[0, 1] == 0)
+
+
+@pytest.mark.parametrize(("outs", "lses", "error", "words"), [
+    ([], [], ValueError, "outs must hold at least one array"),
+    (np.zeros((2, 3)), [np.zeros(2)], TypeError, "outs must be a non-empty list or tuple"),
+    ([np.zeros((2, 3))], [np.zeros(2), np.zeros(2)], ValueError, "one entry per part"),
+    ([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros(2)] * 2, ValueError, r"outs\[1\] must have shape"),
+    ([np.zeros((2, 3))], [np.zeros(3)], ValueError, r"lses\[0\] must have shape"),
+    ([np.zeros((2, 3))], [None], TypeError, r"lses\[0\] must be an array"),
+])
+def test_merge_attention_refusals(outs, lses, error, words):
+    with pytest.raises(error, match=words):
+        mha_cupy.merge_attention(outs, lses)
