@@ -28,14 +28,15 @@ __all__ = ["attend_backward"]
 
 
 def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, be: Backend, plan: AttentionPlan,
-                    mask: Any = None, bias: Any = None) -> tuple[Any, Any, Any]:
+                    mask: Any = None, bias: Any = None, scales: tuple[Any, Any] = (None, None)) -> tuple[Any, Any, Any]:
     """Gradients ``(dq, dk, dv)`` of ``sum(out * d_out)`` for validated arrays and the forward's ``plan``.
 
     ``out [B,T,N,V]`` and ``lse [B,T,N]`` are the forward's (``plan.with_lse``); ``d_out`` has ``out``'s shape.
-    The gradients have the inputs' shapes and dtype.
+    The gradients have the inputs' shapes and q's dtype (with quantized keys and values, ``scales``: the
+    gradients with respect to what they stand for).
     """
     xp = be.xp
-    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0))
+    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), scales=scales)
     cdt = core.cdt
     B, T, N, H = q.shape
     S, K, V = k.shape[1], k.shape[2], v.shape[3]

@@ -7,13 +7,35 @@ library allows it, a functional update where arrays are immutable (JAX).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_extra as xpx
 
-from ._backends import device_of
+from ._backends import Backend, device_of
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "QUANTIZED_MAX", "quantize"]
+
+#: The largest magnitude each quantized storage dtype holds: int8 symmetric in [-127, 127], float8_e4m3fn its
+#: finite range (TabPFN 9's ``QuantizedKVCacheEntry``).
+QUANTIZED_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+
+
+def quantize(a: Any, name: str, *, be: Backend) -> tuple[Any, Any]:
+    """``a [b, s, ...]`` stored as ``name`` with one symmetric scale per batch row: ``(stored, scale [b, 1, 1, 1])``,
+    ``a ~= stored * scale``, ``scale = max |a[b]| / QUANTIZED_MAX[name]`` (at least the dtype's smallest normal).
+    int8 rounds to the nearest integer; float8 rounds by the cast, clamped first (e4m3fn has no infinity)."""
+    xp, top = be.xp, QUANTIZED_MAX[name]
+    shape = (a.shape[0], *([1] * (a.ndim - 1)))
+    if a.shape[0] == 0 or math.prod(a.shape[1:]) == 0:
+        scale = xp.ones(shape, dtype=a.dtype, device=device_of(a))
+    else:
+        scale = xp.reshape(xp.max(xp.reshape(xp.abs(a), (a.shape[0], -1)), axis=1), shape) / top
+        scale = xp.maximum(scale, xp.asarray(xp.finfo(a.dtype).smallest_normal, dtype=a.dtype, device=device_of(a)))
+    scaled = a / scale
+    if name == "int8":
+        scaled = xp.round(scaled)
+    return xp.astype(xp.clip(scaled, -top, top), be.quantized_dtypes()[name]), scale
 
 
 class KVCache:
@@ -21,17 +43,31 @@ class KVCache:
 
     The ``kv`` layout holds one array ``[B, cap, 2, K|1, H]``; the ``k``/``v``
     layout holds ``[B, cap, K|1, H]`` and ``[B, cap, K|1, V]``. The first
-    ``length`` rows are valid.
+    ``length`` rows are valid. A quantized cache (``quantized``: a name of
+    ``QUANTIZED_MAX``) stores those arrays in that dtype, and ``scales``: one
+    ``[B, cap, 1, 1]`` array for keys and one for values (in the layer's
+    dtype), each write's rows with the scale of their batch row in that write,
+    so that appends never requantize what is stored.
     """
 
-    def __init__(self, arrays: tuple[Any, ...], length: int) -> None:
+    def __init__(self, arrays: tuple[Any, ...], length: int, scales: tuple[Any, Any] | None = None,
+                 quantized: str | None = None) -> None:
         self.arrays = arrays
         self.length = length
+        self.scales = scales
+        self.quantized = quantized
 
     @classmethod
-    def allocate(cls, shapes: list[tuple[int, ...]], length: int, *, xp: Any, dtype: Any, device: Any) -> "KVCache":
-        """An uninitialised cache of ``shapes`` (one, or two for the k/v layout) holding ``length`` rows."""
-        return cls(tuple(xp.empty(s, dtype=dtype, device=device) for s in shapes), length)
+    def allocate(cls, shapes: list[tuple[int, ...]], length: int, *, be: Backend, dtype: Any, device: Any,
+                 quantized: str | None = None) -> "KVCache":
+        """An uninitialised cache of ``shapes`` (one, or two for the k/v layout) holding ``length`` rows, stored in
+        ``dtype`` or quantized."""
+        xp = be.xp
+        if quantized is None:
+            return cls(tuple(xp.empty(s, dtype=dtype, device=device) for s in shapes), length)
+        stored = be.quantized_dtypes()[quantized]
+        scales = tuple(xp.empty((*shapes[0][:2], 1, 1), dtype=dtype, device=device) for _ in range(2))
+        return cls(tuple(xp.empty(s, dtype=stored, device=device) for s in shapes), length, scales, quantized)
 
     @property
     def is_kv(self) -> bool:
@@ -55,15 +91,27 @@ class KVCache:
             return views[0][b0:b1, :, 0, ...], views[0][b0:b1, :, 1, ...]
         return views[0][b0:b1, ...], views[1][b0:b1, ...]
 
-    def write(self, batch: slice, rows: slice, k: Any, v: Any) -> None:
-        """Store ``k``/``v`` (their first cached-heads heads) at ``[batch, rows]``."""
+    def scales_of(self, b0: int, b1: int) -> tuple[Any, Any]:
+        """The valid scales ``[b, S, 1, 1]`` of keys and values of batch rows ``b0:b1``; (None, None) unquantized."""
+        if self.scales is None:
+            return None, None
+        return tuple(s[b0:b1, : self.length, ...] for s in self.scales)
+
+    def write(self, batch: slice, rows: slice, k: Any, v: Any, *, be: Backend) -> None:
+        """Store ``k``/``v`` (their first cached-heads heads) at ``[batch, rows]`` (quantized, if the cache is)."""
         kh = self.arrays[0].shape[-2]
+        k, v = k[:, :, :kh, ...], v[:, :, :kh, ...]
+        if self.quantized is not None:
+            (k, k_scale), (v, v_scale) = (quantize(a, self.quantized, be=be) for a in (k, v))
+            span = (k.shape[0], k.shape[1], 1, 1)
+            self.scales = tuple(xpx.at(s, (batch, rows, Ellipsis)).set(be.xp.broadcast_to(new, span))
+                                for s, new in zip(self.scales, (k_scale, v_scale)))
         if self.is_kv:
-            kv = xpx.at(self.arrays[0], (batch, rows, 0, Ellipsis)).set(k[:, :, :kh, ...])
-            self.arrays = (xpx.at(kv, (batch, rows, 1, Ellipsis)).set(v[:, :, :kh, ...]),)
+            kv = xpx.at(self.arrays[0], (batch, rows, 0, Ellipsis)).set(k)
+            self.arrays = (xpx.at(kv, (batch, rows, 1, Ellipsis)).set(v),)
         else:
-            self.arrays = (xpx.at(self.arrays[0], (batch, rows, Ellipsis)).set(k[:, :, :kh, ...]),
-                           xpx.at(self.arrays[1], (batch, rows, Ellipsis)).set(v[:, :, :kh, ...]))
+            self.arrays = (xpx.at(self.arrays[0], (batch, rows, Ellipsis)).set(k),
+                           xpx.at(self.arrays[1], (batch, rows, Ellipsis)).set(v))
 
     def reserve(self, extra: int, *, xp: Any) -> None:
         """Make room for ``extra`` more rows, doubling the capacity when full."""
@@ -73,12 +121,16 @@ class KVCache:
             return
         new_cap = max(need, 2 * cap)
         valid = (slice(None), slice(0, self.length), Ellipsis)
-        grown = []
-        for a in self.arrays:
+
+        def grow(a: Any) -> Any:
             b = xp.empty((a.shape[0], new_cap, *a.shape[2:]), dtype=a.dtype, device=device_of(a))
-            grown.append(xpx.at(b, valid).set(a[valid]))
-        self.arrays = tuple(grown)
+            return xpx.at(b, valid).set(a[valid])
+
+        self.arrays = tuple(grow(a) for a in self.arrays)
+        if self.scales is not None:
+            self.scales = tuple(grow(s) for s in self.scales)
 
     def moved(self, convert: Any) -> "KVCache":
-        """A copy whose valid rows went through ``convert`` (e.g. to another library)."""
-        return KVCache(tuple(convert(a) for a in self.views()), self.length)
+        """A copy whose valid rows (and scales) went through ``convert`` (e.g. to another library)."""
+        scales = None if self.scales is None else tuple(convert(s) for s in self.scales_of(0, self.batch))
+        return KVCache(tuple(convert(a) for a in self.views()), self.length, scales, self.quantized)

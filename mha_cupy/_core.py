@@ -419,18 +419,21 @@ class ChunkLoop:
         """Keys ``[b, s, K, H]`` and values ``[b, s, K, V]`` of chunk ``ssl`` for block ``(bsl, tsl)``, those no query of
         the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key); quantized
         ones dequantized (``dequantize``)."""
-        kb, vb = (self.dequantize(a[bsl, ssl, ...], scale, bsl) for a, scale in zip((self.k, self.v), self.scales))
+        kb, vb = (self.dequantize(a[bsl, ssl, ...], scale, bsl, ssl) for a, scale in zip((self.k, self.v), self.scales))
         allowed = self.allowed(bsl, tsl, ssl)
         if allowed is not None and (self.mask is not None or self.plan.kv_lengths is not None):  # padding may be NaN
             kb, vb = self.hide_keys(kb, allowed), self.hide_keys(vb, allowed)
         return kb, vb, allowed
 
-    def dequantize(self, chunk: Any, scale: Any, bsl: slice) -> Any:
-        """A chunk of quantized keys or values in q's dtype, times its batch rows' ``scale`` (TabPFN's order: cast,
-        then multiply); ``chunk`` itself when ``scale`` is None."""
+    def dequantize(self, chunk: Any, scale: Any, bsl: slice, ssl: slice) -> Any:
+        """A chunk of quantized keys or values in q's dtype, times its ``scale [B|1, S|1, 1, 1]`` (one per batch row,
+        or per batch row and key: the layer's appended caches); TabPFN's order: cast, then multiply. ``chunk``
+        itself when ``scale`` is None."""
         if scale is None:
             return chunk
-        return self.xp.astype(chunk, self.q.dtype) * (scale if scale.shape[0] == 1 else scale[bsl, ...])
+        rows = bsl if scale.shape[0] > 1 else slice(None)
+        keys = ssl if scale.shape[1] > 1 else slice(None)
+        return self.xp.astype(chunk, self.q.dtype) * scale[rows, keys, ...]
 
     def hide_keys(self, chunk: Any, allowed: Any) -> Any:
         """A ``[b, s, K, D]`` chunk of keys or values with 0 for the keys that ``allowed [b|1, K|1, t|1, G|1, s]``

@@ -17,7 +17,8 @@ from ._backends import Backend, backend_of, device_of, same_device
 from ._cache import KVCache
 from ._core import AttentionPlan, plan_attention
 from ._random import STREAMS, derive_seed
-from ._validation import check_array, check_bool, check_optional_positive_int, check_shape_and_dtype, shape_str
+from ._validation import (check_array, check_bool, check_lengths, check_optional_positive_int, check_shape_and_dtype,
+                          shape_str)
 from .weights import Weights
 
 __all__ = ["CallPlan", "CallOptions", "LayerState", "plan_call"]
@@ -41,6 +42,7 @@ class CallOptions:
     memory_budget: int | str | None = None
     workers: int | None = None
     batch_invariant: bool = False
+    kv_seq_lengths: Any = None
 
     @classmethod
     def from_keywords(cls, keywords: dict[str, Any], *, where: str) -> "CallOptions":
@@ -142,11 +144,16 @@ def plan_call(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> CallPl
     seed = None
     if opts.training and layer.dropout_p:
         seed = derive_seed(layer.seed, STREAMS["dropout"], layer.calls)
+    kv_lengths = check_lengths(opts.kv_seq_lengths, "kv_seq_lengths", B, kv_len, "the keys' length", be=layer.be)
+    # Calls that read a quantized cache dequantize it chunk by chunk: those chunks count in the budget.
+    reads_quantized = cache is not None and cache.quantized is not None and (source == "cache" or mode == "append")
+    dequantized = 2 * layer.nhead_kv * (layer.d_k + layer.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
     attention = plan_attention(
         be=layer.be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
         dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,
         q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size, memory_budget=opts.memory_budget,
         workers=opts.workers, budget_divisor=factor or 1, batch_invariant=opts.batch_invariant,
+        kv_lengths=kv_lengths, dequantized_key_bytes=dequantized,
     )
     return CallPlan(
         batch=B, q_len=T, kv_len=new_len, kv_source=source,
@@ -172,7 +179,7 @@ def _check_inputs(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> No
     check_array(x, "x")
     if x_kv is not None:
         check_array(x_kv, "x_kv")
-    be = backend_of(x, x_kv, names=("x", "x_kv"))
+    be = backend_of(x, x_kv, opts.kv_seq_lengths, names=("x", "x_kv", "kv_seq_lengths"))
     if be.xp is not layer.xp:
         msg = f"x must be an array of the layer's namespace {layer.be.name}, got {be.name}; use .to()"
         raise TypeError(msg)

@@ -34,11 +34,12 @@ def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) 
     dy = xp.reshape(d_out, (B, T, E))
     q, k, v = queries_keys_values(layer, plan, x3, kv3, 0, B)
     att_plan = dataclasses.replace(plan.attention, with_lse=True)
-    heads, lse = attend(q, k, v, be=layer.be, plan=att_plan)
+    scales = layer.cache.scales_of(0, B) if plan.kv_source == "cache" else (None, None)  # quantized: constants
+    heads, lse = attend(q, k, v, be=layer.be, plan=att_plan, scales=scales)
     N, V, H = layer.nhead, layer.d_v, layer.d_k
     w_out = xp.reshape(layer.weights.w_out, (N * V, E))
     d_heads = xp.reshape(rows_matmul(layer, plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
-    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer.be, plan=att_plan)
+    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer.be, plan=att_plan, scales=scales)
     grads = {"w_out": xp.reshape(_weight_grad(heads, dy, xp=xp), (N, V, E))}
     w_q, d_wq = _q_weight(layer), _weight_grad(dq, x3, xp=xp)
     dx = rows_matmul(layer, plan, xp.reshape(dq, (B, T, N * H)), w_q)

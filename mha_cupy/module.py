@@ -14,7 +14,7 @@ import inspect
 from typing import Any
 
 from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend, same_device
-from ._cache import KVCache
+from ._cache import QUANTIZED_MAX, KVCache
 from ._lazy import run_attention
 from ._random import random_seed
 from ._layer_plan import CallOptions, CallPlan, LayerState, plan_call
@@ -80,6 +80,16 @@ class MultiHeadAttention:
         64-bit seed for weight init and dropout; ``None`` draws one from the
         operating system. The same seed gives bitwise-identical weights on
         every library.
+    kv_cache_dtype : {None, "int8", "float8_e4m3fn"}
+        Store the keys and values that calls cache (``cache_kv=True``)
+        quantized, as TabPFN 9's ``QuantizedKVCacheEntry`` does: symmetric,
+        one scale per batch row (``max |x| / 127`` for int8, ``/ 448`` for
+        float8_e4m3fn, whose values are clamped to its finite range). Each
+        append keeps its own scales (nothing stored is requantized);
+        ``kv_cache_scales`` holds them per batch row and key. Calls that read
+        the cache dequantize it one key chunk at a time. float8 needs a
+        library with that dtype (torch, JAX, NumPy with ml_dtypes); not on
+        Dask. Precomputed keys and values are stored as given.
 
     Weight layouts follow the reference: ``w_qkv [3, N, H, E]`` when
     ``d_k == d_v``, ``K == N`` and nothing is precomputed; otherwise
@@ -106,6 +116,7 @@ class MultiHeadAttention:
         xp: Any = None,
         device: Any = None,
         seed: int | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
         self.emsize = check_positive_int(emsize, "emsize")
         self.nhead = check_positive_int(nhead, "nhead")
@@ -137,6 +148,7 @@ class MultiHeadAttention:
         if device is None:
             device = device_of(present[0]) if present else self._be.default_device()
         self.device = self._be.check_device(device)
+        self._kv_cache_dtype = _check_kv_cache_dtype(kv_cache_dtype, self._be)
         self._weights: Weights | None = None
         self._cache: KVCache | None = None
         weights = initial_weights((self.nhead, self.nhead_kv, self.d_k, self.d_v, self.emsize), gain=self.init_gain,
@@ -245,6 +257,19 @@ class MultiHeadAttention:
         return self._cache.views()[1] if self._cache is not None and not self._cache.is_kv else None
 
     @property
+    def kv_cache_dtype(self) -> str | None:
+        """The storage dtype of cached keys and values (``"int8"``, ``"float8_e4m3fn"``), or None: the layer's dtype."""
+        return self._kv_cache_dtype
+
+    @property
+    def kv_cache_scales(self) -> tuple[Any, Any] | None:
+        """Scales ``([B, S, 1, 1], [B, S, 1, 1])`` of the cached keys and values (``k_cache * scale`` is what they
+        stand for), or None when the cache is not quantized."""
+        if self._cache is None or self._cache.scales is None:
+            return None
+        return self._cache.scales_of(0, self._cache.batch)
+
+    @property
     def has_cached_kv(self) -> bool:
         return self._cache is not None
 
@@ -258,6 +283,7 @@ class MultiHeadAttention:
         """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``."""
         target = resolve_backend(xp)
         dtype = target.float_dtype(self._be.dtype_name(self.dtype))
+        _check_kv_cache_dtype(self._kv_cache_dtype, target)
         new = object.__new__(MultiHeadAttention)
         new.__dict__.update(self.__dict__)
         new._be, new.xp, new.dtype = target, target.xp, dtype
@@ -318,6 +344,10 @@ class MultiHeadAttention:
             any CPU and BLAS: projections and attention as fixed-order products
             row by row, attention in fixed tiles (see
             ``scaled_dot_product_attention`` and the README for what is promised).
+        kv_seq_lengths : integer array ``[B]``, optional
+            Keys per flattened batch row (cached ones included; array of the
+            layer's library): keys past a row's length are padding, never
+            attended (``scaled_dot_product_attention``'s ``kv_seq_lengths``).
 
         Returns
         -------
@@ -421,21 +451,25 @@ class MultiHeadAttention:
             self._cache.length += plan.kv_len
             return start
         self._cache = None  # free the old cache before allocating the new one
-        self._cache = KVCache.allocate(list(plan.cache_shapes), plan.kv_len, xp=self.xp, dtype=self.dtype,
-                                       device=self.device)
+        self._cache = KVCache.allocate(list(plan.cache_shapes), plan.kv_len, be=self._be, dtype=self.dtype,
+                                       device=self.device, quantized=self._kv_cache_dtype)
         return 0
 
     def _part(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int, offset: int) -> Any:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
         xp = self.xp
         q, k, v = queries_keys_values(self._state(), plan, x, x_kv, b0, b1)
+        scales = (None, None)
         if plan.cache_mode is not None and self._be.lazy_blocks:
             k, v = self._store_lazy(plan, k, v)
         elif plan.cache_mode is not None:
-            self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v)
+            self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v, be=self._be)
             if plan.cache_mode == "append":
                 k, v = self._cache.keys_values(b0, b1)
-        heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0))
+                scales = self._cache.scales_of(b0, b1)
+        elif plan.kv_source == "cache":
+            scales = self._cache.scales_of(b0, b1)
+        heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0), scales=scales)
         N, V, T = self.nhead, self.d_v, q.shape[1]
         return rows_matmul(self._state(), plan, xp.reshape(heads, (b1 - b0, T, N * V)),
                            xp.reshape(self._weights.w_out, (N * V, self.emsize)))
@@ -457,6 +491,21 @@ class MultiHeadAttention:
                           nhead_kv=self.nhead_kv, d_k=self.d_k, d_v=self.d_v, scale=self.scale,
                           dropout_p=self.dropout_p, seed=self.seed, calls=self._calls, weights=self._weights,
                           cache=self._cache)
+
+
+def _check_kv_cache_dtype(name: Any, be: Any) -> str | None:
+    """``kv_cache_dtype``: None, or the name of a quantized dtype ``be`` stores (not on lazy libraries)."""
+    if name is None:
+        return None
+    offered = sorted(set(be.quantized_dtypes()) & set(QUANTIZED_MAX))
+    if not isinstance(name, str) or name not in QUANTIZED_MAX:
+        msg = f"kv_cache_dtype must be None or one of {sorted(QUANTIZED_MAX)}, got {name!r}"
+        raise (TypeError if not isinstance(name, str) else ValueError)(msg)
+    if name not in offered or be.lazy_blocks:
+        msg = (f"kv_cache_dtype={name!r} is not available on {be.name} (offers {offered or 'none'}"
+               f"{'; lazy arrays keep their cache unquantized' if be.lazy_blocks else ''}); use None or another library")
+        raise ValueError(msg)
+    return name
 
 
 # help() and editors show the call's keywords, whose defaults live in CallOptions alone.

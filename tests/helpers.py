@@ -170,9 +170,10 @@ def layer_keep_mask(layer: Any, call: int, B: int, T: int, S: int) -> np.ndarray
 
 
 def direct(layer: Any, x: Any, x_kv: Any = None, *, reuse_first_head_kv: bool = False, add_input: bool = False,
-           keep: Any = None) -> np.ndarray:
+           keep: Any = None, kv_lengths: Any = None, keys_values: Any = None) -> np.ndarray:
     """Independent float64 computation of ``layer(x, x_kv)`` from its weights (``keep``: a dropout mask
-    ``[B, N, T, S]`` over the flattened batch)."""
+    ``[B, N, T, S]`` over the flattened batch; ``kv_lengths``: keys per row; ``keys_values``: float64 keys and
+    values to attend instead of projecting ``x_kv``)."""
     w = {n: None if getattr(layer, n) is None else np.asarray(to_numpy(getattr(layer, n)), dtype=np.float64)
          for n in ("w_q", "w_k", "w_v", "w_kv", "w_qkv", "w_out")}
     x = np.asarray(to_numpy(x), dtype=np.float64)
@@ -188,7 +189,10 @@ def direct(layer: Any, x: Any, x_kv: Any = None, *, reuse_first_head_kv: bool = 
     q = np.einsum("bte,nhe->btnh", xf, w_q)
     k = np.einsum("bse,khe->bskh", sf, w_k)
     v = np.einsum("bse,kve->bskv", sf, w_v)
-    heads = naive_attention(q, k, v, scale=layer.scale, keep=keep, dropout_p=layer.dropout_p or 0.0)
+    if keys_values is not None:
+        k, v = (np.asarray(a, dtype=np.float64) for a in keys_values)
+    heads = naive_attention(q, k, v, scale=layer.scale, keep=keep, dropout_p=layer.dropout_p or 0.0,
+                            kv_lengths=kv_lengths)
     out = np.einsum("btnv,nve->bte", heads, w["w_out"]).reshape(x.shape)
     return out + x if add_input else out
 

@@ -385,8 +385,8 @@ def test_quantized_kv_dequantized_one_chunk_at_a_time(monkeypatch):
 
     seen = []
     original = ChunkLoop.dequantize
-    monkeypatch.setattr(ChunkLoop, "dequantize", lambda self, chunk, scale, bsl: (
-        seen.append(chunk.shape[1]), original(self, chunk, scale, bsl))[1])
+    monkeypatch.setattr(ChunkLoop, "dequantize", lambda self, chunk, scale, bsl, ssl: (
+        seen.append(chunk.shape[1]), original(self, chunk, scale, bsl, ssl))[1])
     k8, v8, k_scale, v_scale, k, v = quantized(9, S=1000)
     q = np.random.default_rng(10).standard_normal((3, 4, 6, 5)).astype(np.float32)
     sdpa(q, k8, v8, k_scale=k_scale, v_scale=v_scale, kv_chunk_size=128)
