@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
     parser.add_argument("--invariance", action="store_true",
                         help="instead of timing: is a test row's prediction bitwise the same alone and among 63 others "
-                             "under register(policy='all', batch_invariant=True), and if not, which layer breaks it")
+                             "under register(policy='all', batch_invariant=True), and if not, which layer breaks it "
+                             "(random weights, std 2 / sqrt(fan-in))")
     add_dispatch_argument(parser)
     args = parser.parse_args()
     apply_dispatch(args.dispatch)
@@ -167,15 +168,25 @@ def main() -> None:
         fit_s = time.perf_counter() - start
     print(f"fitted {args.fit_rows} rows in {fit_s:.0f} s", flush=True)
     if args.invariance:
+        with torch.no_grad():  # TabPFN's initialisation zeroes projections, hiding most layers from the output
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / max(1, p.shape[-1]) ** 0.5))
+            _, fitted = model(x_fit, y_fit, return_kv_cache=True,
+                              performance_options=PerformanceOptions(kv_cache_dtype=torch.int8))
         x_test = torch.randn(64, 1, args.features, generator=gen)
-        mha_cupy.tabpfn.register(policy="all", batch_invariant=True)
-        try:
-            with torch.no_grad():
-                found = first_difference(model, lambda: model(x_test[:1], y_fit, kv_cache=fitted, x_is_test_only=True),
-                                         lambda: model(x_test, y_fit, kv_cache=fitted, x_is_test_only=True), 64)
-        finally:
-            mha_cupy.tabpfn.unregister()
-        print(json.dumps({"invariance": found, "machine": machine(), "versions": versions()}))
+        found = {}
+        for mode in ("tabpfn", "all"):
+            if mode == "all":
+                mha_cupy.tabpfn.register(policy="all", batch_invariant=True)
+            try:
+                with torch.no_grad():
+                    found[mode] = first_difference(
+                        model, lambda: model(x_test[:1], y_fit, kv_cache=fitted, x_is_test_only=True),
+                        lambda: model(x_test, y_fit, kv_cache=fitted, x_is_test_only=True), 64)
+            finally:
+                mha_cupy.tabpfn.unregister()
+        print(json.dumps({"invariance": found, "config": config, "fit_rows": args.fit_rows, "machine": machine(),
+                          "versions": versions()}))
         return
 
     def predict(mode, x_test, y, cache, measure):

@@ -5,6 +5,7 @@ Run: ``python examples/quickstart.py`` (the fixtures ship with the package, so a
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ FIXTURES = Path(mha_cupy.__file__).parent / "fixtures"  # installed with the pac
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help, and no stray options
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["case_id"] == "basic_self_attn_small")
     cfg = case["config"]

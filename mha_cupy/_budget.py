@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backends import Backend, resolve_backend
-from ._validation import check_positive_int
+from ._validation import check_positive_int, keyword_hints
 
 __all__ = [
     "ACCELERATOR_KV_CHUNK",
@@ -87,6 +87,7 @@ def resolve_memory_budget(value: Any, *, be: Backend, device: Any) -> int:
     return be.default_memory_budget(device)
 
 
+@keyword_hints
 def get_memory_budget(xp: Any = None, device: Any = None) -> int:
     """The budget in bytes that a call on ``xp`` (default NumPy) and ``device`` uses when it names none.
 
@@ -97,6 +98,7 @@ def get_memory_budget(xp: Any = None, device: Any = None) -> int:
     return resolve_memory_budget(None, be=be, device=be.default_device() if device is None else device)
 
 
+@keyword_hints
 def set_memory_budget(value: int | str | None) -> int | None:
     """Set the budget of every later call that names none, on every device; ``None`` restores the
     per-device defaults. Returns the previous setting (None when the defaults were in force)."""

@@ -190,7 +190,9 @@ def _check_inputs(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> No
     if x.ndim < 2:
         msg = f"x must have shape [..., seq_len, emsize={E}], got shape {shape_str(x.shape)}"
         raise ValueError(msg)
-    check_shape_and_dtype(x, "x", (*x.shape[:-1], E), legend="[..., seq_len, emsize]", dtype=layer.dtype, be=be)
+    todo = f"cast x to {be.dtype_name(layer.dtype)}, or build the layer with dtype={{got}}"
+    check_shape_and_dtype(x, "x", (*x.shape[:-1], E), legend="[..., seq_len, emsize]", dtype=layer.dtype, be=be,
+                          hint=todo)
     if x_kv is not None:
         check_shape_and_dtype(x_kv, "x_kv", (*x.shape[:-2], None, E), legend="[..., kv_len, emsize]",
                               dtype=layer.dtype, be=be)

@@ -7,14 +7,18 @@ weight or a random stream.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from ._backends import Backend, device_of
 
 __all__ = [
+    "keyword_hints",
     "shape_str",
     "check_shape_and_dtype",
     "check_dtype",
@@ -36,6 +40,27 @@ __all__ = [
 ]
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keyword_hints(fn: _F) -> _F:
+    """``fn`` with a TypeError for a misspelt keyword argument that names the closest parameter (``difflib``),
+    instead of Python's bare "unexpected keyword argument"; every other check is left to ``fn``."""
+    names = [n for n in inspect.signature(fn).parameters if n != "self"]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name in kwargs:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(names)}"
+                msg = f"{fn.__qualname__}() got an unexpected keyword argument {name!r}{hint}"
+                raise TypeError(msg)
+        return fn(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
 def shape_str(shape: Sequence[Any]) -> str:
     """``[2, 4, 32]`` for a shape tuple; ``None`` entries print as ``*``."""
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
@@ -49,6 +74,7 @@ def check_shape_and_dtype(
     legend: str | None = None,
     dtype: Any = None,
     be: Backend,
+    hint: str = "",
 ) -> None:
     """Check that ``x`` has exactly ``len(expected)`` dimensions matching ``expected``.
 
@@ -67,14 +93,17 @@ def check_shape_and_dtype(
             msg = f"{name} must have shape {shape_str(expected)}{axes}, got shape {shape_str(shape)}"
             raise ValueError(msg)
     if dtype is not False:
-        check_dtype(x, name, dtype, be=be)
+        check_dtype(x, name, dtype, be=be, hint=hint)
 
 
-def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend) -> None:
-    """``x.dtype`` must equal ``dtype`` (or be real floating when ``dtype`` is None)."""
+def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend, hint: str = "") -> None:
+    """``x.dtype`` must equal ``dtype`` (or be real floating when ``dtype`` is None); ``hint`` (with ``{got}`` for
+    the dtype that came) says what to do instead."""
     if dtype is not None:
         if x.dtype != dtype:
-            msg = f"{name} must have dtype {be.dtype_name(dtype)}, got {be.dtype_name(x.dtype)} (no implicit casts)"
+            got = be.dtype_name(x.dtype)
+            todo = hint.format(got=got) if hint else f"cast {name} to {be.dtype_name(dtype)}"
+            msg = f"{name} must have dtype {be.dtype_name(dtype)}, got {got} (no implicit casts): {todo}"
             raise TypeError(msg)
     elif not be.xp.isdtype(x.dtype, "real floating"):
         msg = f"{name} must have a real floating dtype, got {be.dtype_name(x.dtype)}"

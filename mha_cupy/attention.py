@@ -16,12 +16,13 @@ from ._core import attend, plan_attention
 from ._lazy import run_attention
 from ._merge import merge_partials
 from ._random import random_seed, split_seed
-from ._validation import (check_array, check_bool, check_lengths, check_mask, check_probability, check_quantized,
+from ._validation import (keyword_hints, check_array, check_bool, check_lengths, check_mask, check_probability, check_quantized,
                           check_scale, check_shape_and_dtype, check_softcap, check_window)
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "merge_attention"]
 
 
+@keyword_hints
 def scaled_dot_product_attention(
     q: Any,
     k: Any,
@@ -46,7 +47,10 @@ def scaled_dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> Any:
-    """Attention of ``q`` over ``k``/``v``, computed in memory-bounded chunks.
+    """Attention of ``q [B, T, N, H]`` over ``k [B, S, K, H]``, ``v [B, S, K, V]``, in memory-bounded chunks.
+
+    The layout is batch, sequence, heads, head size (TabPFN's ``(B, S, H, D)``), not torch's ``[B, N, T, H]``:
+    from torch, pass ``q.permute(0, 2, 1, 3)`` (and the same for k, v and back for the output).
 
     Parameters
     ----------
@@ -172,6 +176,7 @@ def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bia
     return be.differentiable(forward, backward, (q, k, v))
 
 
+@keyword_hints
 def scaled_dot_product_attention_vjp(
     q: Any,
     k: Any,
@@ -194,6 +199,9 @@ def scaled_dot_product_attention_vjp(
     softcap: float | None = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of ``sum(scaled_dot_product_attention(q, k, v, ...) * d_out)`` with respect to q, k and v.
+
+    Layouts ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, V]``, ``d_out [B, T, N, V]`` (batch, sequence,
+    heads, head size; torch's ``[B, N, T, H]`` needs ``permute(0, 2, 1, 3)``).
 
     The FlashAttention-2 backward as chunk loops: the forward's output and
     log-sum-exp are computed once, then every score tile is recomputed from
@@ -287,6 +295,7 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
     return be, plan, mask, bias, scales
 
 
+@keyword_hints
 def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
     """Attention over the union of disjoint key sets, from the results over each set (xformers' ``merge_attentions``).
 

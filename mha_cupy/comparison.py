@@ -13,6 +13,7 @@ from typing import Any
 import numpy
 
 from ._backends import backend_of, dtype_name, to_numpy
+from ._validation import keyword_hints
 
 __all__ = ["TOLERANCE", "Comparison", "compare", "tolerance"]
 
@@ -94,6 +95,7 @@ class Comparison:
         return d
 
 
+@keyword_hints
 def compare(actual: Any, reference: Any, *, rtol: float | None = None, atol: float | None = None) -> Comparison:
     """Compare ``actual`` with ``reference``, arrays of any libraries and devices, on the host.
 

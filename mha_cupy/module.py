@@ -21,6 +21,7 @@ from ._layer_plan import CallOptions, CallPlan, LayerState, plan_call
 from ._layer_vjp import layer_vjp
 from ._projections import queries_keys_values, rows_matmul
 from ._validation import (
+    keyword_hints,
     check_array,
     check_bool,
     check_finite_real,
@@ -97,6 +98,7 @@ class MultiHeadAttention:
     ``w_k [K, H, E]`` and ``w_v [K, V, E]``; always ``w_out [N, V, E]``.
     """
 
+    @keyword_hints
     def __init__(
         self,
         *,
@@ -159,6 +161,7 @@ class MultiHeadAttention:
 
     # ------------------------------------------------------------------ parameters
 
+    @keyword_hints
     def set_parameters(
         self,
         w_out: Any,
@@ -279,6 +282,7 @@ class MultiHeadAttention:
 
     # ------------------------------------------------------------------ conversion
 
+    @keyword_hints
     def to(self, xp: Any, device: Any = None) -> "MultiHeadAttention":
         """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``."""
         target = resolve_backend(xp)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ._backends import backend_of
-from ._validation import check_array, check_positive_int, shape_str
+from ._validation import check_array, check_positive_int, keyword_hints, shape_str
 
 __all__ = ["broadcast_kv_across_heads"]
 
 
+@keyword_hints
 def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
     """View each key/value head as ``n`` heads, without copying.
 

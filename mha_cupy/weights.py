@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ._backends import backend_of, convert, resolve_backend
 from ._random import STREAMS, uniform
-from ._validation import check_bool, check_positive_int, shape_str
+from ._validation import check_bool, check_positive_int, keyword_hints, shape_str
 
 __all__ = [
     "WEIGHT_NAMES",
@@ -126,6 +126,7 @@ def initial_weights(sizes: tuple[int, int, int, int, int], *, gain: float, seed:
     return weights
 
 
+@keyword_hints
 def convert_torch_nn_multihead_attention_state_dict(
     state_dict: dict,
     nhead: int,

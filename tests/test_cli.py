@@ -217,7 +217,28 @@ def test_bad_options_exit_2_with_one_line(argv, match, capsys):
     code = exit_code(argv)
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--q-len", "abc"], ["compare", "--length", "abc", "--against", "float64"],
+                                  ["verify", "--no-such-option"], ["fly"]])
+def test_usage_errors_in_json_mode_are_one_json_object(argv, capsys):
+    code = main([*argv, "--json"])
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert code == 2 and data["exit_code"] == 2 and "error" in data and len(captured.err.strip().splitlines()) == 1
+    assert data["command"] == (argv[0] if argv[0] != "fly" else None)
+
+
+def test_verify_reports_each_backend_as_it_finishes(tmp_path):
+    """A line per backend on stderr as soon as it is done (flushed), before the table on stdout."""
+    proc = subprocess.Popen([sys.executable, "-m", "mha_cupy", "verify", "--xp", "numpy", "array_api_strict"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # arrives while array_api_strict still runs: stdout is still empty
+    assert re.match(r"verify: numpy: \d+ passed, 0 failed \(\d+\.\d s\)", first), first
+    out, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and re.match(r"verify: array_api_strict: \d+ passed, 0 failed", rest), rest
+    assert "fixture:array" in out
 
 
 def test_errors_in_json_mode_are_json_too(capsys):

@@ -201,3 +201,53 @@ def test_zero_lengths_give_empty_or_zero_outputs():
     no_keys = m(X, np.ones((2, 0, 8)))
     assert no_keys.shape == X.shape and np.all(no_keys == 0)  # no visible key: zeros, like a fully masked row
     np.testing.assert_allclose(m(X, np.ones((2, 0, 8)), add_input=True), X, rtol=0, atol=0)
+
+
+# -- messages that say what to do ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: mha_cupy.scaled_dot_product_attention(*[np.zeros((1, 2, 2, 4))] * 3, is_casual=True),
+     r"scaled_dot_product_attention\(\) got an unexpected keyword argument 'is_casual'; did you mean 'is_causal'\?"),
+    (lambda: mha_cupy.MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtyp="float64"),
+     r"MultiHeadAttention.__init__\(\) got an unexpected keyword argument 'dtyp'; did you mean 'dtype'\?"),
+    (lambda: mha_cupy.compare(np.zeros(2), np.zeros(2), rtoll=1e-3), "did you mean 'rtol'"),
+    (lambda: mha_cupy.set_memory_budget(valu=1), "did you mean 'value'"),
+])
+def test_misspelt_keywords_name_the_closest_one(call, words):
+    with pytest.raises(TypeError, match=words):
+        call()
+
+
+def test_a_wrong_input_dtype_says_what_to_do():
+    layer = mha_cupy.MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=0)
+    with pytest.raises(TypeError, match=r"x must have dtype float32, got float64 \(no implicit casts\): cast x to "
+                                        r"float32, or build the layer with dtype=float64"):
+        layer(np.zeros((1, 3, 8)))
+
+
+def test_jax_float64_without_x64_names_the_switch():
+    jax = require("jax")
+    from mha_cupy._backends import resolve_backend
+
+    be = resolve_backend("jax")
+    if "float64" in be.float_dtypes():  # the test session switches x64 on: ask a fresh process
+        code = ("import mha_cupy\ntry:\n    mha_cupy.MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, xp='jax', "
+                "dtype='float64')\nexcept TypeError as e:\n    print(e)")
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    else:
+        with pytest.raises(TypeError) as info:
+            mha_cupy.MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, xp="jax", dtype="float64")
+        out = str(info.value)
+    assert "jax.config.update('jax_enable_x64', True)" in out, out
+    del jax
+
+
+def test_backend_unavailable_error_is_public_under_its_name():
+    assert mha_cupy.BackendUnavailableError.__module__ == "mha_cupy"
+    assert repr(mha_cupy.BackendUnavailableError("x", library="cupy", reason="no-device")).startswith(
+        "BackendUnavailableError(") and f"{mha_cupy.BackendUnavailableError.__module__}.BackendUnavailableError" == \
+        "mha_cupy.BackendUnavailableError"

@@ -130,7 +130,7 @@ def test_auto_takes_what_its_rule_says(kv, monkeypatch, registered):
     quantized = [r for r in spy.records if r.quantized_dtype is not None]
     assert len(quantized) == (0 if kv == "dense" else model.config.nlayers)
     dense = [r for r in spy.records if r.quantized_dtype is None]
-    assert dense and all(r.q_shape[0] * r.q_shape[1] <= 512 and r.q_shape[3] >= 32 for r in dense)
+    assert dense and all(r.q_shape[0] * r.q_shape[1] <= 1024 and r.q_shape[3] >= 32 for r in dense)
     assert all(r.error <= TOL for r in spy.records)
     assert scaled_error(ours.cached, reference.cached) <= TOL
 
@@ -181,8 +181,9 @@ def test_declines_what_it_cannot_do(policy, changes):
 
 @pytest.mark.parametrize(("changes", "auto", "all_"), [
     ({"quantized_kv_dtype": None}, True, True),  # few queries over many keys
-    ({"quantized_kv_dtype": None, "seq_len_q": 513}, False, True),
-    ({"quantized_kv_dtype": None, "batch_size": 9}, False, True),
+    ({"quantized_kv_dtype": None, "seq_len_q": 1024}, True, True),
+    ({"quantized_kv_dtype": None, "seq_len_q": 1025}, False, True),
+    ({"quantized_kv_dtype": None, "batch_size": 17}, False, True),
     ({"quantized_kv_dtype": None, "seq_len_kv": 8191}, False, True),
     ({"seq_len_kv": 8191}, False, True),
     ({"quantized_kv_dtype": None, "head_dim": 16}, False, True),

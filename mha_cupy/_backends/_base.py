@@ -37,6 +37,9 @@ class BackendUnavailableError(RuntimeError):
     CUDA driver or GPU).
     """
 
+    # Public as mha_cupy.BackendUnavailableError: tracebacks and reprs name it there, not by this private path.
+    __module__ = "mha_cupy"
+
     def __init__(self, message: str, *, library: str, reason: str) -> None:
         super().__init__(message)
         self.library = library

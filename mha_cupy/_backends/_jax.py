@@ -40,6 +40,15 @@ class JaxBackend(Backend):
 
         jax.config.update("jax_enable_x64", True)
 
+    def float_dtype(self, spec: Any) -> Any:
+        try:
+            return super().float_dtype(spec)
+        except TypeError as exc:
+            if "float64" in str(spec) and "float64" not in self.float_dtypes():
+                msg = f"{exc}; JAX offers float64 only with jax.config.update('jax_enable_x64', True) at startup"
+                raise TypeError(msg) from None
+            raise
+
     def is_cpu(self, device: Any) -> bool:
         if device is None:  # traced arrays (inside jax.grad or jit) report no device: JAX's default one
             device = self.default_device()

@@ -26,13 +26,25 @@ EPILOG = """exit codes:
 
 Run `mha-cupy COMMAND --help` for each command's options and defaults."""
 
+class UsageError(Exception):
+    """argparse's own complaint (an unknown option, a bad value), as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` instead of printing its usage and exiting, so that usage errors are one
+    line on stderr (and a JSON object with ``--json``) like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="mha-cupy", description=__doc__.splitlines()[0], epilog=EPILOG,
+    parser = _Parser(prog="mha-cupy", description=__doc__.splitlines()[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mha-cupy {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (_info, _verify, _compare, _bench):
@@ -41,19 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        command = next((a for a in argv if a in COMMANDS), None)
+        return _fail(argparse.Namespace(command=command, json="--json" in argv), str(exc))
     try:
         report = args.run(args)
     except (CliError, BackendUnavailableError, ValueError, TypeError) as exc:  # bad values reaching the library too
-        return _fail(args, str(exc))
+        return _fail(args, _for_the_command_line(str(exc)))
     if args.json:
         print(json.dumps({"command": args.command, "exit_code": report.code, **report.data}, default=str))
     else:
         print(report.text)
     return report.code
 
+#: The commands, for naming the one a usage error belongs to.
+COMMANDS = ("info", "verify", "compare", "bench")
+
+
+def _for_the_command_line(message: str) -> str:
+    """A library message with its keyword spellings turned into the options that set them here."""
+    return message.replace("xp='numpy'", "--xp numpy").replace("xp='", "--xp '")
+
+
 def _fail(args: argparse.Namespace, message: str) -> int:
-    print(f"mha-cupy {args.command}: {message}", file=sys.stderr)
+    where = f"mha-cupy {args.command}" if args.command else "mha-cupy"
+    print(f"{where}: {message}", file=sys.stderr)
     if args.json:
         print(json.dumps({"command": args.command, "exit_code": EXIT_USAGE, "error": message}))
     return EXIT_USAGE

@@ -46,6 +46,11 @@ def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
     yield from tqdm(items, total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
 
 
+def note(line: str) -> None:
+    """A progress line on stderr, at once (stdout keeps the result: text, or one JSON object)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns, two spaces apart."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
