@@ -250,3 +250,34 @@ def test_version(capsys):
     from mha_cupy import __version__
 
     assert exit_code(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mha-cupy {__version__}"
+
+
+@pytest.mark.parametrize("against", ["float64", "tabpfn"])
+def test_compare_head_sizes_need_not_divide_emsize(against, capsys):
+    if against == "tabpfn":
+        require("tabpfn")
+    emsize = "30" if against == "float64" else "32"  # tabpfn's config wants emsize divisible by nhead
+    argv = ["compare", "--against", against, "--emsize", emsize, "--nhead", "4", "--d-k", "6", "--d-v", "5",
+            "--kv-heads", "2", "--length", "16"]
+    code, data = run_json(argv, capsys)
+    assert code == 0 and data["comparison"]["ok"]
+    assert main(argv) == 0 and f"E={emsize} N=4 K=2 H=6 V=5" in capsys.readouterr().out
+
+
+def test_tabpfns_own_refusal_is_one_line(capsys):
+    require("tabpfn")
+    argv = ["compare", "--against", "tabpfn", "--emsize", "30", "--nhead", "4", "--d-k", "6", "--d-v", "6"]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "emsize must be divisible by nhead" in err, err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--kv-heads", "3"], "--nhead must be a multiple of --kv-heads"),
+    (["--kv-heads", "2", "--kv-share", "2"], "give --kv-heads or --kv-share"),
+    (["--emsize", "30"], "or give the head sizes with --d-k and --d-v"),
+    (["--d-k", "0"], "--d-k must be an int >= 1, got 0"),
+])
+def test_compare_head_size_refusals(argv, match, capsys):
+    assert exit_code(["compare", "--against", "float64", *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)

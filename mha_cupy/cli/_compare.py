@@ -32,6 +32,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                                 ("kv-share", 1, "query heads per key/value head (share_kv_across_n_heads)"),
                                 ("seed", 0, "seed of weights and inputs")):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--d-k", type=int, default=None, help="key/query size per head H (default emsize // nhead; "
+                   "emsize need not be divisible by nhead when --d-k and --d-v are given)")
+    p.add_argument("--d-v", type=int, default=None, help="value size per head V (default: --d-k, else emsize // nhead)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default nhead // --kv-share); "
+                   "nhead must be a multiple")
     p.add_argument("--rtol", type=float, default=None,
                    help="allowed scaled error (default: the tolerance of the lower precision, e.g. 1e-5 for float32)")
     p.add_argument("--atol", type=float, default=None, help="allowed absolute error on top (default 0)")
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> Report:
     c = compare(ours.output(), reference.output(), rtol=args.rtol, atol=args.atol)
     shapes = f"x {list(x.shape)}" + ("" if x_kv is None else f", x_kv {list(x_kv.shape)}")
     config = {k: v for k, v in vars(args).items() if k not in ("run", "json", "command")}
-    text = f"{ours.name} vs {reference.name}, {args.dtype}, E={args.emsize} N={args.nhead}, {shapes}: {c}"
+    heads = f"E={args.emsize} N={args.nhead} K={layer.nhead_kv} H={layer.d_k} V={layer.d_v}"
+    text = f"{ours.name} vs {reference.name}, {args.dtype}, {heads}, {shapes}: {c}"
     data = {"config": config, "actual": ours.name, "reference": reference.name, "comparison": c.to_dict()}
     return Report(EXIT_OK if c.ok else EXIT_MISMATCH, data, text)
 
@@ -75,14 +81,30 @@ def _our_layer(args: argparse.Namespace) -> Any:
     from .._validation import check_positive_int
     from ..module import MultiHeadAttention
 
-    for name in ("batch", "length", "emsize", "nhead", "kv_share") + (("kv_length",) if args.kv_length is not None else ()):
+    optional = [n for n in ("kv_length", "d_k", "d_v", "kv_heads") if getattr(args, n) is not None]
+    for name in ("batch", "length", "emsize", "nhead", "kv_share", *optional):
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.emsize % args.nhead:
-        msg = f"--emsize must be a multiple of --nhead, got --emsize {args.emsize} --nhead {args.nhead}"
-        raise CliError(msg)
-    d = args.emsize // args.nhead
-    return MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=d, d_v=d, share_kv_across_n_heads=args.kv_share,
+    d_k, d_v, share = head_sizes(args)
+    return MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
                               dtype=args.dtype, xp="numpy", seed=args.seed)
+
+
+def head_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    """``(d_k, d_v, share_kv_across_n_heads)`` from the options: --d-k/--d-v, else emsize // nhead; --kv-heads or
+    --kv-share."""
+    if args.d_k is None and args.d_v is None and args.emsize % args.nhead:
+        msg = (f"--emsize must be a multiple of --nhead, got --emsize {args.emsize} --nhead {args.nhead}; "
+               "or give the head sizes with --d-k and --d-v")
+        raise CliError(msg)
+    d_k = args.d_k or args.d_v or args.emsize // args.nhead
+    d_v = args.d_v or d_k
+    if args.kv_heads is None:
+        return d_k, d_v, args.kv_share
+    if args.kv_share != 1:
+        raise CliError(f"give --kv-heads or --kv-share, got --kv-heads {args.kv_heads} and --kv-share {args.kv_share}")
+    if args.nhead % args.kv_heads:
+        raise CliError(f"--nhead must be a multiple of --kv-heads, got --nhead {args.nhead} --kv-heads {args.kv_heads}")
+    return d_k, d_v, args.nhead // args.kv_heads
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -150,12 +172,15 @@ def _tabpfn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Si
     from .._reference import layer_like, reference_layer
 
     torch = _torch_side(args)
-    d = args.emsize // args.nhead
+    d_k, d_v, share = head_sizes(args)
     try:
-        ref = reference_layer(emsize=args.emsize, nhead=args.nhead, d_k=d, d_v=d, share_kv_across_n_heads=args.kv_share,
+        ref = reference_layer(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
                               dtype=args.dtype, seed=args.seed)
     except ImportError as exc:
         raise CliError(f"--against tabpfn needs tabpfn 2.2.1: pip install \".[reference]\" ({exc})") from exc
+    except ValueError as exc:  # tabpfn's own config checks (pydantic): several lines, the reason among them
+        reason = next((line.strip() for line in str(exc).splitlines() if "Value error" in line), str(exc).splitlines()[0])
+        raise CliError(f"tabpfn 2.2.1's layer refuses this configuration: {reason.replace('Value error, ', '')}") from exc
     tx = [None if a is None else torch.from_numpy(a) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL)
 
@@ -170,6 +195,7 @@ def _torch_nn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[
     from ..weights import convert_torch_nn_multihead_attention_state_dict
 
     unsupported = [f"--{n.replace('_', '-')}" for n in SHARED_CALL if getattr(args, n) not in (None, False)]
+    unsupported += [f"--{n.replace('_', '-')}" for n in ("d_k", "d_v", "kv_heads") if getattr(args, n) is not None]
     if args.kv_share != 1:
         unsupported.append("--kv-share")
     if unsupported:
