@@ -61,7 +61,7 @@ class AttentionPlan:
     q_lengths: tuple[int, ...] | None = None
     kv_lengths: tuple[int, ...] | None = None
     #: Sliding window ``(left, right)``: query t of row b sees keys ``p - left <= s <= p + right``,
-    #: ``p = t + shift(b)``; None: no window. Key chunks outside every query's window are skipped.
+    #: ``p = t + kv_len(b) - q_len(b)`` (``row_lengths``: bottom-right, as causal); None: no window. Key chunks outside every query's window are skipped.
     window: tuple[int, int] | None = None
     #: Logit soft-capping: logits (after the scale, before bias and masks) become ``c * tanh(logits / c)``.
     softcap: float | None = None
@@ -70,11 +70,6 @@ class AttentionPlan:
         """``(queries, keys)`` of batch row ``b`` of the whole problem."""
         T, S = self.extent or (0, 0)
         return (T if self.q_lengths is None else self.q_lengths[b]), (S if self.kv_lengths is None else self.kv_lengths[b])
-
-    def shift(self, b: int) -> int:
-        """Bottom-right alignment of row ``b``: query t sits at key position ``t + shift(b)`` (causal, window)."""
-        q_len, kv_len = self.row_lengths(b)
-        return kv_len - q_len
 
     def key_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """``key_splits`` ranges of whole key chunks covering ``[start, end)`` (``start`` on the chunk grid; fewer
@@ -280,6 +275,9 @@ class ChunkLoop:
         self.G = self.N // self.K
         self.delta = offsets[1] - offsets[2]  # this block's query index minus key index, in the whole problem
         self.limited = any(x is not None for x in (plan.q_lengths, plan.kv_lengths, plan.window)) or plan.is_causal
+        # How far right of its position a query sees (causal: 0, window: its right), None: unbounded.
+        rights = ([0] if plan.is_causal else []) + ([plan.window[1]] if plan.window is not None else [])
+        self.right = min(rights) if rights else None
         self.dev = device_of(q)
         cdt = self.cdt = be.compute_dtype(q.dtype)
         self.scalars = Scalars(*(self.xp.asarray(c, dtype=cdt, device=self.dev) for c in (-math.inf, 0.0, 1.0)))
@@ -307,7 +305,7 @@ class ChunkLoop:
         found = []
         for b in range(b0 + bo, b1 + bo):
             q_len, kv_len = plan.row_lengths(b)
-            found.append((q_len - to, kv_len - so, plan.shift(b) + self.delta))
+            found.append((q_len - to, kv_len - so, kv_len - q_len + self.delta))  # the row's alignment, localised
         return found
 
     def _per_row(self, values: list[int], dtype: Any) -> Any:
@@ -316,12 +314,6 @@ class ChunkLoop:
             return values[0]
         return self.xp.reshape(self.xp.asarray(values, dtype=dtype, device=self.dev), (len(values), 1, 1, 1, 1))
 
-    def _right(self) -> int | None:
-        """How far right of its position a query sees (causal: 0, window: its right), None: unbounded."""
-        plan = self.plan
-        rights = ([0] if plan.is_causal else []) + ([plan.window[1]] if plan.window is not None else [])
-        return min(rights) if rights else None
-
     def allowed(self, bsl: slice, tsl: slice, ssl: slice) -> Any:
         """Where queries ``tsl`` may attend keys ``ssl`` (mask, causal, window, row lengths), or None when all may."""
         xp, allowed = self.xp, None
@@ -329,7 +321,7 @@ class ChunkLoop:
             allowed = block_of(self.mask, bsl, tsl, ssl, (self.K, self.G), xp=xp)
         if not self.limited:
             return allowed
-        idx, window, right = self.index_dtype, self.plan.window, self._right()
+        idx, window, right = self.index_dtype, self.plan.window, self.right
         q_ends, kv_ends, shifts = (list(c) for c in zip(*self.rows(bsl.start, bsl.stop)))
         s = self._index(ssl.start, ssl.stop, 4, idx)
         t = self._index(tsl.start, tsl.stop, 2, idx)
@@ -359,7 +351,7 @@ class ChunkLoop:
         on the key chunk grid, so that chunk boundaries are those of the whole key axis. ``(0, 0)``: none."""
         if not self.limited:
             return 0, self.S
-        window, right, lo, hi = self.plan.window, self._right(), self.S, 0
+        window, right, lo, hi = self.plan.window, self.right, self.S, 0
         for q_end, kv_end, shift in self.rows(b0, b1):
             last = min(t1, self.q_len, q_end) - 1  # the row's last real query in the block
             row_hi = min(self.S, kv_end) if right is None else min(self.S, kv_end, last + shift + right + 1)

@@ -7,7 +7,6 @@ length, E emsize, N heads, K kv heads, H d_k, V d_v.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from dataclasses import dataclass, fields
@@ -17,7 +16,7 @@ from ._backends import Backend, backend_of, device_of, same_device
 from ._cache import KVCache
 from ._core import AttentionPlan, plan_attention
 from ._random import STREAMS, derive_seed
-from ._validation import (check_array, check_bool, check_lengths, check_optional_positive_int, check_shape_and_dtype,
+from ._validation import (check_array, check_bool, check_keywords, check_lengths, check_optional_positive_int, check_shape_and_dtype,
                           shape_str)
 from .weights import Weights
 
@@ -48,13 +47,7 @@ class CallOptions:
     def from_keywords(cls, keywords: dict[str, Any], *, where: str) -> "CallOptions":
         """The options of a call with ``keywords``; an unknown keyword is a TypeError naming it (with the
         closest known name) and ``where`` it was given."""
-        known = [f.name for f in fields(cls)]
-        for name in keywords:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; the keywords are {', '.join(known)}"
-                msg = f"{where} got an unexpected keyword argument {name!r}{hint}"
-                raise TypeError(msg)
+        check_keywords(keywords, [f.name for f in fields(cls)], where=where)
         return cls(**keywords)
 
     @classmethod

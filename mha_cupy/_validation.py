@@ -19,6 +19,7 @@ from ._backends import Backend, device_of
 
 __all__ = [
     "keyword_hints",
+    "check_keywords",
     "shape_str",
     "check_shape_and_dtype",
     "check_dtype",
@@ -50,15 +51,21 @@ def keyword_hints(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        for name in kwargs:
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(names)}"
-                msg = f"{fn.__qualname__}() got an unexpected keyword argument {name!r}{hint}"
-                raise TypeError(msg)
+        check_keywords(kwargs, names, where=f"{fn.__qualname__}()")
         return fn(*args, **kwargs)
 
     return checked  # type: ignore[return-value]
+
+
+def check_keywords(given: Any, known: Sequence[str], *, where: str) -> None:
+    """Every name in ``given`` must be one of ``known``; otherwise a TypeError naming it, ``where`` it was given and
+    the closest known name (``difflib``), or all of them when none is close."""
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the keywords are {', '.join(known)}"
+            msg = f"{where} got an unexpected keyword argument {name!r}{hint}"
+            raise TypeError(msg)
 
 
 def shape_str(shape: Sequence[Any]) -> str:

@@ -344,11 +344,12 @@ def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
 
 
 def _as_parts(parts: Any, name: str) -> tuple[Any, ...]:
-    if not isinstance(parts, (list, tuple)) or not parts:
+    if not isinstance(parts, (list, tuple)):
         msg = f"{name} must be a non-empty list or tuple of arrays, got {type(parts).__name__}"
-        if isinstance(parts, (list, tuple)):
-            msg = f"{name} must hold at least one array, got an empty {type(parts).__name__}"
-        raise (ValueError if isinstance(parts, (list, tuple)) else TypeError)(msg)
+        raise TypeError(msg)
+    if not parts:
+        msg = f"{name} must hold at least one array, got an empty {type(parts).__name__}"
+        raise ValueError(msg)
     for i, a in enumerate(parts):
         check_array(a, f"{name}[{i}]")
     return tuple(parts)
