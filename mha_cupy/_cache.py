@@ -130,7 +130,10 @@ class KVCache:
         if self.scales is not None:
             self.scales = tuple(grow(s) for s in self.scales)
 
-    def moved(self, convert: Any) -> "KVCache":
-        """A copy whose valid rows (and scales) went through ``convert`` (e.g. to another library)."""
-        scales = None if self.scales is None else tuple(convert(s) for s in self.scales_of(0, self.batch))
-        return KVCache(tuple(convert(a) for a in self.views()), self.length, scales, self.quantized)
+    def moved(self, convert: Any, cast: Any = None) -> "KVCache":
+        """A copy whose valid rows (and scales) went through ``convert`` (e.g. to another library), then the
+        floating ones (not a quantized payload) through ``cast`` (e.g. to another float dtype)."""
+        cast = cast or (lambda a: a)
+        scales = None if self.scales is None else tuple(cast(convert(s)) for s in self.scales_of(0, self.batch))
+        payload = convert if self.quantized else (lambda a: cast(convert(a)))
+        return KVCache(tuple(payload(a) for a in self.views()), self.length, scales, self.quantized)

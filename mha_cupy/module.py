@@ -283,18 +283,28 @@ class MultiHeadAttention:
     # ------------------------------------------------------------------ conversion
 
     @keyword_hints
-    def to(self, xp: Any, device: Any = None) -> "MultiHeadAttention":
-        """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``."""
+    def to(self, xp: Any, device: Any = None, *, dtype: Any = None) -> "MultiHeadAttention":
+        """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``.
+
+        ``dtype`` (a name such as ``"bfloat16"``, or a dtype; default: this layer's) casts the weights and the
+        cache's floating arrays (a quantized cache keeps its int8/float8 entries; its scales are cast), as
+        ``torch.nn.Module.to(dtype)`` does. Raises TypeError for a dtype ``xp`` does not have (NumPy has no
+        bfloat16), before anything is built.
+        """
         target = resolve_backend(xp)
-        dtype = target.float_dtype(self._be.dtype_name(self.dtype))
+        dtype = target.float_dtype(self._be.dtype_name(self.dtype) if dtype is None else dtype)
         _check_kv_cache_dtype(self._kv_cache_dtype, target)
         new = object.__new__(MultiHeadAttention)
         new.__dict__.update(self.__dict__)
         new._be, new.xp, new.dtype = target, target.xp, dtype
         new.device = target.default_device() if device is None else target.check_device(device)
-        new._weights = self._weights.map(lambda a: convert(a, target, new.device))
+
+        def cast(a: Any) -> Any:
+            return a if a.dtype == dtype else target.xp.astype(a, dtype)
+
+        new._weights = self._weights.map(lambda a: cast(convert(a, target, new.device)))
         if self._cache is not None:
-            new._cache = self._cache.moved(lambda a: convert(a, target, new.device))
+            new._cache = self._cache.moved(lambda a: convert(a, target, new.device), cast)
         return new
 
     def __repr__(self) -> str:

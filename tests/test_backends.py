@@ -107,6 +107,51 @@ def test_to_moves_weights_and_cache_between_backends(backend):
     assert layer.xp is resolve_backend("numpy").xp  # the original is untouched
 
 
+def test_to_casts_weights_and_cache_to_dtype(backend):
+    rng = np.random.default_rng(1)
+    layer = MultiHeadAttention(emsize=12, nhead=4, d_k=3, d_v=5, share_kv_across_n_heads=2, dtype="float64", seed=4)
+    x, x_new = rng.standard_normal((2, 5, 12)), rng.standard_normal((2, 3, 12))
+    layer(x, cache_kv=True)
+    narrow = layer.to(backend.xp, device=backend.device, dtype="float32")
+    assert narrow.dtype == backend.xp.float32 and layer.dtype == np.float64
+    np.testing.assert_array_equal(to_numpy(narrow.w_q), np.asarray(layer.w_q, dtype=np.float32))
+    got = narrow(backend.asarray(x_new, dtype="float32"), use_cached_kv=True)
+    assert got.dtype == backend.xp.float32
+    assert_matches_reference(got, direct(layer, x_new, x), xp=backend.xp, dtype=backend.xp.float32,
+                             device=backend.device, tol=1e-5)
+
+
+def test_to_bfloat16_rounds_as_torch_does():
+    torch = require("torch")
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float32", seed=2)
+    half = layer.to("torch", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.w_out.dtype == torch.bfloat16
+    expected = torch.from_numpy(np.asarray(layer.w_out)).to(torch.bfloat16)
+    assert torch.equal(half.w_out, expected)
+    back = half.to("numpy", dtype="float64")  # bfloat16 values are exact in float64
+    np.testing.assert_array_equal(np.asarray(back.w_out), expected.to(torch.float64).numpy())
+
+
+def test_to_dtype_refusal_leaves_the_layer_as_it_was():
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float32", seed=2)
+    before = np.asarray(layer.w_out).copy()
+    with pytest.raises(TypeError, match=r"dtype must be one of the floating dtypes .* of numpy, got 'bfloat16'"):
+        layer.to("numpy", dtype="bfloat16")
+    assert layer.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(layer.w_out), before)
+
+
+def test_to_dtype_keeps_a_quantized_cache_and_casts_its_scales():
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", seed=2, kv_cache_dtype="int8")
+    layer(np.random.default_rng(0).standard_normal((1, 6, 8)), cache_kv=True)
+    narrow = layer.to("numpy", dtype="float32")
+    cached = narrow.kv_cache if layer.k_cache is None else narrow.k_cache
+    assert cached.dtype == np.int8
+    np.testing.assert_array_equal(cached, layer.kv_cache if layer.k_cache is None else layer.k_cache)
+    assert all(s.dtype == np.float32 for s in narrow.kv_cache_scales)
+    np.testing.assert_array_equal(narrow.kv_cache_scales[0], layer.kv_cache_scales[0].astype(np.float32))
+
+
 def test_convert_round_trip(backend):
     a = np.arange(6.0).reshape(2, 3)
     there = convert(a, backend.adapter, backend.device)

@@ -142,6 +142,21 @@ def test_compare_against_torch_nn(capsys):
     assert "torch.nn.MultiheadAttention has no equivalent of --kv-share" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reference", [["--against", "tabpfn"], ["--against", "torch-nn"], ["--against", "float64"],
+                                       ["--other", "jax"]])
+def test_compare_in_bfloat16(reference, capsys):
+    require("torch")
+    require("tabpfn" if "tabpfn" in reference else "jax" if "jax" in reference else "torch")
+    argv = ["compare", "--xp", "torch", "--dtype", "bfloat16", "--length", "20", *reference]
+    code, data = run_json(argv, capsys)
+    c = data["comparison"]
+    assert code == 0 and c["actual_dtype"] == "bfloat16" and c["tolerance"] == 2 * 2.0**-7, c
+    assert c["reference_dtype"] == ("float64" if "float64" in reference else "bfloat16")
+    assert c["scaled_error"] <= 2 * 2.0**-7
+    if "float64" in reference:  # bfloat16 weights and inputs, computed in float64: only the arithmetic differs
+        assert 0 < c["scaled_error"] <= 2e-3
+
+
 # -- bench ------------------------------------------------------------------------------------------
 
 
@@ -205,6 +220,9 @@ def test_every_option_has_help():
         (["compare", "--against", "float64", "--emsize", "10", "--nhead", "4"], "--emsize must be a multiple of --nhead"),
         (["compare", "--against", "float64", "--save-peak-mem-factor", "2"], "needs allow_inplace=True"),
         (["compare", "--xp", "numpy"], "one of the arguments --other --against is required"),
+        (["compare", "--dtype", "bfloat16", "--against", "float64"],
+         r"--dtype bfloat16 needs a backend that has bfloat16 \(torch, jax\), got --xp numpy with float16, float32"),
+        (["compare", "--dtype", "float16", "--against", "tabpfn"], "float64, float32 or bfloat16, got --dtype float16"),
         (["compare", "--against", "float64", "--rtol", "-1"], "rtol must be a finite number >= 0, got -1.0"),
         (["bench", "--heads", "0", "--kv-heads", "0"], "--heads must be an int >= 1, got 0"),
         (["bench", "--repeats", "0", "--q-len", "4", "--kv-len", "4"], "--repeats must be an int >= 1, got 0"),

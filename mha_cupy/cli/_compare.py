@@ -26,7 +26,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     ref.add_argument("--against", choices=AGAINST, help="reference: tabpfn 2.2.1's layer, torch.nn.MultiheadAttention "
                      "(both on torch's CPU, same weights), or our layer in float64 on NumPy")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="the backend under test (default numpy)")
-    p.add_argument("--dtype", default="float32", choices=("float64", "float32", "float16"), help="default float32")
+    p.add_argument("--dtype", default="float32", choices=("float64", "float32", "float16", "bfloat16"),
+                   help="default float32; bfloat16 needs a backend that has it (torch, jax): weights and inputs are "
+                   "drawn in float32 and rounded to bfloat16 on each side")
     for name, default, what in (("batch", 2, "batch size"), ("length", 128, "query length T"),
                                 ("emsize", 64, "embedding size E"), ("nhead", 4, "query heads N"),
                                 ("kv-share", 1, "query heads per key/value head (share_kv_across_n_heads)"),
@@ -64,6 +66,7 @@ class Side:
 def run(args: argparse.Namespace) -> Report:
     from ..comparison import compare
 
+    _check_dtype(args)
     layer = _our_layer(args)
     x, x_kv = _inputs(args)
     build = {"tabpfn": _tabpfn, "torch-nn": _torch_nn, "float64": _float64}.get(args.against, _other)
@@ -86,7 +89,25 @@ def _our_layer(args: argparse.Namespace) -> Any:
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
     d_k, d_v, share = head_sizes(args)
     return MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
-                              dtype=args.dtype, xp="numpy", seed=args.seed)
+                              dtype=_host_dtype(args), xp="numpy", seed=args.seed)
+
+
+def _host_dtype(args: argparse.Namespace) -> str:
+    """The dtype weights and inputs are drawn in on NumPy: --dtype, or float32 (which holds bfloat16 exactly)."""
+    return "float32" if args.dtype == "bfloat16" else args.dtype
+
+
+def _check_dtype(args: argparse.Namespace) -> None:
+    from .._backends import resolve_backend
+
+    if args.dtype != "bfloat16":
+        return
+    for option in ("xp", "other"):
+        name = getattr(args, option)
+        if name is not None and "bfloat16" not in resolve_backend(name).float_dtypes():
+            msg = (f"--dtype bfloat16 needs a backend that has bfloat16 (torch, jax), got --{option} {name} "
+                   f"with {', '.join(sorted(resolve_backend(name).float_dtypes()))}")
+            raise CliError(msg)
 
 
 def head_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -108,14 +129,14 @@ def head_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Random inputs in [-0.5, 0.5), on NumPy in ``--dtype``; each side converts them."""
+    """Random inputs in [-0.5, 0.5), on NumPy in ``--dtype`` (float32 for bfloat16); each side converts them."""
     from .._backends import resolve_backend
     from .._random import uniform
 
     xp = resolve_backend("numpy").xp
 
     def draw(stream: int, length: int) -> Any:
-        return uniform(args.seed, stream, (args.batch, length, args.emsize), getattr(xp, args.dtype), xp=xp,
+        return uniform(args.seed, stream, (args.batch, length, args.emsize), getattr(xp, _host_dtype(args)), xp=xp,
                        device=None) - 0.5
 
     return draw(101, args.length), None if args.kv_length is None else draw(102, args.kv_length)
@@ -126,13 +147,23 @@ def _call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, 
 
 
 def _ours(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> Side:
-    from .._backends import convert, resolve_backend
+    from .._backends import resolve_backend
 
     be = resolve_backend(args.xp)
-    mine = layer.to(args.xp)
-    xs = [None if a is None else convert(a, be, mine.device) for a in (x, x_kv)]
+    mine = layer.to(args.xp, dtype=args.dtype)
+    xs = [_on(be, a, mine.dtype, mine.device) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL + OURS_CALL)
     return Side(f"mha_cupy on {args.xp}", lambda: mine(*_copies(be.xp, xs), **kwargs))
+
+
+def _on(be: Any, a: Any, dtype: Any, device: Any = None) -> Any:
+    """NumPy array ``a`` on backend ``be`` in ``dtype`` (rounded there, e.g. to bfloat16)."""
+    from .._backends import convert
+
+    if a is None:
+        return None
+    moved = convert(a, be, device)
+    return moved if moved.dtype == dtype else be.xp.astype(moved, dtype)
 
 
 def _copies(xp: Any, arrays: list[Any]) -> list[Any]:
@@ -146,20 +177,22 @@ def _other(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Sid
 
 
 def _float64(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
-    from ..module import MultiHeadAttention
+    from .._backends import resolve_backend, to_numpy
 
-    wide = MultiHeadAttention(emsize=layer.emsize, nhead=layer.nhead, d_k=layer.d_k, d_v=layer.d_v,
-                              share_kv_across_n_heads=layer.share_kv_across_n_heads, dtype="float64", xp="numpy")
-    xp = layer.xp
-    wide.set_parameters(**{n: xp.astype(w, xp.float64) for n, w in layer.weights.present().items()})
-    xs = [None if a is None else xp.astype(a, xp.float64) for a in (x, x_kv)]
+    # The weights and inputs the side under test holds (rounded to --dtype there), widened: exact in float64.
+    be, host = resolve_backend(args.xp), resolve_backend("numpy")
+    narrow = layer.to(be.xp, dtype=args.dtype)
+    wide = narrow.to(host.xp, dtype="float64")
+    xp = wide.xp
+    xs = [None if a is None else _on(host, to_numpy(_on(be, a, narrow.dtype)), xp.float64) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL)
     return _ours(args, layer, x, x_kv), Side("mha_cupy in float64 on numpy", lambda: wide(*_copies(xp, xs), **kwargs))
 
 
 def _torch_side(args: argparse.Namespace) -> Any:
     if args.dtype == "float16":
-        raise CliError(f"--against {args.against} runs on torch's CPU in float64 or float32, got --dtype float16")
+        raise CliError(f"--against {args.against} runs on torch's CPU in float64, float32 or bfloat16, "
+                       "got --dtype float16")
     try:
         import torch
     except ImportError as exc:
@@ -175,20 +208,23 @@ def _tabpfn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Si
     d_k, d_v, share = head_sizes(args)
     try:
         ref = reference_layer(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
-                              dtype=args.dtype, seed=args.seed)
+                              dtype=_host_dtype(args), seed=args.seed)
     except ImportError as exc:
         raise CliError(f"--against tabpfn needs tabpfn 2.2.1: pip install \".[reference]\" ({exc})") from exc
     except ValueError as exc:  # tabpfn's own config checks (pydantic): several lines, the reason among them
         reason = next((line.strip() for line in str(exc).splitlines() if "Value error" in line), str(exc).splitlines()[0])
         raise CliError(f"tabpfn 2.2.1's layer refuses this configuration: {reason.replace('Value error, ', '')}") from exc
-    tx = [None if a is None else torch.from_numpy(a) for a in (x, x_kv)]
+    ours = _ours(args, layer_like(ref, xp="numpy", seed=args.seed), x, x_kv)
+    dtype = getattr(torch, args.dtype)
+    ref = ref.to(dtype)
+    tx = [None if a is None else torch.from_numpy(a).to(dtype) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL)
 
     def theirs() -> Any:
         with torch.no_grad():
             return ref(tx[0].clone(), tx[1], **kwargs)
 
-    return _ours(args, layer_like(ref, xp="numpy", seed=args.seed), x, x_kv), Side("tabpfn 2.2.1 on torch (CPU)", theirs)
+    return ours, Side("tabpfn 2.2.1 on torch (CPU)", theirs)
 
 
 def _torch_nn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Side, Side]:
@@ -202,10 +238,12 @@ def _torch_nn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[
         raise CliError(f"torch.nn.MultiheadAttention has no equivalent of {', '.join(unsupported)}")
     torch = _torch_side(args)
     nn = torch.nn.MultiheadAttention(args.emsize, args.nhead, bias=False, batch_first=True,
-                                     dtype=getattr(torch, args.dtype))
+                                     dtype=getattr(torch, _host_dtype(args)))
     layer.set_parameters(**convert_torch_nn_multihead_attention_state_dict(nn.state_dict(), args.nhead, xp="numpy"))
-    tq = torch.from_numpy(x)
-    tkv = tq if x_kv is None else torch.from_numpy(x_kv)
+    dtype = getattr(torch, args.dtype)
+    nn = nn.to(dtype)
+    tq = torch.from_numpy(x).to(dtype)
+    tkv = tq if x_kv is None else torch.from_numpy(x_kv).to(dtype)
 
     def theirs() -> Any:
         with torch.no_grad():
