@@ -103,12 +103,18 @@ def initial_weights(sizes: tuple[int, int, int, int, int], *, gain: float, seed:
     ``sizes`` is ``(N, K, H, V, E)``. ``w_qkv`` when ``d_k == d_v``, ``K == N``
     and the layer has key/value weights (``with_kv``); else ``w_q`` with
     ``w_kv`` or ``w_k``/``w_v`` (or none, for precomputed keys/values).
-    ``w_out`` is Xavier-uniform, or zero.
+    ``w_out`` is Xavier-uniform, or zero. The draws are made on NumPy (float64 for float64, else float32 rounded
+    once to ``dtype``) and moved to ``xp``/``device``, so they are the same on every library.
     """
     N, K, H, V, E = sizes
+    be, host = resolve_backend(xp), resolve_backend("numpy")
+    wide = host.xp.float64 if be.dtype_name(dtype) == "float64" else host.xp.float32
 
     def init(name: str, shape: tuple[int, ...], bound: float) -> Any:
-        return init_uniform(shape, bound, seed=seed, name=name, dtype=dtype, xp=xp, device=device)
+        # Drawn on the host, in float64 or float32, then rounded once to dtype where the layer lives: eager
+        # libraries (JAX) would compile Philox's hundred small operations again for every new weight shape.
+        w = convert(init_uniform(shape, bound, seed=seed, name=name, dtype=wide, xp=host.xp, device=None), be, device)
+        return w if w.dtype == dtype else be.xp.astype(w, dtype)
 
     if zero_output:
         weights = {"w_out": xp.zeros((N, V, E), dtype=dtype, device=device)}
