@@ -71,3 +71,29 @@ def test_layer_caches_streaming_and_training(jnp):
     assert layer.kv_cache.shape == (2, 6, 2, 2, 3)
     got = layer(jnp.asarray(x_new), use_cached_kv=True)
     assert_matches_reference(got, direct(layer, x_new, x), xp=jnp, dtype=jnp.float32)
+
+
+def test_one_tile_calls_compile_whole_and_chunked_ones_step_by_step(jnp, monkeypatch):
+    import dataclasses
+
+    from mha_cupy._budget import ChunkPlan
+    from mha_cupy._core import AttentionPlan
+    from mha_cupy._lazy import compiles_whole
+
+    be, compiled = resolve_backend("jax"), []
+    real = be.compile
+    monkeypatch.setattr(type(be), "compile", lambda self, fn, static_argnames=(): compiled.append(fn.__name__)
+                        or real(fn, static_argnames))
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 12, 4, 8), dtype=np.float32) for _ in range(3))
+    expected = naive_attention(q, k, v, is_causal=True)
+    for chunks, whole in (((None, None), True), ((4, 5), False)):
+        compiled.clear()
+        got = scaled_dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), is_causal=True,
+                                           q_chunk_size=chunks[0], kv_chunk_size=chunks[1])
+        assert_matches_reference(got, expected, xp=jnp, dtype=jnp.float32, tol=1e-5)
+        assert ("attend" in compiled) is whole, compiled
+    plan = AttentionPlan(scale=1.0, chunks=ChunkPlan(batch=2, q=12, kv=12), workers=1)
+    assert compiles_whole(plan, (2, 12, 12)) and not compiles_whole(plan, (2, 12, 13))
+    for changing in ({"dropout_key": (1, 2)}, {"q_lengths": (3, 4)}, {"kv_lengths": (3, 4)}):  # would recompile each call
+        assert not compiles_whole(dataclasses.replace(plan, **changing), (2, 12, 12))
