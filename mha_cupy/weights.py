@@ -103,18 +103,22 @@ def initial_weights(sizes: tuple[int, int, int, int, int], *, gain: float, seed:
     ``sizes`` is ``(N, K, H, V, E)``. ``w_qkv`` when ``d_k == d_v``, ``K == N``
     and the layer has key/value weights (``with_kv``); else ``w_q`` with
     ``w_kv`` or ``w_k``/``w_v`` (or none, for precomputed keys/values).
-    ``w_out`` is Xavier-uniform, or zero. The draws are made on NumPy (float64 for float64, else float32 rounded
-    once to ``dtype``) and moved to ``xp``/``device``, so they are the same on every library.
+    ``w_out`` is Xavier-uniform, or zero. The draws are made in float64 for float64, else in float32 (rounded
+    once to ``dtype``), on NumPy for devices in host memory and on the device otherwise; the same numbers on every
+    library.
     """
     N, K, H, V, E = sizes
-    be, host = resolve_backend(xp), resolve_backend("numpy")
-    wide = host.xp.float64 if be.dtype_name(dtype) == "float64" else host.xp.float32
+    be = resolve_backend(xp)
+    # Host memory: drawn on NumPy, the fastest there (JAX would compile Philox's hundred small operations for
+    # every new weight shape, torch's integer operations are slower); accelerators draw where they are.
+    draw = resolve_backend("numpy") if be.is_cpu(device) else be
+    wide = draw.xp.float64 if be.dtype_name(dtype) == "float64" else draw.xp.float32
 
     def init(name: str, shape: tuple[int, ...], bound: float) -> Any:
-        # Drawn on the host, in float64 or float32, then rounded once to dtype where the layer lives: eager
-        # libraries (JAX) would compile Philox's hundred small operations again for every new weight shape.
-        w = convert(init_uniform(shape, bound, seed=seed, name=name, dtype=wide, xp=host.xp, device=None), be, device)
-        return w if w.dtype == dtype else be.xp.astype(w, dtype)
+        w = init_uniform(shape, bound, seed=seed, name=name, dtype=wide, xp=draw.xp,
+                         device=None if draw is not be else device)
+        w = convert(w, be, device)
+        return w if w.dtype == dtype else be.xp.astype(w, dtype)  # float16, bfloat16: rounded once
 
     if zero_output:
         weights = {"w_out": xp.zeros((N, V, E), dtype=dtype, device=device)}

@@ -34,6 +34,29 @@ def test_init_is_uniform_within_bounds_and_identical_on_every_backend(backend):
     assert stats.kstest(w, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_accelerators_draw_on_the_device_and_get_the_same_bits(backend, dtype, monkeypatch):
+    kw = dict(emsize=20, nhead=4, d_k=5, d_v=3, share_kv_across_n_heads=2, dtype=dtype, seed=23)
+    on_host = MultiHeadAttention(xp=backend.xp, device=backend.device, **kw)
+    monkeypatch.setattr(type(backend.adapter), "is_cpu", lambda self, device: False)
+    on_device = MultiHeadAttention(xp=backend.xp, device=backend.device, **kw)
+    for name in ("w_q", "w_k", "w_v", "w_out"):
+        np.testing.assert_array_equal(to_numpy(getattr(on_device, name)), to_numpy(getattr(on_host, name)), name)
+
+
+@pytest.mark.parametrize("xp", ["numpy", "torch"])
+def test_half_precision_weights_are_the_float32_draws_rounded_once(xp):
+    require(xp)
+    kw = dict(emsize=24, nhead=4, d_k=6, d_v=6, seed=7, xp=xp)
+    full = MultiHeadAttention(dtype="float32", **kw)
+    for name in ("float16", "bfloat16") if xp == "torch" else ("float16",):
+        half = MultiHeadAttention(dtype=name, **kw)
+        for w in ("w_qkv", "w_out"):
+            expected = getattr(full, w)
+            expected = expected.astype(np.float16) if xp == "numpy" else expected.to(getattr(half.xp, name))
+            np.testing.assert_array_equal(to_numpy(getattr(half, w)), to_numpy(expected), f"{name} {w}")
+
+
 def test_seeds_give_different_weights_and_zero_output_init():
     a = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=1)
     b = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=2)
