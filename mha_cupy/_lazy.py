@@ -34,9 +34,12 @@ def run_attention(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, m
     (``scales`` of quantized keys and values only in memory: the entry point refuses them on lazy arrays)."""
     if be.lazy_blocks:
         return _attend_blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
-    whole = compiles_whole(plan, (q.shape[0], q.shape[1], k.shape[1]))
-    run = be.compile(attend, static_argnames=STATIC) if whole else attend
-    return run(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, scales=scales)
+    if not compiles_whole(plan, (q.shape[0], q.shape[1], k.shape[1])):
+        return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, scales=scales)
+    # The batch offset only counts for dropout and row lengths, which such plans lack: one program serves every
+    # part of a call split by save_peak_mem_factor.
+    run = be.compile(attend, static_argnames=STATIC)
+    return run(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, *offsets[1:]), scales=scales)
 
 
 #: ``attend``'s arguments that are not arrays: a compiled ``attend`` is specialised to them.

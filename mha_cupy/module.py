@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, resolve_backend, same_device
+from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, dtype_name, resolve_backend, same_device
 from ._cache import QUANTIZED_MAX, KVCache
 from ._lazy import run_attention
 from ._random import random_seed
@@ -286,13 +286,14 @@ class MultiHeadAttention:
     def to(self, xp: Any, device: Any = None, *, dtype: Any = None) -> "MultiHeadAttention":
         """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``.
 
-        ``dtype`` (a name such as ``"bfloat16"``, or a dtype; default: this layer's) casts the weights and the
+        ``dtype`` (a name such as ``"bfloat16"``, or a dtype of any library; default: this layer's) casts the weights and the
         cache's floating arrays (a quantized cache keeps its int8/float8 entries; its scales are cast), as
         ``torch.nn.Module.to(dtype)`` does. Raises TypeError for a dtype ``xp`` does not have (NumPy has no
         bfloat16), before anything is built.
         """
         target = resolve_backend(xp)
-        dtype = target.float_dtype(self._be.dtype_name(self.dtype) if dtype is None else dtype)
+        dtype = target.float_dtype(self._be.dtype_name(self.dtype) if dtype is None else
+                                   dtype if isinstance(dtype, str) else dtype_name(dtype))
         _check_kv_cache_dtype(self._kv_cache_dtype, target)
         new = object.__new__(MultiHeadAttention)
         new.__dict__.update(self.__dict__)

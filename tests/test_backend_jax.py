@@ -97,3 +97,21 @@ def test_one_tile_calls_compile_whole_and_chunked_ones_step_by_step(jnp, monkeyp
     assert compiles_whole(plan, (2, 12, 12)) and not compiles_whole(plan, (2, 12, 13))
     for changing in ({"dropout_key": (1, 2)}, {"q_lengths": (3, 4)}, {"kv_lengths": (3, 4)}):  # would recompile each call
         assert not compiles_whole(dataclasses.replace(plan, **changing), (2, 12, 12))
+
+
+def test_parts_of_a_split_call_share_one_compiled_program(jnp, monkeypatch):
+    import mha_cupy._lazy as lazy
+
+    traced = []
+
+    def counting_attend(*args, **kwargs):
+        traced.append(kwargs["offsets"])
+        return real(*args, **kwargs)
+
+    real = lazy.attend
+    monkeypatch.setattr(lazy, "attend", counting_attend)
+    layer = MultiHeadAttention(emsize=16, nhead=4, d_k=4, d_v=4, xp="jax", seed=1)
+    x = np.random.default_rng(2).standard_normal((8, 12, 16), dtype=np.float32)
+    got = layer(jnp.asarray(x), save_peak_mem_factor=4, allow_inplace=True)
+    assert_matches_reference(got, direct(layer, x), xp=jnp, dtype=jnp.float32, tol=1e-5)
+    assert traced == [(0, 0, 0)], traced  # four parts of two batch rows: traced once, not once per batch offset

@@ -157,6 +157,24 @@ def test_compare_in_bfloat16(reference, capsys):
         assert 0 < c["scaled_error"] <= 2e-3
 
 
+def test_compare_against_float64_widens_the_bfloat16_values_the_side_holds(monkeypatch, capsys):
+    require("torch")
+    from mha_cupy import MultiHeadAttention
+
+    seen = []
+    real = MultiHeadAttention.__call__
+
+    def spy(self, x, *args, **kwargs):
+        seen.append((self, x))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "__call__", spy)
+    assert main(["compare", "--xp", "torch", "--dtype", "bfloat16", "--length", "8", "--against", "float64"]) == 0
+    (wide, x_wide), = [(layer, x) for layer, x in seen if layer.dtype == np.float64]
+    for a in (x_wide, *wide.weights.present().values()):  # bfloat16 is float32's upper half: low 16 bits zero
+        assert np.any(a != 0) and not np.any(np.asarray(a, dtype=np.float32).view(np.uint32) & 0xFFFF)
+
+
 # -- bench ------------------------------------------------------------------------------------------
 
 
