@@ -141,19 +141,14 @@ def _numpy_views(arrays: dict[str, Any]) -> dict[str, Any] | None:
     measured faster than the torch adapter on TabPFN's calls (``benchmarks/bench_tabpfn_backend.py``)."""
     import torch
 
-    views = {}
-    for name, t in arrays.items():
-        if t.device.type != "cpu" or t.requires_grad or t.dtype == torch.bfloat16:
-            return None
-        if t.dtype == torch.float8_e4m3fn:
-            try:
-                import ml_dtypes
-            except ImportError:
-                return None
-            views[name] = t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
-        else:
-            views[name] = t.numpy()
-    return views
+    from ._backends import resolve_backend
+
+    if any(t.device.type != "cpu" or t.requires_grad or t.dtype == torch.bfloat16 for t in arrays.values()):
+        return None
+    try:
+        return {name: resolve_backend("torch").to_numpy(t) for name, t in arrays.items()}
+    except TypeError:  # float8 without ml_dtypes
+        return None
 
 
 @keyword_hints

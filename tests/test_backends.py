@@ -152,6 +152,33 @@ def test_to_dtype_keeps_a_quantized_cache_and_casts_its_scales():
     np.testing.assert_array_equal(narrow.kv_cache_scales[0], layer.kv_cache_scales[0].astype(np.float32))
 
 
+def test_to_moves_a_float8_cache_between_libraries_byte_for_byte():
+    require("ml_dtypes")
+    torch = require("torch")
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, seed=2, kv_cache_dtype="float8_e4m3fn")
+    rng = np.random.default_rng(0)
+    x, x_new = rng.standard_normal((2, 6, 8), dtype=np.float32), rng.standard_normal((2, 3, 8), dtype=np.float32)
+    layer(x, cache_kv=True)
+    stored = np.asarray(layer.kv_cache).view(np.uint8)
+    there = layer.to("torch")
+    assert there.kv_cache.dtype == torch.float8_e4m3fn
+    np.testing.assert_array_equal(there.kv_cache.view(torch.uint8).numpy(), stored)
+    back = there.to("numpy")
+    np.testing.assert_array_equal(np.asarray(back.kv_cache).view(np.uint8), stored)
+    entries = np.asarray(layer.kv_cache).astype(np.float64)  # [B, S, 2, K, H]
+    k_scale, v_scale = (np.asarray(s, dtype=np.float64) for s in layer.kv_cache_scales)
+    expected = direct(layer, x_new, keys_values=(entries[:, :, 0] * k_scale, entries[:, :, 1] * v_scale))
+    assert_matches_reference(there(torch.from_numpy(x_new), use_cached_kv=True), expected, xp=there.xp,
+                             dtype=torch.float32, tol=1e-5)
+
+
+def test_float8_tensors_without_ml_dtypes_say_what_to_install(monkeypatch):
+    torch = require("torch")
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
+    with pytest.raises(TypeError, match=r"torch.float8_e4m3fn tensors need ml_dtypes .*: pip install ml_dtypes"):
+        to_numpy(torch.zeros(3, dtype=torch.float8_e4m3fn))
+
+
 def test_convert_round_trip(backend):
     a = np.arange(6.0).reshape(2, 3)
     there = convert(a, backend.adapter, backend.device)

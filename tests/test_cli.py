@@ -157,6 +157,20 @@ def test_compare_in_bfloat16(reference, capsys):
         assert 0 < c["scaled_error"] <= 2e-3
 
 
+@pytest.mark.parametrize("option", ["--xp", "--other"])
+def test_compare_names_the_option_of_an_unusable_backend(option, monkeypatch, capsys):
+    import types
+
+    fake = types.ModuleType("cupy")
+    fake.is_available = lambda: False
+    fake.ndarray = type("ndarray", (), {})
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert main(["compare", option, "cupy", *(["--against", "float64"] if option == "--xp" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mha-cupy compare: {option} cupy: ") and "no usable CUDA driver or GPU" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_compare_against_float64_widens_the_bfloat16_values_the_side_holds(monkeypatch, capsys):
     require("torch")
     from mha_cupy import MultiHeadAttention
@@ -239,7 +253,7 @@ def test_every_option_has_help():
         (["compare", "--against", "float64", "--save-peak-mem-factor", "2"], "needs allow_inplace=True"),
         (["compare", "--xp", "numpy"], "one of the arguments --other --against is required"),
         (["compare", "--dtype", "bfloat16", "--against", "float64"],
-         r"--dtype bfloat16 needs a backend that has bfloat16 \(torch, jax\), got --xp numpy with float16, float32"),
+         r"--dtype bfloat16 needs a backend that has it \(torch, jax\), got --xp numpy with float16, float32"),
         (["compare", "--dtype", "float16", "--against", "tabpfn"], "float64, float32 or bfloat16, got --dtype float16"),
         (["compare", "--against", "float64", "--rtol", "-1"], "rtol must be a finite number >= 0, got -1.0"),
         (["bench", "--heads", "0", "--kv-heads", "0"], "--heads must be an int >= 1, got 0"),

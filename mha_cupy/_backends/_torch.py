@@ -58,10 +58,19 @@ class TorchBackend(Backend):
         return self.xp.int64
 
     def to_numpy(self, x: Any) -> numpy.ndarray:
+        """A host copy (a view, for CPU tensors) of ``x``; bfloat16 as float32, which holds it exactly; float8 as
+        ml_dtypes' float8 (the same bytes), or a TypeError naming ml_dtypes when it is missing."""
         x = x.detach().cpu()
-        if x.dtype == self.xp.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+        if x.dtype == self.xp.bfloat16:
             x = x.float()
+        if x.dtype == getattr(self.xp, "float8_e4m3fn", None):  # torch will not hand float8 to NumPy itself
+            return x.view(self.xp.uint8).numpy().view(_ml_float8("torch.float8_e4m3fn tensors"))
         return x.numpy()
+
+    def from_numpy(self, a: numpy.ndarray, device: Any) -> Any:
+        if a.dtype.name == "float8_e4m3fn":  # ml_dtypes' float8, which torch.asarray refuses: the same bytes
+            return self.xp.from_numpy(a.view(numpy.uint8)).view(self.xp.float8_e4m3fn).to(device)
+        return super().from_numpy(a, device)
 
     def exp_(self, x: Any) -> Any:
         return x.exp_()
@@ -110,3 +119,13 @@ def _autograd_node() -> Any:
             return (None, None, *ctx.backward_fn(ctx.saved_tensors, grads[0]))
 
     return ExplicitBackward
+
+
+def _ml_float8(what: str) -> Any:
+    """ml_dtypes' float8_e4m3fn, the NumPy dtype of ``what``; a TypeError saying how to install it when missing."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        msg = f"{what} need ml_dtypes to reach NumPy, which has no float8: pip install ml_dtypes (or \".[fast]\")"
+        raise TypeError(msg) from None
+    return numpy.dtype(ml_dtypes.float8_e4m3fn)

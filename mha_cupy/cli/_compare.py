@@ -66,7 +66,7 @@ class Side:
 def run(args: argparse.Namespace) -> Report:
     from ..comparison import compare
 
-    _check_dtype(args)
+    _check_backends(args)
     layer = _our_layer(args)
     x, x_kv = _inputs(args)
     build = {"tabpfn": _tabpfn, "torch-nn": _torch_nn, "float64": _float64}.get(args.against, _other)
@@ -97,16 +97,21 @@ def _host_dtype(args: argparse.Namespace) -> str:
     return "float32" if args.dtype == "bfloat16" else args.dtype
 
 
-def _check_dtype(args: argparse.Namespace) -> None:
-    from .._backends import resolve_backend
+def _check_backends(args: argparse.Namespace) -> None:
+    """--xp and --other usable here, with --dtype; errors name the option that chose the backend."""
+    from .._backends import BackendUnavailableError, resolve_backend
 
-    if args.dtype != "bfloat16":
-        return
     for option in ("xp", "other"):
         name = getattr(args, option)
-        if name is not None and "bfloat16" not in resolve_backend(name).float_dtypes():
-            msg = (f"--dtype bfloat16 needs a backend that has bfloat16 (torch, jax), got --{option} {name} "
-                   f"with {', '.join(sorted(resolve_backend(name).float_dtypes()))}")
+        if name is None:
+            continue
+        try:
+            dtypes = resolve_backend(name).float_dtypes()
+        except BackendUnavailableError as exc:
+            raise CliError(str(exc).replace(f"xp={name!r}", f"--{option} {name}", 1)) from exc
+        if args.dtype not in dtypes:
+            which = " (torch, jax)" if args.dtype == "bfloat16" else ""
+            msg = f"--dtype {args.dtype} needs a backend that has it{which}, got --{option} {name} with {', '.join(sorted(dtypes))}"
             raise CliError(msg)
 
 
