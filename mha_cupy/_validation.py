@@ -263,7 +263,7 @@ def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be
     if not xp.isdtype(scale.dtype, "real floating"):
         msg = f"{scale_name} must have a real floating dtype, got {be.dtype_name(scale.dtype)}"
         raise TypeError(msg)
-    if not be.lazy_blocks and not bool(xp.all(xp.isfinite(scale))):
+    if not be.lazy_blocks and not be.traced(scale) and not bool(xp.all(xp.isfinite(scale))):
         msg = f"{scale_name} must be finite, got non-finite values"
         raise ValueError(msg)
     scale = xp.reshape(scale, (n, 1, 1, 1))
@@ -283,6 +283,10 @@ def check_lengths(x: Any, name: str, batch: int, limit: int, axis: str, *, be: B
         raise ValueError(msg)
     if not be.xp.isdtype(x.dtype, "integral"):
         msg = f"{name} must have an integer dtype, got {be.dtype_name(x.dtype)}"
+        raise TypeError(msg)
+    if be.traced(x):
+        msg = (f"{name} must have values known when the call is planned (they decide which chunks run), got a traced "
+               f"array inside jax.jit; close over the lengths or pass them from outside the jitted function")
         raise TypeError(msg)
     values = tuple(int(n) for n in be.to_numpy(x).tolist())
     bad = [n for n in values if not 0 <= n <= limit]

@@ -155,7 +155,8 @@ def _check_quantized_call(be: Any, q: Any, k: Any, v: Any) -> None:
     """What quantized keys or values cannot be combined with (yet)."""
     if be.needs_grad(q, k, v):
         msg = ("k_scale/v_scale: quantized keys or values take no gradients; run without gradients "
-               "(torch.no_grad()), or pass dequantized k and v")
+               "(torch.no_grad(); on JAX outside jax.grad and jax.jit, whose traced arrays may carry them), or pass "
+               "dequantized k and v")
         raise TypeError(msg)
     if be.lazy_blocks:
         msg = f"k_scale/v_scale do not take {be.name} arrays yet; pass in-memory arrays, or dequantized k and v"

@@ -115,3 +115,20 @@ def test_parts_of_a_split_call_share_one_compiled_program(jnp, monkeypatch):
     got = layer(jnp.asarray(x), save_peak_mem_factor=4, allow_inplace=True)
     assert_matches_reference(got, direct(layer, x), xp=jnp, dtype=jnp.float32, tol=1e-5)
     assert traced == [(0, 0, 0)], traced  # four parts of two batch rows: traced once, not once per batch offset
+
+
+def test_under_jit_lengths_must_be_known_and_quantized_calls_say_why_not(jnp):
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 6, 2, 8), dtype=np.float32) for _ in range(3))
+    lengths = np.array([3, 6])
+    with pytest.raises(TypeError, match="kv_seq_lengths must have values known when the call is planned .* inside "
+                       "jax.jit; close over the lengths"):
+        jax.jit(lambda q, n: scaled_dot_product_attention(q, q, q, kv_seq_lengths=n))(jnp.asarray(q), jnp.asarray(lengths))
+    known = jnp.asarray(lengths)  # closed over: a constant of the traced function
+    got = jax.jit(lambda q, k, v: scaled_dot_product_attention(q, k, v, kv_seq_lengths=known))(
+        *(jnp.asarray(a) for a in (q, k, v)))
+    assert_matches_reference(got, naive_attention(q, k, v, kv_lengths=lengths), xp=jnp, dtype=jnp.float32, tol=1e-5)
+    k8 = jnp.asarray(np.ones((2, 6, 2, 8), dtype=np.int8))
+    with pytest.raises(TypeError, match="take no gradients; .*outside jax.grad and jax.jit"):
+        jax.jit(lambda q, s: scaled_dot_product_attention(q, k8, k8, k_scale=s, v_scale=s))(
+            jnp.asarray(q), jnp.asarray([0.5, 0.5], dtype=jnp.float32))

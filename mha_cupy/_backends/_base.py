@@ -257,6 +257,10 @@ class Backend:
 
     # -- gradients --------------------------------------------------------------------------
 
+    def traced(self, x: Any) -> bool:
+        """Whether ``x`` is traced, its values unknown until the program runs (JAX inside ``jax.jit``)."""
+        return False
+
     def needs_grad(self, *arrays: Any) -> bool:
         """Whether the library's autograd should see a call on ``arrays`` (torch: grad mode and ``requires_grad``)."""
         return False

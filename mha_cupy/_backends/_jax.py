@@ -72,6 +72,17 @@ class JaxBackend(Backend):
             x = self.xp.astype(x, self.xp.float32)
         return numpy.asarray(x)
 
+    def traced(self, x: Any) -> bool:
+        import jax
+
+        if not isinstance(x, jax.core.Tracer):
+            return False
+        try:  # under jax.grad alone the values are there, under jax.jit they are not (only small arrays come here)
+            bool(self.xp.all(x == x))
+        except jax.errors.ConcretizationTypeError:
+            return True
+        return False
+
     def needs_grad(self, *arrays: Any) -> bool:
         import jax
 
