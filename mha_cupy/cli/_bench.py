@@ -23,7 +23,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                        "same random q [B, T, N, d], k/v [B, S, K, d]. The outputs are compared first (exit 1 and "
                        "nothing timed if they differ); then medians of interleaved calls, GFLOP/s (the dense "
                        "count 4*B*N*T*S*d, also for --causal) and, on CPU backends under Linux, the peak RSS growth "
-                       "of one call in a fresh process. Lists such as --q-len 1024,4096 sweep.")
+                       "of one call after a tiny warm-up call, in a fresh process. Lists such as --q-len 1024,4096 sweep.")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="our backend (default numpy)")
     p.add_argument("--dtype", default="float32", choices=("float64", "float32"), help="default float32")
     p.add_argument("--q-len", type=int_list, default=[4096], metavar="T[,T...]", help="query lengths (default 4096)")
@@ -172,9 +172,14 @@ def _peaks(args: argparse.Namespace, T: int, S: int, torch: Any) -> dict[str, An
 
 
 def child() -> None:
-    """In a fresh process: the peak RSS growth of one call of one side (JSON on stdin and stdout)."""
+    """In a fresh process: the peak RSS growth of one call of one side after a warm-up call on a tiny problem (JSON
+    on stdin and stdout)."""
     job = json.loads(sys.stdin.read())
     ours, theirs = _callables(job["cfg"], job["T"], job["S"], _torch() if job["side"] == "torch" else None)
+    # Warm-up on a tiny problem: loading compiled kernels (numba's cache, torch's) is not the call's working set,
+    # and no buffer of the real size is left for the measured call to reuse.
+    small = _callables(job["cfg"], 8, 8, _torch() if job["side"] == "torch" else None)
+    small[0 if job["side"] == "ours" else 1]()
     fn = ours if job["side"] == "ours" else theirs
     print(json.dumps({"peak": _memory.peak_growth(fn)}))
 
