@@ -19,7 +19,9 @@ FIXTURES = Path(mha_cupy.__file__).parent / "fixtures"  # installed with the pac
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help, and no stray options
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="accepted like every example's; this one is small already")
+    parser.parse_args()
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["case_id"] == "basic_self_attn_small")
     cfg = case["config"]

@@ -23,12 +23,9 @@ Run: ``python examples/tabpfn_backend.py`` (TabPFN-3's default 24 layers, 20,000
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import sys
 import time
-
-import torch
-from tabpfn.architectures import tabpfn_v3
-from tabpfn.architectures.interface import PerformanceOptions
-from tabpfn.architectures.shared.attention_backends import recorded_attention_backends
 
 import mha_cupy.tabpfn
 
@@ -37,6 +34,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and dataset (seconds)")
     args = parser.parse_args()
+    try:
+        import torch
+        from tabpfn.architectures import tabpfn_v3
+        from tabpfn.architectures.interface import PerformanceOptions
+        from tabpfn.architectures.shared.attention_backends import recorded_attention_backends
+    except Exception as exc:  # noqa: BLE001 - missing, or tabpfn 2.2.1 (which also fails on import beside array-api-compat)
+        try:
+            found = f"tabpfn {importlib.metadata.version('tabpfn')} is installed"
+        except importlib.metadata.PackageNotFoundError:
+            found = "tabpfn is not installed"
+        print(f"tabpfn_backend.py needs tabpfn 9 and torch in an environment of their own ({found}; "
+              f"{type(exc).__name__}): pip install \"tabpfn>=9\" \".[fast]\"", file=sys.stderr)
+        raise SystemExit(2) from None
     n_train, n_test, nlayers = (10_000, 64, 2) if args.quick else (20_000, 256, 24)
 
     torch.manual_seed(0)
@@ -70,7 +80,7 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def predict(model: torch.nn.Module, x_test: torch.Tensor, y: torch.Tensor, cache: object) -> tuple[torch.Tensor, float]:
+def predict(model: "torch.nn.Module", x_test: "torch.Tensor", y: "torch.Tensor", cache: object) -> tuple["torch.Tensor", float]:
     """Predictions from the cache, and the seconds of the second of two predicts (the first loads numba's
     compiled kernels, once per process)."""
     model(x_test, y, kv_cache=cache, x_is_test_only=True)

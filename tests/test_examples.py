@@ -30,7 +30,7 @@ def test_every_example_is_listed_here_and_documented():
         assert text.startswith('"""') and "Run: ``python examples/" in text, name
 
 
-CASES = {"quickstart.py": [], "swap_backends.py": ["--quick"], "compare_with_torch.py": ["--quick"],
+CASES = {"quickstart.py": ["--quick"], "swap_backends.py": ["--quick"], "compare_with_torch.py": ["--quick"],
          "kv_cache_streaming.py": ["--quick"], "long_sequence_budget.py": ["--quick"],
          "compare_backends_dtypes.py": ["--quick"], "dask_scale_out.py": ["--quick"]}
 
@@ -43,6 +43,20 @@ def test_example_runs(name, tmp_path):
                          text=True, check=False, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ok" in run.stdout.lower()
+
+
+def test_every_example_takes_quick_as_the_readme_says():
+    for name in sorted({**CASES, **ELSEWHERE}):
+        assert "--quick" in (EXAMPLES / name).read_text(), name
+    assert all(args == ["--quick"] for args in CASES.values())
+
+
+def test_tabpfn_backend_example_says_in_one_line_what_it_needs(tmp_path):
+    require("tabpfn")  # the main environment's tabpfn 2.2.1: not the tabpfn 9 the example needs
+    run = subprocess.run([sys.executable, str(EXAMPLES / "tabpfn_backend.py"), "--quick"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "needs tabpfn 9 and torch" in run.stderr and 'pip install "tabpfn>=9"' in run.stderr
 
 
 def _readme_usage_block() -> str:

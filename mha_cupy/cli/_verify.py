@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> Report:
         raise CliError(msg)
     names, skipped = _backends(args.xp)
     if "jax" in names:
-        note("verify: JAX compiles for every new shape: about 15 s of the run on 2 cores")
+        note("verify: JAX compiles for every new shape: 15-20 s of the run on 2 cores")
     results = {}
     for name in progress(names, len(names), "verify"):
         start = time.perf_counter()
