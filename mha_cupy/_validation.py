@@ -105,11 +105,12 @@ def check_shape_and_dtype(
 
 def check_dtype(x: Any, name: str, dtype: Any = None, *, be: Backend, hint: str = "") -> None:
     """``x.dtype`` must equal ``dtype`` (or be real floating when ``dtype`` is None); ``hint`` (with ``{got}`` for
-    the dtype that came) says what to do instead."""
+    the floating dtype that came) says what to do instead."""
     if dtype is not None:
         if x.dtype != dtype:
             got = be.dtype_name(x.dtype)
-            todo = hint.format(got=got) if hint else f"cast {name} to {be.dtype_name(dtype)}"
+            floating = be.xp.isdtype(x.dtype, "real floating")  # a hint to adopt the dtype that came fits floats only
+            todo = hint.format(got=got) if hint and floating else f"cast {name} to {be.dtype_name(dtype)}"
             msg = f"{name} must have dtype {be.dtype_name(dtype)}, got {got} (no implicit casts): {todo}"
             raise TypeError(msg)
     elif not be.xp.isdtype(x.dtype, "real floating"):

@@ -270,7 +270,8 @@ def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, m
     scales = tuple(check_quantized(a, name, s, batch=B, dtype=q.dtype, be=be)
                    for a, name, s in ((k, "k", k_scale), (v, "v", v_scale)))
     if K == 0 or N % K:
-        msg = f"q heads must be a multiple of k/v heads: q has {N} heads, got k/v with {K}"
+        msg = (f"q heads must be a multiple of k/v heads: q has {N} heads, got k/v with {K}; arrays are [B, T, N, H] "
+               "(from torch's [B, N, T, H]: .permute(0, 2, 1, 3))")
         raise ValueError(msg)
     scale = check_scale(scale, H)
     dropout_p = check_probability(dropout_p, "dropout_p")

@@ -84,10 +84,10 @@ class Comparison:
 
     def __str__(self) -> str:
         verdict = f"ok: scaled error {self.scaled_error:.2e} <= " if self.ok else f"FAIL: scaled error {self.scaled_error:.2e} > "
+        remark = "; both largest near zero, where the scaled error is the measure" if self.max_abs_error else ""
         return (f"{verdict}{self.tolerance:.1e}; max abs {self.max_abs_error:.2e} at {list(self.worst_index)}, "
-                f"over all elements, max rel {self.max_rel_error:.2e} and {self.ulp_error:.4g} ulp ({self.precision}; "
-                f"both largest near zero, where the scaled error is the measure); "
-                f"{self.actual_dtype} vs {self.reference_dtype} {list(self.shape)}")
+                f"over all elements, max rel {self.max_rel_error:.2e} and {self.ulp_error:.4g} ulp ({self.precision}"
+                f"{remark}); {self.actual_dtype} vs {self.reference_dtype} {list(self.shape)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (JSON-ready: tuples become lists, infinities stay floats)."""

@@ -292,6 +292,9 @@ class MultiHeadAttention:
         bfloat16), before anything is built.
         """
         target = resolve_backend(xp)
+        if device is not None and dtype_name(device) in target.float_dtypes():
+            msg = f"device must be a device of {target.name}, got the dtype {device!r}; pass dtypes as .to(xp, dtype=...)"
+            raise TypeError(msg)
         dtype = target.float_dtype(self._be.dtype_name(self.dtype) if dtype is None else
                                    dtype if isinstance(dtype, str) else dtype_name(dtype))
         _check_kv_cache_dtype(self._kv_cache_dtype, target)

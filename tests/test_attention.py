@@ -227,7 +227,8 @@ def test_matches_torch_sdpa(seed):
         (lambda q, k, v: (q, k, v[:, :3]), ValueError, r"v must have shape \[2, 9, 2, \*\]"),
         (lambda q, k, v: (q, k.astype("float32"), v), TypeError, r"k must have dtype float64, got float32"),
         (lambda q, k, v: (q.astype("int64"), k, v), TypeError, r"q must have a real floating dtype, got int64"),
-        (lambda q, k, v: (q[:, :, :5], k, v), ValueError, r"multiple of k/v heads: q has 5 heads, got k/v with 2"),
+        (lambda q, k, v: (q[:, :, :5], k, v), ValueError, r"multiple of k/v heads: q has 5 heads, got k/v with 2; arrays are \[B, T, N, H\] \(from torch's "
+         r"\[B, N, T, H\]: \.permute\(0, 2, 1, 3\)\)"),
         (lambda q, k, v: (q.tolist(), k, v), TypeError, r"q must be an array"),
     ],
 )

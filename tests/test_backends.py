@@ -141,6 +141,14 @@ def test_to_dtype_refusal_leaves_the_layer_as_it_was():
     np.testing.assert_array_equal(np.asarray(layer.w_out), before)
 
 
+@pytest.mark.parametrize("device", [np.float64, "float16", np.dtype("float32")])
+def test_to_with_a_dtype_in_place_of_the_device_says_to_pass_dtype(device):
+    layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float32", seed=2)
+    with pytest.raises(TypeError, match=r"device must be a device of numpy, got the dtype .*; pass dtypes as "
+                       r"\.to\(xp, dtype=\.\.\.\)"):
+        layer.to("numpy", device)
+
+
 def test_to_dtype_keeps_a_quantized_cache_and_casts_its_scales():
     layer = MultiHeadAttention(emsize=8, nhead=2, d_k=4, d_v=4, dtype="float64", seed=2, kv_cache_dtype="int8")
     layer(np.random.default_rng(0).standard_normal((1, 6, 8)), cache_kv=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -157,6 +158,17 @@ def test_compare_in_bfloat16(reference, capsys):
         assert 0 < c["scaled_error"] <= 2e-3
 
 
+def test_compare_and_bench_in_float64_switch_jax_to_x64(tmp_path):
+    require("jax")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}  # a fresh process, JAX's default: x64 off
+    for argv in (["compare", "--xp", "jax", "--other", "numpy", "--dtype", "float64", "--length", "8"],
+                 ["bench", "--xp", "jax", "--dtype", "float64", "--q-len", "16", "--repeats", "1", "--no-memory"]):
+        run = subprocess.run([sys.executable, "-m", "mha_cupy", *argv, "--json"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["exit_code"] == 0
+
+
 @pytest.mark.parametrize("option", ["--xp", "--other"])
 def test_compare_names_the_option_of_an_unusable_backend(option, monkeypatch, capsys):
     import types
@@ -268,6 +280,14 @@ def test_bad_options_exit_2_with_one_line(argv, match, capsys):
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err), err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_usage_errors_point_to_the_commands_own_help(capsys):
+    assert main(["compare", "--lenght", "5", "--against", "float64"]) == 2
+    assert capsys.readouterr().err.strip() == ("mha-cupy compare: unrecognized arguments: --lenght 5 "
+                                               "(see `mha-cupy compare --help`)")
+    assert main(["fly"]) == 2
+    assert "(see `mha-cupy --help`)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["bench", "--q-len", "abc"], ["compare", "--length", "abc", "--against", "float64"],

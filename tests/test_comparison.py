@@ -68,6 +68,9 @@ def test_str_is_one_line_and_to_dict_is_json():
     assert "\n" not in str(c) and str(c).startswith("ok: scaled error")
     d = json.loads(json.dumps(c.to_dict()))
     assert d["worst_index"] == [1] and d["ok"] is True and d["precision"] == "float32"
+    assert "both largest near zero" in str(c)
+    same = str(mha_cupy.compare(np.array([1.0, 2.0]), np.array([1.0, 2.0])))
+    assert "max rel 0.00e+00 and 0 ulp (float64); float64 vs float64 [2]" in same  # nothing to explain when equal
 
 
 def test_arrays_of_two_libraries():

@@ -224,6 +224,9 @@ def test_a_wrong_input_dtype_says_what_to_do():
     with pytest.raises(TypeError, match=r"x must have dtype float32, got float64 \(no implicit casts\): cast x to "
                                         r"float32, or build the layer with dtype=float64"):
         layer(np.zeros((1, 3, 8)))
+    with pytest.raises(TypeError, match=r"x must have dtype float32, got int64 \(no implicit casts\): cast x to "
+                                        r"float32$"):  # no layer of an integer dtype to suggest
+        layer(np.zeros((1, 3, 8), dtype=np.int64))
 
 
 def test_jax_float64_without_x64_names_the_switch():

@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
         command = next((a for a in argv if a in COMMANDS), None)
-        return _fail(argparse.Namespace(command=command, json="--json" in argv), str(exc))
+        message = str(exc) if command is None else str(exc).replace("`mha-cupy --help`", f"`mha-cupy {command} --help`")
+        return _fail(argparse.Namespace(command=command, json="--json" in argv), message)
     try:
         report = args.run(args)
     except (CliError, BackendUnavailableError, ValueError, TypeError) as exc:  # bad values reaching the library too

@@ -93,7 +93,10 @@ def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, Any, Any]:
     from .._backends import resolve_backend
     from .._random import uniform
 
-    xp = resolve_backend(cfg["xp"]).xp
+    be = resolve_backend(cfg["xp"])
+    if cfg["dtype"] == "float64":
+        be.enable_float64()  # a whole-process tool: JAX's jax_enable_x64, as --dtype float64 asks
+    xp = be.xp
     B, N, K, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["dim"]
     return tuple(uniform(1, i, shape, getattr(xp, cfg["dtype"]), xp=xp, device=None)
                  for i, shape in ((1, (B, T, N, d)), (2, (B, S, K, d)), (3, (B, S, K, d))))

@@ -106,9 +106,12 @@ def _check_backends(args: argparse.Namespace) -> None:
         if name is None:
             continue
         try:
-            dtypes = resolve_backend(name).float_dtypes()
+            be = resolve_backend(name)
         except BackendUnavailableError as exc:
             raise CliError(str(exc).replace(f"xp={name!r}", f"--{option} {name}", 1)) from exc
+        if args.dtype == "float64":
+            be.enable_float64()  # a whole-process tool: JAX's jax_enable_x64, as --dtype float64 asks
+        dtypes = be.float_dtypes()
         if args.dtype not in dtypes:
             which = " (torch, jax)" if args.dtype == "bfloat16" else ""
             msg = f"--dtype {args.dtype} needs a backend that has it{which}, got --{option} {name} with {', '.join(sorted(dtypes))}"
