@@ -107,6 +107,17 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "BLAS:" in out and re.search(r"^numpy\s+cpu\s+32\.0 MiB", out, re.M)
+    numpy_row = data["backends"]["numpy"]
+    assert numpy_row["simd"]["found"] == np.show_config(mode="dicts")["SIMD Extensions"]["found"]
+    assert numpy_row["compiled_kernels"].startswith("numba " if "numba" in sys.modules else "none: numba is not")
+    assert re.search(r"^NumPy: SIMD baseline \S+.*; compiled kernels: ", out, re.M)
+
+
+def test_info_says_when_the_compiled_kernels_are_switched_off(tmp_path):
+    env = {**os.environ, "MHA_CUPY_NUMBA": "0"}
+    run = subprocess.run([sys.executable, "-m", "mha_cupy", "info", "--json"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert json.loads(run.stdout)["backends"]["numpy"]["compiled_kernels"] == "off (MHA_CUPY_NUMBA=0)"
 
 
 # -- compare ----------------------------------------------------------------------------------------

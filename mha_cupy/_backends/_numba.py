@@ -34,16 +34,21 @@ import os
 import warnings
 from types import SimpleNamespace
 
-__all__ = ["load", "ENV_SWITCH"]
+__all__ = ["load", "switched_off", "ENV_SWITCH"]
 
 #: Environment variable that turns the compiled kernels off (``0``), read once per process.
 ENV_SWITCH = "MHA_CUPY_NUMBA"
 
 
+def switched_off() -> bool:
+    """Whether ``MHA_CUPY_NUMBA`` turns the compiled kernels off (``0``, ``false``, ``no``, ``off``)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 @functools.lru_cache(maxsize=None)
 def load() -> SimpleNamespace | None:
     """The compiled kernels, or None without numba (or with ``MHA_CUPY_NUMBA=0``)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off():
         return None
     try:
         return _build()

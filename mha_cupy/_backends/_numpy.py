@@ -69,6 +69,17 @@ class NumpyBackend(Backend):
         controller = _blas_controller()
         return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
+    def describe_device(self, device: Any) -> dict[str, Any]:
+        kernels = _numba.load()
+        if kernels is not None:
+            state = f"numba {kernels.version}"
+        elif _numba.switched_off():
+            state = f"off ({_numba.ENV_SWITCH}=0)"
+        else:
+            state = 'none: numba is not installed (pip install ".[fast]")'
+        simd = numpy.show_config(mode="dicts")["SIMD Extensions"]  # what NumPy dispatches on this CPU, now
+        return {"compiled_kernels": state, "simd": {"baseline": simd.get("baseline", []), "found": simd.get("found", [])}}
+
     def quantized_dtypes(self) -> dict[str, Any]:
         found = super().quantized_dtypes()
         try:  # NumPy has no float8; ml_dtypes (a JAX dependency) adds it

@@ -15,7 +15,7 @@ PACKAGES = {"numpy": ("numpy",), "array_api_compat": ("array-api-compat",), "arr
             "threadpoolctl": ("threadpoolctl",), "array_api_strict": ("array-api-strict",), "torch": ("torch",),
             "tabpfn": ("tabpfn",), "jax": ("jax",), "jaxlib": ("jaxlib",),
             "cupy": ("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x", "cupy"), "dask": ("dask",),
-            "matplotlib": ("matplotlib",), "tqdm": ("tqdm",)}
+            "matplotlib": ("matplotlib",), "tqdm": ("tqdm",), "numba": ("numba",), "ml_dtypes": ("ml-dtypes",)}
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -83,10 +83,16 @@ def _backend_row(name: str) -> dict[str, Any]:
 def _text(data: dict[str, Any]) -> str:
     pkgs = ", ".join(f"{k} {v}" for k, v in data["packages"].items() if v)
     missing = ", ".join(k for k, v in data["packages"].items() if not v) or "none"
-    blas = "; ".join(f"{b['internal_api']} {b['version']} ({b['user_api']}, {b['num_threads']} threads)"
-                     for b in data["blas"]) or "none found"
+    blas = "; ".join(f"{b['internal_api']} {b['version']}" + (f" core {b['architecture']}" if b["architecture"] else "")
+                     + f" ({b['user_api']}, {b['num_threads']} threads)" for b in data["blas"]) or "none found"
     lines = [f"mha-cupy {data['mha_cupy']} on Python {data['python']} ({data['platform']}), {data['cpu_cores']} CPU cores",
-             f"installed: {pkgs}", f"not installed: {missing}", f"BLAS: {blas}", ""]
+             f"installed: {pkgs}", f"not installed: {missing}", f"BLAS: {blas}"]
+    host = data["backends"]["numpy"]
+    if "simd" in host:
+        simd = host["simd"]
+        lines.append(f"NumPy: SIMD baseline {' '.join(simd['baseline'])}, dispatching {' '.join(simd['found']) or 'nothing more'}; "
+                     f"compiled kernels: {host['compiled_kernels']}")
+    lines.append("")
     usable = {n: r for n, r in data["backends"].items() if r["usable"]}
     rows = [[name, row["device"] + (f" ({row['name']}, {mib(row['memory_total'])})" if "name" in row else ""),
              mib(row["memory_budget"]), str(row["workers"]), " ".join(row["float_dtypes"])] for name, row in usable.items()]
