@@ -295,8 +295,10 @@ def test_bad_options_exit_2_with_one_line(argv, match, capsys):
 
 def test_usage_errors_point_to_the_commands_own_help(capsys):
     assert main(["compare", "--lenght", "5", "--against", "float64"]) == 2
-    assert capsys.readouterr().err.strip() == ("mha-cupy compare: unrecognized arguments: --lenght 5 "
-                                               "(see `mha-cupy compare --help`)")
+    assert capsys.readouterr().err.strip() == ("mha-cupy compare: unrecognized arguments: --lenght 5; did you mean "
+                                               "--length for --lenght? (see `mha-cupy compare --help`)")
+    assert main(["bench", "--qlen", "5", "--zzz"]) == 2
+    assert "arguments: --qlen 5 --zzz; did you mean --q-len for --qlen? (see" in capsys.readouterr().err
     assert main(["fly"]) == 2
     assert "(see `mha-cupy --help`)" in capsys.readouterr().err
 

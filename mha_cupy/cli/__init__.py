@@ -8,7 +8,9 @@ prints errors as one line on stderr (and, with ``--json``, as
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -49,16 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (_info, _verify, _compare, _bench):
         module.add_parser(sub, [common])
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # for the did-you-mean of unknown options
     return parser
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as exc:
         command = next((a for a in argv if a in COMMANDS), None)
         message = str(exc) if command is None else str(exc).replace("`mha-cupy --help`", f"`mha-cupy {command} --help`")
+        if command is not None:
+            message = _did_you_mean(message, parser.commands[command])
         return _fail(argparse.Namespace(command=command, json="--json" in argv), message)
     try:
         report = args.run(args)
@@ -72,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: The commands, for naming the one a usage error belongs to.
 COMMANDS = ("info", "verify", "compare", "bench")
+
+
+def _did_you_mean(message: str, command: argparse.ArgumentParser) -> str:
+    """``message`` with the closest option of ``command`` named after each unknown option in it (``difflib``)."""
+    if "unrecognized arguments:" not in message:
+        return message
+    head, sep, tail = message.partition(" (see ")
+    known = sorted(set(re.findall(r"--[a-z0-9][a-z0-9-]*", command.format_help())))
+    unknown = [w for w in head.split("unrecognized arguments:", 1)[1].split() if w.startswith("--")]
+    hints = [f"{close[0]} for {w}" for w in unknown if (close := difflib.get_close_matches(w, known, n=1, cutoff=0.7))]
+    return f"{head}; did you mean {', '.join(hints)}?{sep}{tail}" if hints else message
 
 
 def _for_the_command_line(message: str) -> str:
