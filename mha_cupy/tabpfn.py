@@ -145,8 +145,9 @@ def _numpy_views(arrays: dict[str, Any]) -> dict[str, Any] | None:
 
     if any(t.device.type != "cpu" or t.requires_grad or t.dtype == torch.bfloat16 for t in arrays.values()):
         return None
+    be = resolve_backend("torch")
     try:
-        return {name: resolve_backend("torch").to_numpy(t) for name, t in arrays.items()}
+        return {name: be.to_numpy(t) for name, t in arrays.items()}
     except TypeError:  # float8 without ml_dtypes
         return None
 

@@ -178,13 +178,12 @@ def child() -> None:
     """In a fresh process: the peak RSS growth of one call of one side after a warm-up call on a tiny problem (JSON
     on stdin and stdout)."""
     job = json.loads(sys.stdin.read())
-    ours, theirs = _callables(job["cfg"], job["T"], job["S"], _torch() if job["side"] == "torch" else None)
+    torch, side = (_torch(), 1) if job["side"] == "torch" else (None, 0)
+    call = _callables(job["cfg"], job["T"], job["S"], torch)[side]
     # Warm-up on a tiny problem: loading compiled kernels (numba's cache, torch's) is not the call's working set,
     # and no buffer of the real size is left for the measured call to reuse.
-    small = _callables(job["cfg"], 8, 8, _torch() if job["side"] == "torch" else None)
-    small[0 if job["side"] == "ours" else 1]()
-    fn = ours if job["side"] == "ours" else theirs
-    print(json.dumps({"peak": _memory.peak_growth(fn)}))
+    _callables(job["cfg"], 8, 8, torch)[side]()
+    print(json.dumps({"peak": _memory.peak_growth(call)}))
 
 
 def _text(data: dict[str, Any]) -> str:

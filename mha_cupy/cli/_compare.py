@@ -57,10 +57,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 @dataclass(frozen=True)
 class Side:
-    """One side of a comparison: its name and a function returning its output as an array."""
+    """One side of a comparison: its name, a function returning its output as an array, and for our layer the layer
+    and inputs it runs (``held``: converted and cast to --dtype on its backend)."""
 
     name: str
     output: Callable[[], Any]
+    held: tuple[Any, list[Any]] | None = None
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -161,7 +163,7 @@ def _ours(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> Side:
     mine = layer.to(args.xp, dtype=args.dtype)
     xs = [_on(be, a, mine.dtype, mine.device) for a in (x, x_kv)]
     kwargs = _call_kwargs(args, SHARED_CALL + OURS_CALL)
-    return Side(f"mha_cupy on {args.xp}", lambda: mine(*_copies(be.xp, xs), **kwargs))
+    return Side(f"mha_cupy on {args.xp}", lambda: mine(*_copies(be.xp, xs), **kwargs), (mine, xs))
 
 
 def _on(be: Any, a: Any, dtype: Any, device: Any = None) -> Any:
@@ -188,13 +190,13 @@ def _float64(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[S
     from .._backends import resolve_backend, to_numpy
 
     # The weights and inputs the side under test holds (rounded to --dtype there), widened: exact in float64.
-    be, host = resolve_backend(args.xp), resolve_backend("numpy")
-    narrow = layer.to(be.xp, dtype=args.dtype)
+    ours, host = _ours(args, layer, x, x_kv), resolve_backend("numpy")
+    narrow, inputs = ours.held
     wide = narrow.to(host.xp, dtype="float64")
     xp = wide.xp
-    xs = [None if a is None else _on(host, to_numpy(_on(be, a, narrow.dtype)), xp.float64) for a in (x, x_kv)]
+    xs = [None if a is None else _on(host, to_numpy(a), xp.float64) for a in inputs]
     kwargs = _call_kwargs(args, SHARED_CALL)
-    return _ours(args, layer, x, x_kv), Side("mha_cupy in float64 on numpy", lambda: wide(*_copies(xp, xs), **kwargs))
+    return ours, Side("mha_cupy in float64 on numpy", lambda: wide(*_copies(xp, xs), **kwargs))
 
 
 def _torch_side(args: argparse.Namespace) -> Any:
