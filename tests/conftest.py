@@ -11,11 +11,13 @@ import os
 # tabpfn 2.2.1 pins scikit-learn < 1.7, which refuses to import beside
 # array-api-compat unless SciPy's array API support is switched on first.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
+# CuPy computes float32 products in TF32 (10-bit mantissas) when this is set: far outside the 1e-5 tolerance.
+os.environ.pop("CUPY_TF32", None)
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from helpers import BACKEND_IDS, make_backend  # noqa: E402
+from helpers import BACKEND_IDS, GPU_BACKEND_IDS, make_backend  # noqa: E402
 
 
 # Property tests: derandomised, moderate counts in CI; `--hypothesis-profile=long` for many more.
@@ -25,7 +27,7 @@ settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs CuPy with a CUDA device")
+    config.addinivalue_line("markers", "gpu: needs a GPU (CuPy, torch on CUDA, JAX on a GPU); skips where none is usable")
     config.addinivalue_line("markers", "reference: compares against tabpfn 2.2.1 / torch")
     config.addinivalue_line("markers", "slow: long tests (CI runs them; deselect locally with -m 'not slow')")
     try:
@@ -49,7 +51,7 @@ def _params() -> list:
     params = []
     for name in BACKEND_IDS:
         # JAX compiles for every new shape (one-tile calls as one program, chunked ones step by step): its cases are slow.
-        marks = [pytest.mark.gpu] if name == "cupy" else [pytest.mark.slow] if name == "jax" else []
+        marks = [pytest.mark.gpu] if name in GPU_BACKEND_IDS else [pytest.mark.slow] if name == "jax" else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 

@@ -14,7 +14,9 @@ import pytest
 from mha_cupy._backends import backend_of, convert, device_of, dtype_name, resolve_backend, to_numpy
 from mha_cupy.testing import scaled_error, tolerance
 
-BACKEND_IDS = ("numpy", "array_api_strict", "array_api_strict-device1", "torch", "jax", "cupy")
+BACKEND_IDS = ("numpy", "array_api_strict", "array_api_strict-device1", "torch", "jax", "cupy", "torch-cuda", "jax-gpu")
+#: The cases that need a GPU (the ``gpu`` marker): they skip, with the reason, where none is usable.
+GPU_BACKEND_IDS = ("cupy", "torch-cuda", "jax-gpu")
 
 
 @dataclass
@@ -60,9 +62,39 @@ def cupy_skip_reason() -> str | None:
     return None
 
 
-def make_backend(name: str) -> BackendCase:
+def gpu_skip_reason(name: str) -> str | None:
+    """Why GPU case ``name`` (one of ``GPU_BACKEND_IDS``) cannot run here, or None when it can."""
     if name == "cupy":
-        reason = cupy_skip_reason()
+        return cupy_skip_reason()
+    lib = name.split("-")[0]
+    try:
+        module = importlib.import_module(lib)
+    except ImportError:
+        return f"{lib} is not installed"
+    if lib == "torch":
+        if not module.cuda.is_available():
+            return "torch finds no CUDA device (torch.cuda.is_available() is False)"
+        return None
+    try:
+        module.devices("gpu")
+    except RuntimeError as exc:
+        return f"JAX finds no GPU (jax.devices('gpu'): {str(exc).splitlines()[0]})"
+    return None
+
+
+def _gpu_device(name: str) -> Any:
+    if name == "torch-cuda":
+        import torch
+
+        return torch.device("cuda", 0)
+    import jax
+
+    return jax.devices("gpu")[0]
+
+
+def make_backend(name: str) -> BackendCase:
+    if name in GPU_BACKEND_IDS:
+        reason = gpu_skip_reason(name)
         if reason:
             pytest.skip(reason)
     lib = name.split("-")[0]
@@ -76,6 +108,8 @@ def make_backend(name: str) -> BackendCase:
     adapter = resolve_backend(lib)
     if name == "array_api_strict-device1":
         return BackendCase(name, adapter.xp, adapter.xp.Device("device1"))
+    if name in ("torch-cuda", "jax-gpu"):
+        return BackendCase(name, adapter.xp, _gpu_device(name))
     return BackendCase(name, adapter.xp, adapter.default_device())
 
 

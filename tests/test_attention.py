@@ -473,7 +473,7 @@ def options_for(name, backend=None, T=9, S=13):
 def chunkings(backend):
     """Chunkings that cut across the row lengths (4, 7) and windows; on JAX one of them, since eager JAX compiles
     every operation for every new tile shape (all four made its cases a third of the suite's time)."""
-    return [(2, 3)] if backend.name == "jax" else [(None, None), (2, 3), (4, 5), (1, 1)]
+    return [(2, 3)] if backend.adapter.name == "jax" else [(None, None), (2, 3), (4, 5), (1, 1)]
 
 
 @pytest.mark.parametrize("name", OPTIONS)

@@ -240,6 +240,7 @@ def test_batch_invariant_calls_are_bitwise_per_row():
 
 def test_example_runs():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "tabpfn_backend.py"), "--quick"],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

@@ -29,13 +29,14 @@ class CupyBackend(Backend):
     def load(cls) -> Any:
         cupy = cls.import_package()
         try:
-            available = bool(cupy.is_available())
-        except Exception:  # noqa: BLE001 - a broken driver can raise instead of answering False
+            # is_available() only counts devices: one small kernel also proves NVRTC and the runtime load
+            available = bool(cupy.is_available()) and int((cupy.arange(2) + 1).sum()) == 3
+        except Exception:  # noqa: BLE001 - a broken driver or a missing NVRTC raises instead of answering False
             available = False
         if not available:
             msg = (
                 "xp='cupy': CuPy is installed but finds no usable CUDA driver or GPU "
-                "(cupy.is_available() is False); run on a machine with an NVIDIA GPU and "
+                "(cupy.is_available() is False, or a first small kernel failed); run on a machine with an NVIDIA GPU and "
                 f"driver, or use xp='numpy'. If the CuPy build does not match the driver, {cls.install_hint}"
             )
             raise BackendUnavailableError(msg, library="cupy", reason="no-device")
@@ -49,13 +50,28 @@ class CupyBackend(Backend):
         return False
 
     def check_device(self, device: Any) -> Any:
-        return device  # CuPy's own errors name the device; not checked further without a GPU to test on
-
-    def free_memory(self, device: Any) -> int:
+        """``device`` as a ``cupy.cuda.Device``: one, or its index; a ValueError naming the devices there are."""
         import cupy
 
-        free, _ = device.mem_info
-        return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+        if isinstance(device, int) and not isinstance(device, bool):
+            device = cupy.cuda.Device(device)
+        count = cupy.cuda.runtime.getDeviceCount()
+        if not isinstance(device, cupy.cuda.Device) or not 0 <= device.id < count:
+            msg = (f"device must be one of cupy's devices {[cupy.cuda.Device(i) for i in range(count)]} or its "
+                   f"index, got {device!r}")
+            raise ValueError(msg)
+        return device
+
+    def free_memory(self, device: Any) -> int:
+        """The driver's free bytes on ``device`` plus what CuPy's pool holds unused there, capped by the pool's
+        limit (``CUPY_GPU_MEMORY_LIMIT`` or ``set_limit``; the pool answers for the current device)."""
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        with device:
+            free = int(device.mem_info[0]) + int(pool.free_bytes())
+            limit = int(pool.get_limit())
+            return free if limit == 0 else min(free, max(0, limit - int(pool.used_bytes())))
 
     def describe_device(self, device: Any) -> dict[str, Any]:
         import cupy
