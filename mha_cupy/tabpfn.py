@@ -15,17 +15,30 @@ the chunk loop, never as a dense copy of the whole cache.
 
 Which calls we take (``is_preferred`` sees only the call's shapes):
 
-- never: tensors off the CPU (our CuPy and torch-CUDA paths have not run on a
-  GPU yet), dtypes other than float32/float64/float16/bfloat16, quantized
-  dtypes other than int8/float8_e4m3fn, calls while ``torch.compile`` traces,
-  quantized calls with grad mode on (they take no gradients);
+- never: tensors on devices other than the CPU and CUDA, CUDA tensors while
+  ``CUDA_ENABLED`` is False (the default: our CuPy and torch-CUDA paths have
+  not passed a GPU run yet), dtypes other than float32/float64/float16/bfloat16,
+  quantized dtypes other than int8/float8_e4m3fn, calls while ``torch.compile``
+  traces, quantized calls with grad mode on (they take no gradients), CUDA
+  calls with grad mode on;
 - ``policy="all"``: every other call (determinism, ``batch_invariant``), those
-  in grad mode through our autograd node;
-- ``policy="auto"``: of those, only calls outside grad mode where the
+  in grad mode (CPU only) through our autograd node;
+- ``policy="auto"``: of those, only CPU calls outside grad mode where the
   benchmark (``benchmarks/bench_tabpfn_backend.py``) shows us at least as fast
   or leaner: calls over many keys, from a quantized cache (no dense copy;
   0.3-0.9 of TabPFN's time at 20,000 keys), or dense float32 ones of few
   query rows (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
+  No CUDA call: nothing is measured on a GPU yet.
+
+CUDA calls (with ``CUDA_ENABLED``) run on the route ``CUDA_ROUTE`` names:
+``"cupy"`` hands the tensors to CuPy through DLPack (no copy), runs CuPy on
+torch's current stream, and hands the result back to torch the same way
+(CuPy's temporaries come from CuPy's own memory pool, beside torch's caching
+allocator); ``"torch"`` runs our torch adapter on the CUDA tensors
+themselves. bfloat16 and float8_e4m3fn, which CuPy does not hold, take the
+torch route on either. The memory budget is the adapters' per-device
+default (a quarter of the device's free memory) unless ``register`` is
+given one.
 
 Importing this module imports neither torch nor tabpfn; ``register`` does.
 """
@@ -41,8 +54,16 @@ from ._budget import parse_memory_budget
 from ._validation import check_bool, keyword_hints
 from .attention import scaled_dot_product_attention
 
-__all__ = ["POLICIES", "AUTO_RULE", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "unregister"]
+__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "unregister"]
 
+#: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
+#: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
+#: Read at every call: the campaign sets ``mha_cupy.tabpfn.CUDA_ENABLED = True`` in its own process.
+CUDA_ENABLED = False
+#: The routes a CUDA call can take: CuPy arrays viewing the tensors through DLPack, or our torch adapter on them.
+CUDA_ROUTES = ("cupy", "torch")
+#: The route of CUDA calls (read at every call, as ``CUDA_ENABLED``); bfloat16 and float8 always go "torch".
+CUDA_ROUTE = "cupy"
 #: The policies ``register`` takes.
 POLICIES = ("auto", "all")
 #: The name the backend is registered under.
@@ -60,6 +81,8 @@ AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys: from a quantized (int8 
              f"more; outside grad mode, on the CPU")
 _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
+#: Dtypes CuPy holds (q, k, v, quantized k/v, scales): a call with any other (bfloat16, float8) takes the torch route.
+_CUPY_DTYPES = ("float32", "float64", "float16", "int8")
 _lock = threading.Lock()
 
 
@@ -102,13 +125,17 @@ class TabPFNAttentionBackend:
         """Whether to take a call described by TabPFN's ``AttentionSpec`` (cheap: shapes and flags only)."""
         import torch
 
-        if spec.device.type != "cpu" or spec.dtype not in _torch_dtypes(_FLOAT_DTYPES) or spec.seq_len_kv is None:
+        on_cuda = spec.device.type == "cuda" and CUDA_ENABLED
+        if (spec.device.type != "cpu" and not on_cuda) or spec.dtype not in _torch_dtypes(_FLOAT_DTYPES) \
+                or spec.seq_len_kv is None:
             return False
         quantized = spec.quantized_kv_dtype is not None
         if quantized and spec.quantized_kv_dtype not in _torch_dtypes(_QUANTIZED_DTYPES):
             return False
         if torch.compiler.is_compiling() or (quantized and spec.is_grad_enabled):
             return False
+        if on_cuda:  # no autograd across DLPack, and no GPU measurements for "auto" yet
+            return self.policy == "all" and not spec.is_grad_enabled
         if self.policy == "all":
             return True
         if spec.is_grad_enabled or spec.seq_len_kv < AUTO_MIN_KEYS:
@@ -124,15 +151,80 @@ class TabPFNAttentionBackend:
         if quantized_kv is not None:
             arrays.update(k=quantized_kv.key, v=quantized_kv.value, k_scale=quantized_kv.key_scale,
                           v_scale=quantized_kv.value_scale)
+        options = {"batch_invariant": self.batch_invariant, "memory_budget": self.memory_budget}
+        if q_BSHD.device.type == "cuda":
+            return (_on_cupy if _cuda_route(arrays) == "cupy" else _on_torch)(arrays, **options)
         views = _numpy_views(arrays)
         if views is None:
-            return scaled_dot_product_attention(**arrays, batch_invariant=self.batch_invariant,
-                                                memory_budget=self.memory_budget)
+            return _on_torch(arrays, **options)
         import torch
 
-        out = scaled_dot_product_attention(**views, batch_invariant=self.batch_invariant,
-                                           memory_budget=self.memory_budget)
-        return torch.from_numpy(out)
+        return torch.from_numpy(scaled_dot_product_attention(**views, **options))
+
+
+def _cuda_route(arrays: dict[str, Any]) -> str:
+    """The route of a call on CUDA tensors: ``CUDA_ROUTE``, except "torch" where CuPy cannot hold a dtype (bfloat16,
+    float8), where gradients are wanted (DLPack carries none), and while ``CUDA_ENABLED`` is off (a direct ``run``
+    on CUDA tensors then behaves as before the switch existed)."""
+    import torch
+
+    if not CUDA_ENABLED or CUDA_ROUTE != "cupy":
+        return "torch"
+    tensors = [t for t in arrays.values() if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "torch"
+    if any(t.dtype not in _torch_dtypes(_CUPY_DTYPES) for t in tensors):
+        return "torch"
+    return "cupy"
+
+
+def _on_torch(arrays: dict[str, Any], **options: Any) -> Any:
+    """Attention by our torch adapter on the tensors themselves (any device; autograd where they need it)."""
+    return scaled_dot_product_attention(**arrays, **options)
+
+
+def _on_cupy(arrays: dict[str, Any], **options: Any) -> Any:
+    """Attention by our CuPy adapter on CuPy arrays viewing the CUDA tensors (DLPack, no copy), on the tensors'
+    device and on torch's current stream there (so torch's allocator, which frees and reuses the inputs in that
+    stream's order, and CuPy never race); the result comes back as a torch tensor viewing CuPy's output. Scales on
+    another device than q (none in TabPFN) are moved to it first: DLPack cannot cross devices."""
+    import torch
+
+    cupy = _cupy()
+    device = arrays["q"].device
+
+    def view(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):  # a scale given as a number
+            return t
+        return cupy.from_dlpack((t if t.device == device else t.to(device)).detach())
+
+    with cupy.cuda.Device(device.index), _cupy_stream(cupy, torch.cuda.current_stream(device)):
+        out = scaled_dot_product_attention(**{name: view(t) for name, t in arrays.items()}, **options)
+    return torch.from_dlpack(out)
+
+
+@dataclass(frozen=True)
+class _StreamHandle:
+    """A CUDA stream by its handle, speaking the CUDA stream protocol CuPy 14 reads foreign streams through."""
+
+    handle: int
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
+
+
+def _cupy_stream(cupy: Any, stream: Any) -> Any:
+    """torch's CUDA ``stream`` as a CuPy stream (a context manager making it CuPy's current one)."""
+    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy 14; ExternalStream is deprecated there
+        return cupy.cuda.Stream.from_external(_StreamHandle(stream.cuda_stream))
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
+def _cupy() -> Any:
+    """CuPy, imported on the first CUDA call of the cupy route (a test may stand another module in)."""
+    import cupy
+
+    return cupy
 
 
 def _numpy_views(arrays: dict[str, Any]) -> dict[str, Any] | None:
@@ -162,7 +254,8 @@ def register(*, policy: str = "auto", batch_invariant: bool = False,
     policy : {"auto", "all"}
         ``"auto"`` takes only the calls where we are measured at least as fast
         or leaner than TabPFN's own path (``AUTO_RULE``); ``"all"`` takes every
-        call we can run (CPU tensors of a float dtype), for determinism and
+        call we can run (CPU tensors of a float dtype; CUDA ones too, outside
+        grad mode, where ``CUDA_ENABLED`` is set), for determinism and
         ``batch_invariant``.
     batch_invariant : bool
         Run every call in mha_cupy's batch-invariant mode (see

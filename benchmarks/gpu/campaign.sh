@@ -10,7 +10,8 @@
 #   verify           tabpfn 2.2.1's fixtures replayed on CuPy (mha-cupy verify --xp cupy)
 #   bench_layer, bench_sdpa, bench_few_query
 #                    benchmarks/gpu/bench_gpu.py's sections, beside torch/tabpfn on CUDA in one process
-#   tabpfn9          the TabPFN 9 backend on CUDA tensors (benchmarks/gpu/tabpfn9_gpu.py, its own wheel set)
+#   tabpfn9          the TabPFN 9 backend on CUDA tensors (benchmarks/gpu/tabpfn9_gpu.py and
+#                    tests_tabpfn9/test_cuda_route.py, with its own wheel set)
 # Everything lands in DIR (default $OUT, else ./campaign-out): report.json, report.md and one log per part
 # group (8 files at most, what the device tool brings back); the summary is printed last.
 #
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --only=*) ONLY=${1#--only=} ;;
     --out) OUTDIR=${2:?--out needs a folder}; shift ;;
     --out=*) OUTDIR=${1#--out=} ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "campaign.sh: unknown argument '$1' (expected --dry-run, --only PARTS, --out DIR; see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -54,11 +55,11 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX would take 75% of the GPU befo
 DRYFLAG=""
 [ "$DRY" = 1 ] && DRYFLAG=--dry-run
 START=$(date +%s)
-export ROOT PY DRY WORK SITE SITE9 DRYFLAG
+export ROOT PY DRY WORK SITE SITE9 DRYFLAG OUTDIR
 
 # Time limits in seconds (the whole run must end inside 8 minutes on the H200).
 declare -A LIMIT=([machine]=25 [install]=45 [suite]=150 [verify]=40 [bench_layer]=60 [bench_sdpa]=120
-                  [bench_few_query]=45 [tabpfn9]=60)
+                  [bench_few_query]=45 [tabpfn9]=90)
 
 selected() {
   [ -z "$ONLY" ] && return 0
@@ -88,6 +89,8 @@ run_part() {
   printf '{"part": "%s", "status": "%s", "rc": %d, "seconds": %.1f, "limit_s": %d}\n' \
     "$name" "$status" "$rc" "$(awk "BEGIN {print $t1 - $t0}")" "$limit" >"$WORK/parts/$name.json"
   tail -n 4 "$WORK/logs/$name.log" | sed 's/^/   /'
+  # The report so far, so that a run stopped from outside still brings back what it had
+  "$PY" benchmarks/gpu/report.py report "$WORK" "$OUTDIR" $DRYFLAG >/dev/null 2>&1
   echo "   -> $status (rc $rc, $(awk "BEGIN {printf \"%.0f\", $t1 - $t0}") s)"
 }
 
@@ -178,6 +181,10 @@ part_tabpfn9() {
     return 1
   fi
   PYTHONPATH=$SITE9:$ROOT "$PY" benchmarks/gpu/tabpfn9_gpu.py --out "$WORK/tabpfn9.json" $DRYFLAG
+  local rc=$?
+  # The CUDA route's own tests (they skip, with the reason, without a GPU)
+  PYTHONPATH=$SITE9:$ROOT "$PY" -m pytest tests_tabpfn9/test_cuda_route.py -q -rfEs --tb=short -p no:cacheprovider || rc=1
+  return $rc
 }
 
 export -f selected part_machine install_set part_install part_suite part_verify part_bench part_tabpfn9
