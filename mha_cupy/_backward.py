@@ -89,15 +89,15 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
             keep = xp.reshape(core.keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
             z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.scalars.zero)
         p_kept = p if z is None else p * z
-        dv_blk = xp.matmul(xp.matrix_transpose(p_kept), do)  # [b, K, s, V]
-        dp = xp.matmul(do, xp.matrix_transpose(vb))
+        dv_blk = core.be.matmul(xp.matrix_transpose(p_kept), do)  # [b, K, s, V]
+        dp = core.be.matmul(do, xp.matrix_transpose(vb))
         if z is not None:
             dp = dp * z
         ds = p * (dp - d_row)
         if capped is not None:  # through c * tanh(x / c): times 1 - tanh(x / c)^2
             ds = ds * (core.scalars.one - (capped / plan.softcap) ** 2)
-        dq = dq + xp.matmul(ds, kb)
-        dk_blk = xp.matmul(xp.matrix_transpose(ds), qs)  # scale dS^T q: qs carries the scale
+        dq = dq + core.be.matmul(ds, kb)
+        dk_blk = core.be.matmul(xp.matrix_transpose(ds), qs)  # scale dS^T q: qs carries the scale
         idx = (bsl, ssl, Ellipsis)
         dk = xpx.at(dk, idx).add(xp.permute_dims(dk_blk, (0, 2, 1, 3)))
         dv = xpx.at(dv, idx).add(xp.permute_dims(dv_blk, (0, 2, 1, 3)))
@@ -110,7 +110,7 @@ def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, 
     soft-capped logits (None without ``softcap``)."""
     xp, K, G, softcap = core.xp, core.K, core.G, core.plan.softcap
     nb, nt, ns = bsl.stop - bsl.start, tsl.stop - tsl.start, ssl.stop - ssl.start
-    scores = xp.matmul(qs, xp.matrix_transpose(kb))
+    scores = core.be.matmul(qs, xp.matrix_transpose(kb))
     capped = None
     if softcap is not None:
         scores = capped = xp.tanh(scores / softcap) * softcap

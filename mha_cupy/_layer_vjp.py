@@ -40,8 +40,8 @@ def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) 
     w_out = xp.reshape(layer.weights.w_out, (N * V, E))
     d_heads = xp.reshape(rows_matmul(layer, plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
     dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer.be, plan=att_plan, scales=scales)
-    grads = {"w_out": xp.reshape(_weight_grad(heads, dy, xp=xp), (N, V, E))}
-    w_q, d_wq = _q_weight(layer), _weight_grad(dq, x3, xp=xp)
+    grads = {"w_out": xp.reshape(_weight_grad(heads, dy, be=layer.be), (N, V, E))}
+    w_q, d_wq = _q_weight(layer), _weight_grad(dq, x3, be=layer.be)
     dx = rows_matmul(layer, plan, xp.reshape(dq, (B, T, N * H)), w_q)
     d_src, d_wk, d_wv = _kv_grads(layer, plan, x3 if kv3 is None else kv3, dk, dv)
     if plan.kv_source == "self":
@@ -53,10 +53,11 @@ def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) 
     return xp.reshape(dx, x.shape), dx_kv, grads
 
 
-def _weight_grad(grad: Any, src: Any, *, xp: Any) -> Any:
+def _weight_grad(grad: Any, src: Any, *, be: Any) -> Any:
     """``grad^T @ src`` over all rows: ``[F, E]`` for ``grad [..., F]`` and ``src [..., E]`` with the same rows."""
+    xp = be.xp
     rows, features = math.prod(src.shape[:-1]), math.prod(grad.shape[src.ndim - 1:])  # no -1: rows may be 0
-    return xp.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, features))), xp.reshape(src, (rows, src.shape[-1])))
+    return be.matmul(xp.matrix_transpose(xp.reshape(grad, (rows, features))), xp.reshape(src, (rows, src.shape[-1])))
 
 
 def _q_weight(layer: LayerState) -> Any:
@@ -81,7 +82,7 @@ def _kv_grads(layer: LayerState, plan: CallPlan, src: Any, dk: Any, dv: Any) -> 
     w_k, w_v = _kv_weights(layer, plan.project_heads)
     dk3, dv3 = (xp.reshape(g, (B, S, math.prod(g.shape[2:]))) for g in (dk, dv))
     d_src = rows_matmul(layer, plan, dk3, w_k) + rows_matmul(layer, plan, dv3, w_v)
-    return d_src, _weight_grad(dk3, src, xp=xp), _weight_grad(dv3, src, xp=xp)
+    return d_src, _weight_grad(dk3, src, be=layer.be), _weight_grad(dv3, src, be=layer.be)
 
 
 def _in_layout(layer: LayerState, plan: CallPlan, d_wq: Any, d_wk: Any, d_wv: Any) -> dict[str, Any]:

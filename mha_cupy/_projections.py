@@ -19,7 +19,7 @@ def rows_matmul(layer: LayerState, plan: CallPlan, x: Any, w: Any) -> Any:
     GEMMs in NumPy); on lazy chunked arrays a broadcast product, which keeps x's chunks."""
     xp = layer.xp
     if layer.be.lazy_blocks:
-        return xp.matmul(x, w)
+        return layer.be.matmul(x, w)
     y = matmul_rows(xp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2])), w, be=layer.be,
                     workers=plan.attention.workers, fixed_order=plan.fixed_order)
     return xp.reshape(y, (x.shape[0], x.shape[1], w.shape[1]))

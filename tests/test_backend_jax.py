@@ -132,3 +132,26 @@ def test_under_jit_lengths_must_be_known_and_quantized_calls_say_why_not(jnp):
     with pytest.raises(TypeError, match="take no gradients; .*outside jax.grad and jax.jit"):
         jax.jit(lambda q, s: scaled_dot_product_attention(q, k8, k8, k_scale=s, v_scale=s))(
             jnp.asarray(q), jnp.asarray([0.5, 0.5], dtype=jnp.float32))
+
+
+def _dot_precisions(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line.split("precision = ")[1].split("]")[0] + "]" for line in text.splitlines() if "dot_general" in line]
+
+
+def test_every_product_asks_for_full_float32(jnp):
+    """On GPUs JAX's default precision multiplies float32 in TF32, 3e-4 off the reference (an H200 campaign run):
+    every product of the forward, the vjp and the layer asks for HIGHEST (a no-op on CPUs, so checked in the
+    program JAX compiles)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 4, 8)), dtype=jnp.float32) for _ in range(3))
+    layer = MultiHeadAttention(emsize=16, nhead=4, d_k=4, d_v=4, xp="jax", seed=0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), dtype=jnp.float32)
+    programs = {
+        "forward": (lambda q, k, v: scaled_dot_product_attention(q, k, v, kv_chunk_size=2), q, k, v),
+        "grad": (jax.grad(lambda q, k, v: jnp.sum(scaled_dot_product_attention(q, k, v)), argnums=(0, 1, 2)), q, k, v),
+        "layer": (lambda x: layer(x), x),
+    }
+    for name, (fn, *args) in programs.items():
+        found = _dot_precisions(fn, *args)
+        assert found and set(found) == {"[HIGHEST, HIGHEST]"}, (name, found)

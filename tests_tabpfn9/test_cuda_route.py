@@ -227,8 +227,12 @@ def test_gpu_every_call_ours_and_equal_to_tabpfn(route, kv, monkeypatch, registe
     registered(policy="all")
     plain, cached, calls = run_on_cuda(model, KV_DTYPES[kv])
     assert len(calls) == len(reference[2]) and all(c is not None and c.name == "mha_cupy" for c in calls)
-    taken = "torch" if kv == "fp8" else route
-    assert counts[taken] == len(calls) and sum(counts.values()) == len(calls)
+    # The spy counts every run; TabPFN's recorder saw one call per layer fewer (on an H200: 26 runs, 22 recorded, with
+    # dense caches too). float8 entries take torch's route; the dense calls do not.
+    must_torch = len(spy.records) if route == "torch" else sum(
+        r.quantized_dtype == torch.float8_e4m3fn for r in spy.records)
+    assert len(spy.records) >= len(calls)
+    assert counts["torch"] == must_torch and sum(counts.values()) == len(spy.records), (counts, must_torch)
     assert plain.device == cached.device == CUDA
     assert all(r.error <= TOL for r in spy.records), [r.error for r in spy.records]
     assert scaled_error(plain, reference[0]) <= TOL

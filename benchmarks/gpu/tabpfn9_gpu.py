@@ -292,8 +292,13 @@ def check_side(runner: Runner, side: str, dev: Device, reference: dict[str, Any]
         if not sum(total.values()) or ours != total:
             problems.append(f"calls not ours: ours {ours} of {total}")
         case["calls_by_route"] = dict(counts)
-        if dev.cuda and (counts[side] != sum(ours.values()) or sum(counts.values()) != sum(ours.values())):
-            problems.append(f"route {side!r} not taken by every call: {counts}")
+        # TabPFN's recorder saw one call per layer fewer than ran (on an H200, TabPFN-3.5: 122 runs, 98 recorded, 24
+        # layers): the spy, which wraps every run, counts the calls served.
+        case["calls_served_unrecorded"] = len(records) - sum(ours.values())
+        must_torch = len(records) if side == "torch" else sum(r["quantized"] == str(torch.float8_e4m3fn) for r in records)
+        if dev.cuda and (counts["torch"] != must_torch or sum(counts.values()) != len(records)):
+            problems.append(f"route {side!r} not taken by every call it should serve: {counts} of {len(records)} "
+                            f"calls ({must_torch} must take torch's)")
         errors = [r["error"] for r in records]
         case["max_call_error"] = max(errors, default=None)
         case["calls_off_tolerance"] = sum(not e <= TOL for e in errors)

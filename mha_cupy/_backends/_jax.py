@@ -60,6 +60,15 @@ class JaxBackend(Backend):
             return CPU_MEMORY_BUDGET
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
+    def matmul(self, a: Any, b: Any, *, fixed_order: bool = False) -> Any:
+        # On GPUs JAX's default precision multiplies float32 in TF32 (10-bit mantissas): 3e-4 off the reference
+        # (measured on an H200, benchmarks/results/gpu-2026-12-04.md). HIGHEST is full float32; a no-op on CPUs.
+        if fixed_order:
+            return super().matmul(a, b, fixed_order=True)
+        import jax
+
+        return self.xp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
     @functools.lru_cache(maxsize=None)  # noqa: B019 - one compiled wrapper per function, for the process
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         # Eager JAX compiles every operation for every new shape; one jitted step per shape is far cheaper.
