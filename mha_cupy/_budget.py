@@ -20,6 +20,7 @@ from ._validation import check_positive_int, keyword_hints
 __all__ = [
     "ACCELERATOR_KV_CHUNK",
     "ACCELERATOR_Q_CHUNK",
+    "ACCELERATOR_TILE_ELEMENTS",
     "DEFAULT_KV_CHUNK",
     "DEFAULT_Q_CHUNK",
     "MIN_QUERY_ROWS_PER_WORKER",
@@ -45,6 +46,10 @@ TILE_ELEMENTS = 2**20
 #: workers; below it, a call keeps its queries in one block and splits the keys instead
 #: (``_core``), so that K and V are read once in all rather than once per worker.
 MIN_QUERY_ROWS_PER_WORKER = 64
+#: Score elements of one block on an accelerator when few query rows leave the 4096 x 4096 tile half empty: a full
+#: tile over 8 heads. One query over 1,000,000 int8 keys then runs as one key chunk instead of 245 (launch-bound on
+#: an H200: 70-108 ms against 8 ms for dequantize-then-SDPA, benchmarks/results/gpu-2026-12-04.md).
+ACCELERATOR_TILE_ELEMENTS = 8 * 4096 * 4096
 #: Largest query chunk the planner picks by itself on a CPU.
 DEFAULT_Q_CHUNK = 1024
 #: The same on an accelerator (not measured on a GPU yet): with 4096-key chunks, a
@@ -175,9 +180,9 @@ def plan_chunks(
     q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
     dequantized_keys = max(1, share // 2 // dequantized_key_bytes) if dequantized_key_bytes else kv_len
     if kv_chunk is None:
-        default = DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK
-        if on_cpu:  # few queries in all: longer key chunks keep the tile near TILE_ELEMENTS
-            default = max(default, TILE_ELEMENTS // (heads * batch * q_len))
+        # few queries in all: longer key chunks keep the tile near the target size (the budget still caps it)
+        default = max(DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK,
+                      (TILE_ELEMENTS if on_cpu else ACCELERATOR_TILE_ELEMENTS) // (heads * batch * q_len))
         fits = max(0, (share // heads - per_row) // per_score)
         kv_chunk = _balanced(kv_len, min(kv_len, default, fits, dequantized_keys))
     kv_chunk = min(kv_chunk, kv_len)

@@ -96,6 +96,17 @@ def test_accelerator_plan_fills_the_budget_with_long_key_chunks():
     assert gpu.kv == 4096 and gpu.q > cpu.q
 
 
+def test_accelerator_plan_reads_many_keys_per_chunk_for_few_queries():
+    """One query row of 8 heads over 1,000,000 keys: one key chunk on an accelerator (245 chunks of 4096 were
+    launch-bound on an H200), within the budget; a budget too small for that still caps the chunk."""
+    few = dict(batch=1, q_len=1, kv_len=1_000_000, heads=8, d_k=64, d_v=64, compute_itemsize=4, dropout=False,
+               masked=False)
+    assert plan_chunks(**few, budget=8 * 2**30, on_cpu=False).kv == 1_000_000
+    assert 16000 <= plan_chunks(**{**few, "q_len": 1024}, budget=8 * 2**30, on_cpu=False).kv <= 16384
+    small = plan_chunks(**few, budget=16 * 2**20, on_cpu=False)
+    assert small.kv < 1_000_000 and 8 * small.kv * 4 * 2 <= 16 * 2**20
+
+
 def test_is_cpu():
     from mha_cupy._backends import resolve_backend
 
