@@ -430,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--sections: unknown {sorted(unknown)}, expected names from {list(SECTIONS)}")
     s = sides(args.dry_run)
-    result = {"dry_run": args.dry_run, "versions": _versions(), "sides": {k: v.label for k, v in s.items()},
+    from _common import machine
+
+    result = {"dry_run": args.dry_run, "machine": machine(), "versions": _versions(),
+              "sides": {k: v.label for k, v in s.items()},
               "complete": False, "rows": [], "failed": 0}
     _LIVE.update(path=args.out, result=result)
     for name in args.sections.split(","):

@@ -57,9 +57,9 @@ DRYFLAG=""
 START=$(date +%s)
 export ROOT PY DRY WORK SITE SITE9 DRYFLAG OUTDIR
 
-# Time limits in seconds (the whole run must end inside 8 minutes on the H200).
-declare -A LIMIT=([machine]=25 [install]=45 [suite]=150 [verify]=40 [bench_layer]=60 [bench_sdpa]=120
-                  [bench_few_query]=45 [tabpfn9]=90)
+# Time limits in seconds: a part that overruns is stopped; the whole run took 7 min 12 s on the H200 (2026-12-04).
+declare -A LIMIT=([machine]=25 [install]=45 [suite]=190 [verify]=30 [bench_layer]=45 [bench_sdpa]=160
+                  [bench_few_query]=30 [tabpfn9]=90)
 
 selected() {
   [ -z "$ONLY" ] && return 0
@@ -74,7 +74,9 @@ run_part() {
   local name=$1; shift
   selected "$name" || return 0
   local override="CAMPAIGN_LIMIT_$name" t0 t1 rc status
-  local limit=${!override:-${LIMIT[$name]}}
+  local limit=${LIMIT[$name]}
+  [ "$DRY" = 1 ] && limit=$((limit * 2))  # a 2-core CI machine compiles numba's kernels within the parts
+  limit=${!override:-$limit}
   echo "== $name (limit ${limit} s)"
   t0=$(date +%s.%N)
   timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >"$WORK/logs/$name.log" 2>&1
@@ -149,11 +151,11 @@ part_install() {
 }
 
 part_suite() {
-  local args=(tests -m gpu -p no:cacheprovider -q -rfE --tb=short --junitxml "$WORK/suite.xml")
+  local args=(tests -m gpu -p no:cacheprovider -q -rfEs --tb=short --junitxml "$WORK/suite.xml")
   if [ "$DRY" = 1 ]; then  # the same plumbing on a small CPU selection
     args=(tests/test_attention.py -m "not slow" -k numpy -p no:cacheprovider -q -rfE --tb=short --junitxml "$WORK/suite.xml")
   fi
-  PYTHONPATH=$SITE:$ROOT "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$([ "$DRY" = 1 ] && echo 2 || echo 8)")
+  PYTHONPATH=$SITE:$ROOT "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$([ "$DRY" = 1 ] && echo 2 || echo 12)")
   PYTHONPATH=$SITE:$ROOT "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 120)
   # shellcheck disable=SC2086
   PYTHONPATH=$SITE:$ROOT "$PY" -m pytest "${args[@]}" ${SUITE_ARGS:-}

@@ -118,6 +118,8 @@ def suite(junit: Path, out: Path) -> dict:
         result["totals"][outcome] = result["totals"].get(outcome, 0) + 1
         if outcome in ("failed", "error"):
             result["failures"].append({"test": name, "backend": backend, "message": message[:600]})
+        elif outcome == "skipped" and backend != "other":
+            result.setdefault("skips", []).append({"test": name, "backend": backend, "message": message[:300]})
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"suite: {result['totals']}; per backend: {result['backends']}")
     return result
