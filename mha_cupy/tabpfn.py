@@ -62,8 +62,11 @@ __all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES",
 CUDA_ENABLED = False
 #: The routes a CUDA call can take: CuPy arrays viewing the tensors through DLPack, or our torch adapter on them.
 CUDA_ROUTES = ("cupy", "torch")
-#: The route of CUDA calls (read at every call, as ``CUDA_ENABLED``); bfloat16 and float8 always go "torch".
-CUDA_ROUTE = "cupy"
+#: The route of CUDA calls (read at every call, as ``CUDA_ENABLED``); bfloat16 and float8 always go "torch". "torch"
+#: by default: on an H200 the two routes predicted as fast (TabPFN-3.5 142 ms torch, 154 ms cupy; TabPFN-3 123 and
+#: 122 ms; benchmarks/results/gpu-2026-12-04.md), and the torch route keeps every byte in torch's allocator, where
+#: the cupy route held 0.26-1.2 GB more in CuPy's pool beside it.
+CUDA_ROUTE = "torch"
 #: The policies ``register`` takes.
 POLICIES = ("auto", "all")
 #: The name the backend is registered under.

@@ -111,6 +111,8 @@ def test_route_of_a_call(arrays, route, monkeypatch):
     tensors = _arrays(**arrays)
     assert mha_cupy.tabpfn._cuda_route(tensors) == "torch"  # off
     monkeypatch.setattr(mha_cupy.tabpfn, "CUDA_ENABLED", True)
+    assert mha_cupy.tabpfn._cuda_route(tensors) == "torch"  # the default route
+    monkeypatch.setattr(mha_cupy.tabpfn, "CUDA_ROUTE", "cupy")
     assert mha_cupy.tabpfn._cuda_route(tensors) == route
     with torch.no_grad():
         assert mha_cupy.tabpfn._cuda_route(tensors) == ("cupy" if arrays == {"grad": True} else route)
