@@ -153,7 +153,9 @@ def plan_chunks(
     Each of ``workers`` concurrent blocks gets an equal share of the budget.
     Within it, on a CPU, a block's score tile is kept near ``TILE_ELEMENTS``
     (larger tiles fall out of the caches and run slower), and blocks are made
-    small enough that every worker gets one. Explicit ``q_chunk`` /
+    small enough that every worker gets one. Few (batch x query) rows read
+    longer key chunks, up to a tile of ``TILE_ELEMENTS`` scores on a CPU and
+    ``ACCELERATOR_TILE_ELEMENTS`` on an accelerator. Explicit ``q_chunk`` /
     ``kv_chunk`` (validated by the caller) are taken as given, clipped to the
     lengths; the budget then sizes what is left, down to blocks of one batch row.
     ``divisor`` (``save_peak_mem_factor``) divides each worker's share, but on a

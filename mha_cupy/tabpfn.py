@@ -28,7 +28,8 @@ Which calls we take (``is_preferred`` sees only the call's shapes):
   or leaner: calls over many keys, from a quantized cache (no dense copy;
   0.3-0.9 of TabPFN's time at 20,000 keys), or dense float32 ones of few
   query rows (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
-  No CUDA call: nothing is measured on a GPU yet.
+  No CUDA call: on an H200 our CUDA routes were 2.2-2.9x TabPFN's time
+  (``benchmarks/results/gpu-2026-12-04.md``).
 
 CUDA calls (with ``CUDA_ENABLED``) run on the route ``CUDA_ROUTE`` names:
 ``"cupy"`` hands the tensors to CuPy through DLPack (no copy), runs CuPy on
@@ -171,6 +172,9 @@ def _cuda_route(arrays: dict[str, Any]) -> str:
     on CUDA tensors then behaves as before the switch existed)."""
     import torch
 
+    if CUDA_ROUTE not in CUDA_ROUTES:
+        msg = f"mha_cupy.tabpfn.CUDA_ROUTE must be one of {CUDA_ROUTES}, got {CUDA_ROUTE!r}"
+        raise ValueError(msg)
     if not CUDA_ENABLED or CUDA_ROUTE != "cupy":
         return "torch"
     tensors = [t for t in arrays.values() if isinstance(t, torch.Tensor)]

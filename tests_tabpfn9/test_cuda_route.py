@@ -244,18 +244,39 @@ def test_gpu_every_call_ours_and_equal_to_tabpfn(route, kv, monkeypatch, registe
 @needs_cuda
 @pytest.mark.parametrize("route", ["cupy", "torch"])
 def test_gpu_run_on_a_side_stream(route, monkeypatch):
-    """A call made while torch works on a stream of its own equals TabPFN's path on the same inputs."""
+    """A call made while torch works on a stream of its own equals TabPFN's path on the same inputs: q is written
+    there after the stream sleeps (0.1 s of GPU time), so a computation on any other stream would read it unwritten;
+    on the cupy route CuPy's current stream is torch's side stream throughout."""
     _cupy_or_skip(route)
     monkeypatch.setattr(mha_cupy.tabpfn, "CUDA_ENABLED", True)
     monkeypatch.setattr(mha_cupy.tabpfn, "CUDA_ROUTE", route)
+    streams = []
+    attend = mha_cupy.tabpfn.scaled_dot_product_attention
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        if route == "cupy":
+            import cupy
+
+            streams.append(cupy.cuda.get_current_stream().ptr)
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(mha_cupy.tabpfn, "scaled_dot_product_attention", recorded)
     arrays = {n: t.to(CUDA) for n, t in _arrays(kv_dtype=torch.int8).items()}
     entry = QuantizedKVCacheEntry(key=arrays["k"], value=arrays["v"], key_scale=arrays["k_scale"],
                                   value_scale=arrays["v_scale"])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
-        q = arrays["q"] * 1.0  # made on the side stream, then attended there
+        torch.cuda._sleep(10**8)
+        q = arrays["q"] * 1.0  # made on the side stream after the sleep, then attended there
         ours = TabPFNAttentionBackend(policy="all").run(q, None, None, quantized_kv=entry)
         theirs = tabpfn_sdpa(q, None, None, quantized_kv=entry, backend=None)
     torch.cuda.synchronize()
     assert scaled_error(ours, theirs) <= TOL
+    assert streams == ([side.cuda_stream] if route == "cupy" else [])
+
+
+def test_an_unknown_route_is_refused_with_the_routes(monkeypatch):
+    monkeypatch.setattr(mha_cupy.tabpfn, "CUDA_ROUTE", "cuda")
+    with pytest.raises(ValueError, match=r"CUDA_ROUTE must be one of \('cupy', 'torch'\), got 'cuda'"):
+        mha_cupy.tabpfn._cuda_route(_arrays())

@@ -176,7 +176,14 @@ def _checkpoint(row: dict) -> None:
     result["rows"].append(row)
     result["failed"] = sum(1 for r in result["rows"] if "error" in r or r.get("ok") is False)
     if _LIVE["path"]:
-        Path(_LIVE["path"]).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        _write(_LIVE["path"], result)
+
+
+def _write(path: str, result: dict) -> None:
+    """``result`` as JSON at ``path``, whole or not at all (a part stopped at its limit may be killed mid-write)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _free(side: Side) -> None:
@@ -334,7 +341,7 @@ def section_sdpa(s: dict[str, Side], dry_run: bool, repeats: int) -> list[dict]:
                         err = None if expected is None else scaled_error(run(), expected)
                         r = measure(side, run, reps)
                         return _row("sdpa", label, side, r, tflops=flop / r["median_s"] / 1e12, scaled_error=err,
-                                    ok=err is not None and err <= TOL[dtype])
+                                    ok=None if err is None else err <= TOL[dtype])  # None: no torch kernel ran
 
                     _guard(rows, "sdpa", label, side, ours)
                 del tq, tk, tv, expected
@@ -443,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
     result["complete"] = True
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        _write(args.out, result)
     print(f"bench: {len(result['rows'])} rows, {result['failed']} failed or off tolerance")
     return 1 if result["failed"] else 0
 

@@ -19,8 +19,11 @@
 # and the wheel install goes into a target folder as it will there (plumbing only; tests/test_campaign.py).
 # --only reruns some parts (install follows whatever needs it), e.g. --only suite,bench_sdpa.
 # SUITE_ARGS adds pytest arguments to the suite part (e.g. SUITE_ARGS="-k test_fixtures");
-# CAMPAIGN_LIMIT_<part>=SECONDS changes a part's time limit.
+# CAMPAIGN_LIMIT_<part>=SECONDS changes a part's time limit; CAMPAIGN_DEADLINE=SECONDS (default 570, inside the
+# device tool's 600 s a command) cuts the last parts short so that the whole run ends in time;
+# CAMPAIGN_KEEP_WORK=1 keeps the work folder.
 set -uo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -44,9 +47,14 @@ done
 for p in ${ONLY//,/ }; do
   case " $ALL_PARTS " in *" $p "*) ;; *) echo "campaign.sh: --only: unknown part '$p', expected some of: $ALL_PARTS" >&2; exit 2 ;; esac
 done
+for v in $(compgen -v CAMPAIGN_LIMIT_) CAMPAIGN_DEADLINE; do
+  [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "campaign.sh: $v must be a whole number of seconds, got '${!v}'" >&2; exit 2; }
+done
 OUTDIR=${OUTDIR:-$ROOT/campaign-out}
+case $OUTDIR in /*) ;; *) OUTDIR=$CALLER_DIR/$OUTDIR ;; esac
 mkdir -p "$OUTDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/campaign.XXXXXX")
+[ "${CAMPAIGN_KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/logs" "$WORK/parts"
 SITE=$WORK/site
 SITE9=$WORK/site9
@@ -55,6 +63,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX would take 75% of the GPU befo
 DRYFLAG=""
 [ "$DRY" = 1 ] && DRYFLAG=--dry-run
 START=$(date +%s)
+DEADLINE=${CAMPAIGN_DEADLINE:-570}
 export ROOT PY DRY WORK SITE SITE9 DRYFLAG OUTDIR
 
 # Time limits in seconds: a part that overruns is stopped; the whole run took 7 min 12 s on the H200 (2026-12-04).
@@ -63,23 +72,32 @@ declare -A LIMIT=([machine]=25 [install]=45 [suite]=190 [verify]=30 [bench_layer
 
 selected() {
   [ -z "$ONLY" ] && return 0
+  [ "$1" = machine ] && return 0  # cheap, and every report names its machine
   case ",$ONLY," in *",$1,"*) return 0 ;; esac
-  # install is needed by every part that imports the carried packages
-  [ "$1" = install ] && [ -n "$(echo ",$ONLY," | grep -E ',(suite|verify|bench_[a-z_]+|tabpfn9),')" ] && return 0
-  return 1
+  [ "$1" = install ] && { needs_main || needs_tabpfn9; }
 }
+# Which wheel sets the selected parts need: the main one for the suite, verify and benchmarks, the other for tabpfn9.
+needs_main() { [ -z "$ONLY" ] || echo ",$ONLY," | grep -qE ',(suite|verify|bench_[a-z_]+),'; }
+needs_tabpfn9() { [ -z "$ONLY" ] || case ",$ONLY," in *,tabpfn9,*) true ;; *) false ;; esac; }
 
 # run_part NAME COMMAND...: COMMAND's output goes to logs/NAME.log; its exit status, time and limit to parts/NAME.json.
 run_part() {
   local name=$1; shift
   selected "$name" || return 0
   local override="CAMPAIGN_LIMIT_$name" t0 t1 rc status
-  local limit=${LIMIT[$name]}
+  local limit=${LIMIT[$name]} left
   [ "$DRY" = 1 ] && limit=$((limit * 2))  # a 2-core CI machine compiles numba's kernels within the parts
   limit=${!override:-$limit}
+  left=$((DEADLINE - ($(date +%s) - START) - 15))  # 15 s for the kill and the report
+  if [ "$left" -lt 10 ]; then
+    echo "== $name: not started, the run's deadline (${DEADLINE} s) is near"
+    printf '{"part": "%s", "status": "deadline", "rc": -1, "seconds": 0, "limit_s": 0}\n' "$name" >"$WORK/parts/$name.json"
+    return 0
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit} s)"
   t0=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >"$WORK/logs/$name.log" 2>&1
+  PART_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >"$WORK/logs/$name.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   case $rc in
@@ -141,10 +159,16 @@ install_set() {
 }
 
 part_install() {
+  needs_main || { echo "the main set is not needed by --only $ONLY"; part_install_tabpfn9; return; }
   install_set "$SITE" "$ROOT/.whl/main" || return 1
   PYTHONPATH=$SITE:$ROOT "$PY" -c "import tabpfn, sklearn; print('tabpfn', tabpfn.__version__ if hasattr(tabpfn, '__version__') else '?', 'scikit-learn', sklearn.__version__)" \
     || { [ "$DRY" = 1 ] && echo "tabpfn 2.2.1 is not importable from this dry run's set: the benchmarks use this environment's"; } \
     || return 1
+  needs_tabpfn9 || return 0
+  part_install_tabpfn9
+}
+
+part_install_tabpfn9() {
   install_set "$SITE9" "$ROOT/.whl/tabpfn9" || return 1
   PYTHONPATH=$SITE9:$ROOT "$PY" -c "from importlib.metadata import version; import tabpfn.architectures.shared.attention_backends; print('tabpfn', version('tabpfn'))" \
     || { [ "$DRY" = 1 ] && echo "tabpfn 9 is not importable here: the tabpfn9 part will skip"; }
@@ -157,8 +181,10 @@ part_suite() {
   fi
   PYTHONPATH=$SITE:$ROOT "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$([ "$DRY" = 1 ] && echo 2 || echo 12)")
   PYTHONPATH=$SITE:$ROOT "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 120)
+  # Interrupted (SIGINT) 20 s before the part's limit, pytest still writes the JUnit XML of what ran
   # shellcheck disable=SC2086
-  PYTHONPATH=$SITE:$ROOT "$PY" -m pytest "${args[@]}" ${SUITE_ARGS:-}
+  local stop=$((PART_LIMIT - 20 > PART_LIMIT / 2 ? PART_LIMIT - 20 : PART_LIMIT / 2 + 1))
+  PYTHONPATH=$SITE:$ROOT timeout -s INT "$stop" "$PY" -m pytest "${args[@]}" ${SUITE_ARGS:-}
   local rc=$?
   "$PY" benchmarks/gpu/report.py suite "$WORK/suite.xml" "$WORK/suite.json"
   return $rc
@@ -191,7 +217,8 @@ part_tabpfn9() {
   return $rc
 }
 
-export -f selected part_machine install_set part_install part_suite part_verify part_bench part_tabpfn9
+export ONLY
+export -f selected needs_main needs_tabpfn9 part_machine install_set part_install part_install_tabpfn9 part_suite part_verify part_bench part_tabpfn9
 echo "campaign: $([ "$DRY" = 1 ] && echo "dry run (CPU stand-ins)" || echo "GPU run"), parts: ${ONLY:-all}, work in $WORK"
 run_part machine part_machine
 run_part install part_install

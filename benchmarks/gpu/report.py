@@ -42,7 +42,8 @@ def machine(out: Path, dry_run: bool) -> dict:
     info: dict[str, Any] = {"dry_run": dry_run, "python": platform.python_version(), "platform": platform.platform(),
                             "cpu": _cpu(), "versions": {m: _version(m) for m in
                                                         ("numpy", "cupy", "torch", "jax", "numba", "ml_dtypes",
-                                                         "scipy", "sklearn", "array_api_compat", "pytest")}}
+                                                         "scipy", "sklearn", "array_api_compat", "pytest", "xdist",
+                                                         "pytest_timeout", "hypothesis")}}
     try:
         import torch
 
@@ -168,8 +169,8 @@ def _verify_summary(v: Any) -> Any:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """ours / theirs for time and peak memory, against the fastest torch kernel of the same case (FlashAttention
-    where it runs)."""
+    """ours / theirs for time and peak memory, against torch's kernel of the same case: FlashAttention where it
+    runs, else the fastest other than the math kernel, else the math kernel."""
     def rank(r: dict) -> tuple[int, float]:
         return ({"flash": 0, "math": 2}.get(r.get("kernel"), 1), r["median_s"])
 
@@ -211,7 +212,7 @@ def markdown(d: dict) -> str:
     title = "GPU campaign" + (" (dry run: CPU stand-ins, plumbing only)" if d["dry_run"] else "")
     lines = [f"# {title}", "", f"- machine: {m.get('gpu') or 'no GPU'}; CPU {m.get('cpu')}; {m.get('platform')}",
              f"- nvidia-smi: {m.get('nvidia_smi')}; CUDA runtime {m.get('cuda_runtime')}, driver {m.get('cuda_driver')}",
-             f"- versions: {m.get('versions')}", "", "## Parts", "", "| part | status | seconds | limit |", "|---|---|---|---|"]
+             f"- versions (the machine's own, before the carried wheels): {m.get('versions')}", "", "## Parts", "", "| part | status | seconds | limit |", "|---|---|---|---|"]
     for p, v in d["parts"].items():
         lines.append(f"| {p} | {v['status']} | {v['seconds']:.0f} | {v['limit_s']} |")
     s = d.get("suite") or {}
@@ -229,7 +230,8 @@ def markdown(d: dict) -> str:
             lines += ["", f"| fixture:array:dtype ({xp}) | scaled error |", "|---|---|"]
             lines += [f"| {k} | {e:.2e} |" for k, e in errs.items()]
     for section, b in d["bench"].items():
-        lines += ["", f"## Benchmark: {section}", "", "| case | side | ms | TFLOP/s | peak MiB | vs | time ratio | memory ratio | scaled error |",
+        cut = "" if b.get("complete", True) else " (stopped before its end: the rows it measured)"
+        lines += ["", f"## Benchmark: {section}{cut}", "", "| case | side | ms | TFLOP/s | peak MiB | vs | time ratio | memory ratio | scaled error |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in b["rows"]:
             side = r["side"] + (f" [{r['kernel']}]" if r.get("kernel") else "")

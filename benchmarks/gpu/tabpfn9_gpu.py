@@ -58,15 +58,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="on the CPU, small sizes, CUDA_ENABLED left off")
     p.add_argument("--out", type=Path, help="write the JSON here (rewritten after every case)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {MODELS}")
-    p.add_argument("--train-rows", type=int, help="default 10000 (dry run 96)")
-    p.add_argument("--test-rows", type=int, help="default 1000 (dry run 16)")
-    p.add_argument("--features", type=int, default=6)
-    p.add_argument("--layers", type=int, help="ICL layers instead of the configs' 24 (default 24; dry run 2)")
-    p.add_argument("--repeats", type=int, help="timed runs per phase and side, after the checks' run (default 3; "
+    p.add_argument("--train-rows", type=_positive, help="default 10000 (dry run 96)")
+    p.add_argument("--test-rows", type=_positive, help="default 1000 (dry run 16)")
+    p.add_argument("--features", type=_positive, default=6)
+    p.add_argument("--layers", type=_positive, help="ICL layers instead of the configs' 24 (default 24; dry run 2)")
+    p.add_argument("--repeats", type=_positive, help="timed runs per phase and side, after the checks' run (default 3; "
                                                "dry run 1)")
     p.add_argument("--time-budget", type=float,
                    help="no timing starts after this many seconds since the start; the checks always run (default "
-                        "40, dry run 30: the campaign gives this part 60 s)")
+                        "40, dry run 30: the campaign gives this part 90 s)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -82,6 +82,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # -- models and data --------------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    """An argument that must be a whole number above 0."""
+    value = int(text)
+    if value < 1:
+        msg = f"must be a whole number of at least 1, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def random_model(kind: str, layers: int | None, seed: int = 0) -> Any:
@@ -366,7 +375,7 @@ def environment(dev: Device) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         import subprocess
 
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        env["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
                                        cwd=Path(__file__).resolve().parent).stdout.strip() or None
     import mha_cupy.tabpfn as mt
 

@@ -3,6 +3,9 @@ GPU or driver is present, device memory for the default budget, and the host cop
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import operator
 from typing import Any
 
 import array_api_compat
@@ -28,12 +31,7 @@ class CupyBackend(Backend):
     @classmethod
     def load(cls) -> Any:
         cupy = cls.import_package()
-        try:
-            # is_available() only counts devices: one small kernel also proves NVRTC and the runtime load
-            available = bool(cupy.is_available()) and int((cupy.arange(2) + 1).sum()) == 3
-        except Exception:  # noqa: BLE001 - a broken driver or a missing NVRTC raises instead of answering False
-            available = False
-        if not available:
+        if not _usable(cupy):
             msg = (
                 "xp='cupy': CuPy is installed but finds no usable CUDA driver or GPU "
                 "(cupy.is_available() is False, or a first small kernel failed); run on a machine with an NVIDIA GPU and "
@@ -53,12 +51,14 @@ class CupyBackend(Backend):
         """``device`` as a ``cupy.cuda.Device``: one, or its index; a ValueError naming the devices there are."""
         import cupy
 
-        if isinstance(device, int) and not isinstance(device, bool):
-            device = cupy.cuda.Device(device)
+        given = device
+        if not isinstance(device, (bool, cupy.cuda.Device)):
+            with contextlib.suppress(TypeError):  # an index: int, NumPy integer
+                device = cupy.cuda.Device(operator.index(device))
         count = cupy.cuda.runtime.getDeviceCount()
         if not isinstance(device, cupy.cuda.Device) or not 0 <= device.id < count:
             msg = (f"device must be one of cupy's devices {[cupy.cuda.Device(i) for i in range(count)]} or its "
-                   f"index, got {device!r}")
+                   f"index, got {given!r}")
             raise ValueError(msg)
         return device
 
@@ -88,3 +88,13 @@ class CupyBackend(Backend):
         import cupy
 
         return cupy.exp(x, out=x)
+
+
+@functools.lru_cache(maxsize=1)
+def _usable(cupy: Any) -> bool:
+    """Whether CuPy can run here, asked once a process: ``is_available()`` only counts devices, so one small kernel
+    also proves NVRTC and the runtime load (and waits for the GPU, once)."""
+    try:
+        return bool(cupy.is_available()) and int((cupy.arange(2) + 1).sum()) == 3
+    except Exception:  # noqa: BLE001 - a broken driver or a missing NVRTC raises instead of answering False
+        return False
