@@ -282,8 +282,9 @@ def fixed_order_matmul(a: Any, b: Any, *, xp: Any) -> Any:
     inner index, every product and sum rounded by itself (element-wise operations: no FMA, no reassociation).
 
     The arithmetic of one output element depends on nothing but its own row and column, on every library
-    and CPU; D element-wise steps, so it is slow (the NumPy and torch adapters run a compiled kernel with
-    the same bits where numba is installed).
+    and CPU (except float32 subnormals on CuPy, whose element-wise kernels flush them to zero:
+    ``cupy/cuda/compiler.py`` compiles with ``-ftz=true``); D element-wise steps, so it is slow (the NumPy and
+    torch adapters run a compiled kernel with the same bits where numba is installed).
     """
     shape = (*a.shape[:-1], b.shape[-1])
     out = xp.zeros(shape, dtype=a.dtype, device=array_api_compat.device(a))
