@@ -25,9 +25,10 @@ Which calls we take (``is_preferred`` sees only the call's shapes):
   in grad mode (CPU only) through our autograd node;
 - ``policy="auto"``: of those, only CPU calls outside grad mode where the
   benchmark (``benchmarks/bench_tabpfn_backend.py``) shows us at least as fast
-  or leaner: calls over many keys, from a quantized cache (no dense copy;
-  0.3-0.9 of TabPFN's time at 20,000 keys), or dense float32 ones of few
-  query rows (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
+  or leaner: calls over at least ``AUTO_MIN_KEYS`` keys (TabPFN's keys are its
+  training rows) that come from a quantized cache (no dense copy; 0.3-0.9 of
+  TabPFN's time at 20,000 keys) or are dense float32 ones of few query rows
+  (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
   No CUDA call: on an H200 our CUDA routes were 2.2-2.9x TabPFN's time
   (``benchmarks/results/gpu-2026-12-04.md``).
 
@@ -41,21 +42,28 @@ torch route on either. The memory budget is the adapters' per-device
 default (a quarter of the device's free memory) unless ``register`` is
 given one.
 
+What was taken: ``stats()`` counts the calls offered since ``register``, taken
+and declined by reason (``TabPFNAttentionBackend.decline_reason``);
+``register`` warns once when a TabPFN predict ran without a call taken.
+
 Importing this module imports neither torch nor tabpfn; ``register`` does.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import re
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._budget import parse_memory_budget
 from ._validation import check_bool, keyword_hints
 from .attention import scaled_dot_product_attention
 
-__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "unregister"]
+__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
 
 #: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
 #: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
@@ -87,7 +95,12 @@ _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 #: Dtypes CuPy holds (q, k, v, quantized k/v, scales): a call with any other (bfloat16, float8) takes the torch route.
 _CUPY_DTYPES = ("float32", "float64", "float16", "int8")
+_COMPILING = "while torch.compile traces"
 _lock = threading.Lock()
+#: The backend ``register`` made last (``stats`` reads its counts), and the forward hook waiting for the first
+#: predicting forward pass after it (None once that pass ran, or after ``unregister``).
+_latest: TabPFNAttentionBackend | None = None
+_watch: Any = None
 
 
 @functools.cache
@@ -99,14 +112,58 @@ def _torch_dtypes(names: tuple[str, ...]) -> frozenset[Any]:
 
 @functools.cache
 def _registry() -> Any:
-    """TabPFN 9's backend registry, imported on first use."""
+    """TabPFN 9's backend registry, imported on first use.
+
+    The installed tabpfn's version is read first (``importlib.metadata``, without importing it): a tabpfn
+    before 9 (2.x has no registry) is an ImportError naming tabpfn 9 at once. Any error raised while importing
+    tabpfn becomes that ImportError too, with the error chained: importing tabpfn imports scikit-learn, which can
+    raise other errors (a RuntimeError about ``SCIPY_ARRAY_API`` when SciPy was imported without it).
+    """
+    try:
+        version = importlib.metadata.version("tabpfn")
+    except importlib.metadata.PackageNotFoundError:
+        version = None  # not installed, or importable without metadata: the import decides
+    major = re.match(r"\d+", version or "")
+    if major is not None and int(major.group()) < 9:
+        raise ImportError(_needs_tabpfn9(f"found tabpfn {version}"))
     try:
         from tabpfn.architectures.shared import attention_backends
-    except ImportError as exc:
-        msg = (f"mha_cupy.tabpfn needs tabpfn 9 with its attention-backend registry "
-               f"(tabpfn.architectures.shared.attention_backends): pip install \"tabpfn>=9\" ({exc})")
-        raise ImportError(msg) from exc
+    except Exception as exc:  # noqa: BLE001  ImportError, or whatever scikit-learn raises while being imported
+        raise ImportError(_needs_tabpfn9(f"importing it failed: {type(exc).__name__}: {exc}")) from exc
     return attention_backends
+
+
+def _needs_tabpfn9(found: str) -> str:
+    return (f"mha_cupy.tabpfn needs tabpfn 9 with its attention-backend registry "
+            f"(tabpfn.architectures.shared.attention_backends): pip install \"tabpfn>=9\" ({found})")
+
+
+class _Counts:
+    """Thread-safe counts of the calls a backend was offered: taken, and declined by reason."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+        self.declined: dict[str, int] = {}
+
+    def add(self, reason: str | None) -> None:
+        """Count one call: taken when ``reason`` is None, otherwise declined for ``reason``."""
+        with self._lock:
+            if reason is None:
+                self.taken += 1
+            else:
+                self.declined[reason] = self.declined.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"taken": int, "declined": {reason: int}}``, most frequent reason first."""
+        with self._lock:
+            declined = dict(sorted(self.declined.items(), key=lambda item: -item[1]))
+            return {"taken": self.taken, "declined": declined}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.taken = 0
+            self.declined = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,31 +178,48 @@ class TabPFNAttentionBackend:
     policy: str = "auto"
     batch_invariant: bool = False
     memory_budget: int | str | None = None
+    #: Calls offered since this backend was made (or since ``reset_stats``), taken and declined by reason.
+    counts: _Counts = field(default_factory=_Counts, init=False, repr=False, compare=False)
     name: ClassVar[str] = BACKEND_NAME
     #: TabPFN hands quantized cache entries over as stored, not dequantized.
     consumes_quantized_kv: ClassVar[bool] = True
 
     def is_preferred(self, spec: Any) -> bool:
-        """Whether to take a call described by TabPFN's ``AttentionSpec`` (cheap: shapes and flags only)."""
+        """Whether to take a call described by TabPFN's ``AttentionSpec`` (cheap: shapes and flags only); each
+        answer is counted in ``counts`` (``stats()``)."""
+        reason = self.decline_reason(spec)
+        if reason != _COMPILING:  # no lock in code Dynamo traces; traced calls never come back here anyway
+            self.counts.add(reason)
+        return reason is None
+
+    def decline_reason(self, spec: Any) -> str | None:  # noqa: PLR0911  one return per rule
+        """Why a call described by ``spec`` is declined (a short phrase, the key of ``stats()["declined"]``), or
+        None when it is taken. Counts nothing."""
         import torch
 
-        on_cuda = spec.device.type == "cuda" and CUDA_ENABLED
-        if (spec.device.type != "cpu" and not on_cuda) or spec.dtype not in _torch_dtypes(_FLOAT_DTYPES) \
-                or spec.seq_len_kv is None:
-            return False
+        device = spec.device.type
+        if device == "cuda" and not CUDA_ENABLED:
+            return "on CUDA while CUDA_ENABLED is off"
+        if device not in ("cpu", "cuda"):
+            return "not on the CPU or CUDA"
+        if spec.dtype not in _torch_dtypes(_FLOAT_DTYPES):
+            return "dtype not float32, float64, float16 or bfloat16"
+        if spec.seq_len_kv is None:
+            return "no key length"
         quantized = spec.quantized_kv_dtype is not None
         if quantized and spec.quantized_kv_dtype not in _torch_dtypes(_QUANTIZED_DTYPES):
-            return False
-        if torch.compiler.is_compiling() or (quantized and spec.is_grad_enabled):
-            return False
-        if on_cuda:  # no autograd across DLPack, and no GPU measurements for "auto" yet
-            return self.policy == "all" and not spec.is_grad_enabled
+            return "quantized dtype not int8 or float8_e4m3fn"
+        if torch.compiler.is_compiling():
+            return _COMPILING
+        if quantized and spec.is_grad_enabled:
+            return "quantized cache in grad mode"
+        if device == "cuda":  # no autograd across DLPack, and no GPU measurements for "auto" yet
+            if self.policy != "all":
+                return "on CUDA under policy 'auto'"
+            return "on CUDA in grad mode" if spec.is_grad_enabled else None
         if self.policy == "all":
-            return True
-        if spec.is_grad_enabled or spec.seq_len_kv < AUTO_MIN_KEYS:
-            return False
-        return quantized or (spec.dtype == torch.float32 and spec.head_dim >= AUTO_MIN_HEAD_DIM
-                             and (spec.batch_size or 1) * (spec.seq_len_q or 0) <= AUTO_MAX_QUERY_ROWS)
+            return None
+        return _auto_decline_reason(spec, quantized)
 
     def run(self, q_BSHD: Any, k_BSJD: Any, v_BSJD: Any, *, quantized_kv: Any = None, **kwargs: Any) -> Any:
         """Attention of ``q [B, T, N, H]`` over dense ``k``/``v [B, S, K, H]``, or over ``quantized_kv``'s keys and
@@ -164,6 +238,25 @@ class TabPFNAttentionBackend:
         import torch
 
         return torch.from_numpy(scaled_dot_product_attention(**views, **options))
+
+
+def _auto_decline_reason(spec: Any, quantized: bool) -> str | None:
+    """Why ``policy="auto"`` declines a CPU call it could run (``AUTO_RULE``), or None when it takes it."""
+    import torch
+
+    if spec.is_grad_enabled:
+        return "grad mode under policy 'auto'"
+    if spec.seq_len_kv < AUTO_MIN_KEYS:
+        return f"fewer than {AUTO_MIN_KEYS} keys (training rows)"
+    if quantized:
+        return None
+    if spec.dtype != torch.float32:
+        return "dense and not float32 under policy 'auto'"
+    if spec.head_dim < AUTO_MIN_HEAD_DIM:
+        return f"dense with heads under {AUTO_MIN_HEAD_DIM} under policy 'auto'"
+    if (spec.batch_size or 1) * (spec.seq_len_q or 0) > AUTO_MAX_QUERY_ROWS:
+        return f"dense with over {AUTO_MAX_QUERY_ROWS} query rows under policy 'auto'"
+    return None
 
 
 def _cuda_route(arrays: dict[str, Any]) -> str:
@@ -186,8 +279,15 @@ def _cuda_route(arrays: dict[str, Any]) -> str:
 
 
 def _on_torch(arrays: dict[str, Any], **options: Any) -> Any:
-    """Attention by our torch adapter on the tensors themselves (any device; autograd where they need it)."""
-    return scaled_dot_product_attention(**arrays, **options)
+    """Attention by our torch adapter on the tensors themselves (any device; autograd where they need it), with
+    torch's autocast off: under TabPFN's bfloat16 autocast (its default on CPUs with AVX512-BF16) torch would run
+    the adapter's float32 products of bfloat16 inputs in bfloat16 again, rounding logits of magnitude ~200 by ~1
+    (a TabPFN-3 call measured 3.7e-2 off float64 attention under autocast, 2.4e-3 without: bfloat16's output
+    rounding)."""
+    import torch
+
+    with torch.autocast(arrays["q"].device.type, enabled=False):
+        return scaled_dot_product_attention(**arrays, **options)
 
 
 def _on_cupy(arrays: dict[str, Any], **options: Any) -> Any:
@@ -272,8 +372,15 @@ def register(*, policy: str = "auto", batch_invariant: bool = False,
 
     Registering again with the same options returns the registered backend;
     with other options it replaces it. Raises ``ValueError``/``TypeError`` for
-    bad options and ``ImportError`` when tabpfn 9 is not installed.
+    bad options and ``ImportError`` when tabpfn 9 is not installed (also when
+    an older tabpfn is, or importing tabpfn fails).
+
+    ``stats()`` counts the calls the new backend takes and declines. A
+    ``UserWarning`` (once per registration) names the decline reasons when the
+    first forward pass of a TabPFN model over test rows after registering
+    took no call at all (see ``_watch_first_predict``).
     """
+    global _latest  # noqa: PLW0603
     if policy not in POLICIES:
         msg = f"policy must be one of {POLICIES}, got {policy!r}"
         raise ValueError(msg)
@@ -288,19 +395,92 @@ def register(*, policy: str = "auto", batch_invariant: bool = False,
             return current
         registry.unregister_attention_backend(BACKEND_NAME)
         registry.register_attention_backend(wanted)
+        _latest = wanted
+        _set_watch(_watch_first_predict(wanted))
     return wanted
 
 
 def unregister() -> None:
-    """Remove mha_cupy from TabPFN's registry (nothing happens when it is not registered)."""
+    """Remove mha_cupy from TabPFN's registry (nothing happens when it is not registered); ``stats()`` keeps the
+    counts of the backend until the next ``register``."""
     with _lock:
         _registry().unregister_attention_backend(BACKEND_NAME)
+        _set_watch(None)
 
 
 def registered() -> TabPFNAttentionBackend | None:
     """The mha_cupy backend now in TabPFN's registry, or None."""
     found = [b for b in _registry().registered_attention_backends() if b.name == BACKEND_NAME]
     return found[0] if found else None
+
+
+def stats() -> dict[str, Any]:
+    """The attention calls TabPFN offered the backend ``register`` made last, since then (or since
+    ``reset_stats()``): ``{"taken": int, "declined": {reason: int}}``, reasons most frequent first, e.g.
+    ``{"taken": 0, "declined": {"fewer than 8192 keys (training rows)": 16}}``. Zeros before any ``register``.
+
+    Every call TabPFN makes while mha_cupy is registered is counted once, except those inside regions that
+    ``torch.compile`` compiled (they are decided while tracing and never offered again).
+    """
+    backend = _latest
+    return backend.counts.snapshot() if backend is not None else {"taken": 0, "declined": {}}
+
+
+def reset_stats() -> None:
+    """Set ``stats()`` back to zero (it does not warn again: see ``register``)."""
+    backend = _latest
+    if backend is not None:
+        backend.counts.reset()
+
+
+def _set_watch(handle: Any) -> None:
+    """Replace the forward hook waiting for the first predicting pass (call with ``_lock`` held)."""
+    global _watch
+    if _watch is not None:
+        _watch.remove()
+    _watch = handle
+
+
+def _stop_watching(handle: Any) -> bool:
+    """Remove ``handle`` if it is still the watch; whether it was (so one pass of many threads warns)."""
+    with _lock:
+        if _watch is not handle:
+            return False
+        _set_watch(None)
+        return True
+
+
+def _watch_first_predict(backend: TabPFNAttentionBackend) -> Any:
+    """A one-shot forward hook on every torch module (``register_module_forward_hook``) that waits for the first
+    forward pass of a TabPFN model (``tabpfn.architectures.interface.Architecture``) over test rows, i.e. not a
+    ``fit_with_cache`` fit building its KV cache (``return_kv_cache=True``), then removes itself and warns when
+    ``backend`` took no call since it was registered. Returns the hook's handle.
+
+    TabPFN's estimators run one such pass per group of ensemble members on each predict, all over the same
+    training rows, so the first pass stands for the whole predict; when it returns, every attention call of that
+    pass has been offered (``register_module_forward_hook`` needs torch 2.1; tabpfn 9 needs 2.5). Until then every
+    module call in the process takes torch's hook path (a few microseconds each)."""
+    import torch
+    from tabpfn.architectures.interface import Architecture
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        del args, output
+        if not isinstance(module, Architecture) or kwargs.get("return_kv_cache") or not _stop_watching(handle):
+            return
+        counts = backend.counts.snapshot()
+        if counts["taken"] == 0:
+            warnings.warn(_nothing_taken(backend.policy, counts["declined"]), UserWarning, stacklevel=1)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    return handle
+
+
+def _nothing_taken(policy: str, declined: dict[str, int]) -> str:
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in declined.items()) or "none offered"
+    return (f"mha_cupy.tabpfn: a TabPFN predict ran without mha_cupy taking any attention call (policy={policy!r}; "
+            f"declined since register(): {reasons}). policy='auto' takes only {AUTO_RULE}, and TabPFN's keys are "
+            f"its training rows; register(policy='all') takes every call mha_cupy can run. mha_cupy.tabpfn.stats() "
+            f"counts the calls; this warning comes once per register().")
 
 
 def _options(backend: TabPFNAttentionBackend) -> tuple[Any, ...]:

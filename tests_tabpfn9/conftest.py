@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,6 +73,22 @@ def run_model(model: torch.nn.Module, kv_dtype: torch.dtype | None, seed: int = 
 def scaled_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     ref = reference.double()
     return float((actual.double() - ref).abs().max() / max(1.0, float(ref.abs().max())))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``checkpoint(kind, task=None)``: the path of a random-weight checkpoint (``checkpoints.write_checkpoint``,
+    the small models), written once per session."""
+    from checkpoints import checkpoint_name, write_checkpoint
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    written: dict[tuple[str, str | None], Path] = {}
+
+    def path(kind: str = "v3.5", task: str | None = None) -> Path:
+        if (kind, task) not in written:
+            written[kind, task] = write_checkpoint(folder / checkpoint_name(kind, task), kind, task)
+        return written[kind, task]
+    return path
 
 
 @pytest.fixture
