@@ -63,7 +63,7 @@ from ._budget import parse_memory_budget
 from ._validation import check_bool, keyword_hints
 from .attention import scaled_dot_product_attention
 
-__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
+__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MAX_HALF_QUANTIZED_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
 
 #: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
 #: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
@@ -87,9 +87,14 @@ BACKEND_NAME = "mha_cupy"
 AUTO_MIN_KEYS = 8192
 AUTO_MAX_QUERY_ROWS = 1024
 AUTO_MIN_HEAD_DIM = 32
+#: Quantized calls in half precision (TabPFN's bfloat16 autocast) are taken up to this many query rows: we compute
+#: them in float32, TabPFN in bfloat16; over 20,000 int8 keys (16 heads of 64 on 1 KV head) ours took 0.08, 0.59,
+#: 0.92, 1.04 and 1.22 of TabPFN's time at 1, 64, 256, 512 and 1024 rows, with the same error against float64
+#: (benchmarks/results/tabpfn-autocast-native-2026-12-04T1957.md).
+AUTO_MAX_HALF_QUANTIZED_ROWS = 256
 #: What ``policy="auto"`` takes, in words (the numbers are in the README and ``benchmarks/results``).
-AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys: from a quantized (int8 or float8_e4m3fn) KV cache, or "
-             f"dense float32 ones of at most {AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or "
+AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys: from a quantized (int8 or float8_e4m3fn) KV cache (in "
+             f"float16 or bfloat16: of at most {AUTO_MAX_HALF_QUANTIZED_ROWS} query rows), or dense float32 ones of at most {AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or "
              f"more; outside grad mode, on the CPU")
 _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
@@ -248,13 +253,16 @@ def _auto_decline_reason(spec: Any, quantized: bool) -> str | None:
         return "grad mode under policy 'auto'"
     if spec.seq_len_kv < AUTO_MIN_KEYS:
         return f"fewer than {AUTO_MIN_KEYS} keys (training rows)"
+    rows = (spec.batch_size or 1) * (spec.seq_len_q or 0)
     if quantized:
+        if spec.dtype in _torch_dtypes(("float16", "bfloat16")) and rows > AUTO_MAX_HALF_QUANTIZED_ROWS:
+            return f"quantized in half precision with over {AUTO_MAX_HALF_QUANTIZED_ROWS} query rows under policy 'auto'"
         return None
     if spec.dtype != torch.float32:
         return "dense and not float32 under policy 'auto'"
     if spec.head_dim < AUTO_MIN_HEAD_DIM:
         return f"dense with heads under {AUTO_MIN_HEAD_DIM} under policy 'auto'"
-    if (spec.batch_size or 1) * (spec.seq_len_q or 0) > AUTO_MAX_QUERY_ROWS:
+    if rows > AUTO_MAX_QUERY_ROWS:
         return f"dense with over {AUTO_MAX_QUERY_ROWS} query rows under policy 'auto'"
     return None
 

@@ -192,6 +192,10 @@ def test_declines_what_it_cannot_do(policy, changes):
     ({"seq_len_q": 100_000}, True, True),
     ({"quantized_kv_dtype": torch.float8_e4m3fn}, True, True),
     ({"dtype": torch.bfloat16}, True, True),
+    ({"dtype": torch.bfloat16, "seq_len_q": 256}, True, True),  # quantized in half precision: up to 256 rows
+    ({"dtype": torch.bfloat16, "seq_len_q": 257}, False, True),
+    ({"dtype": torch.float16, "seq_len_q": 128, "batch_size": 3}, False, True),
+    ({"dtype": torch.float32, "seq_len_q": 257}, True, True),
 ])
 def test_policies(changes, auto, all_):
     assert TabPFNAttentionBackend(policy="auto").is_preferred(_spec(**changes)) is auto
