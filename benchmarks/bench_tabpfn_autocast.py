@@ -13,23 +13,11 @@ Needs tabpfn 9 (``pip install "tabpfn==9.2.0" ".[fast]"``). Run, with nothing el
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_dispatch_argument, apply_dispatch, header, new_result, write_result  # noqa: E402
-
-
-def _median_s(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import add_dispatch_argument, apply_dispatch, header, median_time, new_result, write_result  # noqa: E402
 
 
 def measure(keys: int, queries: int, repeats: int) -> list[dict]:
@@ -59,7 +47,7 @@ def measure(keys: int, queries: int, repeats: int) -> list[dict]:
         for name, call in ways.items():
             out = call()
             err = float((out.double() - reference).abs().max() / max(1.0, float(reference.abs().max())))
-            rows.append({"keys": keys, "queries": queries, "way": name, "median_s": _median_s(call, repeats),
+            rows.append({"keys": keys, "queries": queries, "way": name, "median_s": median_time(call, repeats),
                          "scaled_error_vs_float64": err})
     base = rows[0]["median_s"]
     for r in rows:
