@@ -18,17 +18,18 @@ Which calls we take (``is_preferred`` sees only the call's shapes):
 - never: tensors on devices other than the CPU and CUDA, CUDA tensors while
   ``CUDA_ENABLED`` is False (the default: our CuPy and torch-CUDA paths have
   not passed a GPU run yet), dtypes other than float32/float64/float16/bfloat16,
-  quantized dtypes other than int8/float8_e4m3fn, calls while ``torch.compile``
-  traces, quantized calls with grad mode on (they take no gradients), CUDA
-  calls with grad mode on;
+  quantized dtypes other than int8/float8_e4m3fn, calls in grad mode while
+  ``torch.compile`` traces, quantized calls with grad mode on (they take no
+  gradients), CUDA calls with grad mode on;
 - ``policy="all"``: every other call (determinism, ``batch_invariant``), those
   in grad mode (CPU only) through our autograd node;
 - ``policy="auto"``: of those, only CPU calls outside grad mode where the
-  benchmark (``benchmarks/bench_tabpfn_backend.py``) shows us at least as fast
-  or leaner: calls over at least ``AUTO_MIN_KEYS`` keys (TabPFN's keys are its
-  training rows) that come from a quantized cache (no dense copy; 0.3-0.9 of
-  TabPFN's time at 20,000 keys) or are dense float32 ones of few query rows
-  (TabPFN's decoder over the training rows): ``AUTO_RULE`` below.
+  benchmarks (``benchmarks/bench_tabpfn_calls.py`` per call,
+  ``benchmarks/bench_tabpfn_estimator.py`` per predict) show us at least as
+  fast or leaner: calls over at least ``AUTO_MIN_KEYS`` keys (TabPFN's keys
+  are its training rows) that come from a quantized cache (no dense copy), or
+  dense float32/bfloat16 ones of few query rows (TabPFN's test rows over its
+  training rows): ``AUTO_RULE`` below.
   No CUDA call: on an H200 our CUDA routes were 2.2-2.9x TabPFN's time
   (``benchmarks/results/gpu-2026-12-04.md``).
 
@@ -63,7 +64,7 @@ from ._budget import parse_memory_budget
 from ._validation import check_bool, keyword_hints
 from .attention import scaled_dot_product_attention
 
-__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MAX_HALF_QUANTIZED_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
+__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MAX_UNGROUPED_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "OP_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
 
 #: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
 #: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
@@ -80,27 +81,30 @@ CUDA_ROUTE = "torch"
 POLICIES = ("auto", "all")
 #: The name the backend is registered under.
 BACKEND_NAME = "mha_cupy"
-#: ``policy="auto"`` takes calls over many keys: quantized ones, and dense ones of few query rows (batch × queries)
-#: with wide heads. Below these key counts TabPFN's own path measured faster (per-call overheads dominate); dense
-#: calls of 513-1024 query rows are about 1.2x slower alone but leaner (no contiguous copies of k and v), and the
-#: whole predict at 1024 test rows measured as fast.
+#: The torch operator ``run`` is inside regions ``torch.compile`` compiles (defined by ``register``).
+OP_NAME = "mha_cupy::tabpfn_attention"
+#: ``policy="auto"`` takes calls over many keys (TabPFN's training rows): quantized ones, and dense ones of few query
+#: rows (batch × queries) with wide heads. Measured per call kind of TabPFN-3.5 in both of TabPFN's CPU precisions
+#: (``benchmarks/bench_tabpfn_calls.py``; benchmarks/results/tabpfn-calls-native-2026-12-04T2059.md), ours against
+#: TabPFN's path at 10,000 and 20,000 keys: quantized 0.01-0.82 (float32) and 0.05-1.03 (bfloat16); dense with
+#: grouped heads (16 over 1) 0.02-0.85 and 0.37-0.95 up to 1024 rows; dense without (6 over 6, TabPFN's decoder)
+#: 0.14-0.89 in float32 up to 256 rows but 1.08-1.17 at 1024, and 0.96-4.3 in bfloat16; the training rows over
+#: themselves 0.97-1.08. Below ``AUTO_MIN_KEYS`` per-call overheads dominate.
 AUTO_MIN_KEYS = 8192
 AUTO_MAX_QUERY_ROWS = 1024
 AUTO_MIN_HEAD_DIM = 32
-#: Quantized calls in half precision (TabPFN's bfloat16 autocast) are taken up to this many query rows: we compute
-#: them in float32, TabPFN in bfloat16; over 20,000 int8 keys (16 heads of 64 on 1 KV head) ours took 0.08, 0.59,
-#: 0.92, 1.04 and 1.22 of TabPFN's time at 1, 64, 256, 512 and 1024 rows, with the same error against float64
-#: (benchmarks/results/tabpfn-autocast-native-2026-12-04T1957.md).
-AUTO_MAX_HALF_QUANTIZED_ROWS = 256
+#: Dense calls without grouped heads (as many key heads as query heads) are taken in float32 up to this many rows.
+AUTO_MAX_UNGROUPED_ROWS = 256
 #: What ``policy="auto"`` takes, in words (the numbers are in the README and ``benchmarks/results``).
-AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys: from a quantized (int8 or float8_e4m3fn) KV cache (in "
-             f"float16 or bfloat16: of at most {AUTO_MAX_HALF_QUANTIZED_ROWS} query rows), or dense float32 ones of at most {AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or "
-             f"more; outside grad mode, on the CPU")
+AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys (training rows), outside grad mode, on the CPU: those "
+             f"from a quantized (int8 or float8_e4m3fn) KV cache, and dense float32 or bfloat16 ones of at most "
+             f"{AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or more, grouped (fewer key heads "
+             f"than query heads) or, in float32, of at most {AUTO_MAX_UNGROUPED_ROWS} query rows")
 _FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 #: Dtypes CuPy holds (q, k, v, quantized k/v, scales): a call with any other (bfloat16, float8) takes the torch route.
 _CUPY_DTYPES = ("float32", "float64", "float16", "int8")
-_COMPILING = "while torch.compile traces"
+_COMPILING = "grad mode while torch.compile traces"
 _lock = threading.Lock()
 #: The backend ``register`` made last (``stats`` reads its counts), and the forward hook waiting for the first
 #: predicting forward pass after it (None once that pass ran, or after ``unregister``).
@@ -108,8 +112,8 @@ _latest: TabPFNAttentionBackend | None = None
 _watch: Any = None
 
 
-@functools.cache
 def _torch_dtypes(names: tuple[str, ...]) -> frozenset[Any]:
+    """torch's dtypes by name (not cached: ``is_preferred`` runs while Dynamo traces, which ignores caches)."""
     import torch
 
     return frozenset(getattr(torch, n) for n in names)
@@ -192,8 +196,10 @@ class TabPFNAttentionBackend:
     def is_preferred(self, spec: Any) -> bool:
         """Whether to take a call described by TabPFN's ``AttentionSpec`` (cheap: shapes and flags only); each
         answer is counted in ``counts`` (``stats()``)."""
+        import torch
+
         reason = self.decline_reason(spec)
-        if reason != _COMPILING:  # no lock in code Dynamo traces; traced calls never come back here anyway
+        if not torch.compiler.is_compiling():  # no lock in code Dynamo traces: compiled calls count as they run
             self.counts.add(reason)
         return reason is None
 
@@ -214,7 +220,7 @@ class TabPFNAttentionBackend:
         quantized = spec.quantized_kv_dtype is not None
         if quantized and spec.quantized_kv_dtype not in _torch_dtypes(_QUANTIZED_DTYPES):
             return "quantized dtype not int8 or float8_e4m3fn"
-        if torch.compiler.is_compiling():
+        if spec.is_grad_enabled and torch.compiler.is_compiling():
             return _COMPILING
         if quantized and spec.is_grad_enabled:
             return "quantized cache in grad mode"
@@ -228,24 +234,65 @@ class TabPFNAttentionBackend:
 
     def run(self, q_BSHD: Any, k_BSJD: Any, v_BSJD: Any, *, quantized_kv: Any = None, **kwargs: Any) -> Any:
         """Attention of ``q [B, T, N, H]`` over dense ``k``/``v [B, S, K, H]``, or over ``quantized_kv``'s keys and
-        values with their scales (then ``k``/``v`` are None); returns ``[B, T, N, H]`` in q's dtype."""
+        values with their scales (then ``k``/``v`` are None); returns ``[B, T, N, H]`` in q's dtype. While
+        ``torch.compile`` traces, the call is the operator ``torch.ops.mha_cupy.tabpfn_attention`` (``OP_NAME``):
+        Dynamo sees its output's shape and dtype, and the compiled graph runs the same attention."""
         del kwargs  # informational context TabPFN may add
-        arrays = {"q": q_BSHD, "k": k_BSJD, "v": v_BSJD}
+        k, v, k_scale, v_scale = k_BSJD, v_BSJD, None, None
         if quantized_kv is not None:
-            arrays.update(k=quantized_kv.key, v=quantized_kv.value, k_scale=quantized_kv.key_scale,
-                          v_scale=quantized_kv.value_scale)
-        options = {"batch_invariant": self.batch_invariant, "memory_budget": self.memory_budget}
-        if q_BSHD.device.type == "cuda":
-            return (_on_cupy if _cuda_route(arrays) == "cupy" else _on_torch)(arrays, **options)
-        views = _numpy_views(arrays)
-        if views is None:
-            return _on_torch(arrays, **options)
+            k, v = quantized_kv.key, quantized_kv.value
+            k_scale, v_scale = quantized_kv.key_scale, quantized_kv.value_scale
         import torch
 
-        return torch.from_numpy(scaled_dot_product_attention(**views, **options))
+        if torch.compiler.is_compiling():
+            budget = None if self.memory_budget is None else parse_memory_budget(self.memory_budget)
+            return torch.ops.mha_cupy.tabpfn_attention(q_BSHD, k, v, k_scale, v_scale, self.batch_invariant, budget)
+        return _attend(q_BSHD, k, v, k_scale, v_scale, batch_invariant=self.batch_invariant,
+                       memory_budget=self.memory_budget)
 
 
-def _auto_decline_reason(spec: Any, quantized: bool) -> str | None:
+def _attend(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, **options: Any) -> Any:
+    """``run``'s attention on the route its tensors take: CUDA (``_cuda_route``), NumPy's adapter for CPU tensors
+    it can view (``_numpy_views``), else our torch adapter."""
+    arrays = {"q": q, "k": k, "v": v}
+    arrays.update({name: s for name, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s is not None})
+    if q.device.type == "cuda":
+        return (_on_cupy if _cuda_route(arrays) == "cupy" else _on_torch)(arrays, **options)
+    views = _numpy_views(arrays)
+    if views is None:
+        return _on_torch(arrays, **options)
+    import torch
+
+    return torch.from_numpy(scaled_dot_product_attention(**views, **options)).to(q.dtype)
+
+
+@functools.cache
+def _define_op() -> Any:
+    """Define ``OP_NAME`` (once, on ``register``): ``_attend`` as a torch custom operator with a fake
+    implementation (an empty ``[B, T, N, V]`` tensor in q's dtype and device), so that Dynamo traces a call of
+    ours in a compiled region (TabPFN-3.5's ``enable_torch_compile``) as one opaque node instead of declining it.
+    Calls it runs count as taken in ``stats()`` (they never reach ``is_preferred`` again). No autograd: the
+    backend declines compiled calls in grad mode."""
+    import torch
+
+    schema = "(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, bool batch_invariant, int? memory_budget) -> Tensor"
+
+    @torch.library.custom_op(OP_NAME, mutates_args=(), schema=schema)
+    def op(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, batch_invariant: bool, memory_budget: Any) -> Any:
+        backend = _latest
+        if backend is not None:
+            backend.counts.add(None)
+        return _attend(q, k, v, k_scale, v_scale, batch_invariant=batch_invariant, memory_budget=memory_budget)
+
+    @op.register_fake
+    def _(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, batch_invariant: bool, memory_budget: Any) -> Any:
+        del k, k_scale, v_scale, batch_invariant, memory_budget
+        return q.new_empty((*q.shape[:3], v.shape[3]))
+
+    return op
+
+
+def _auto_decline_reason(spec: Any, quantized: bool) -> str | None:  # noqa: PLR0911  one return per rule
     """Why ``policy="auto"`` declines a CPU call it could run (``AUTO_RULE``), or None when it takes it."""
     import torch
 
@@ -253,17 +300,19 @@ def _auto_decline_reason(spec: Any, quantized: bool) -> str | None:
         return "grad mode under policy 'auto'"
     if spec.seq_len_kv < AUTO_MIN_KEYS:
         return f"fewer than {AUTO_MIN_KEYS} keys (training rows)"
-    rows = (spec.batch_size or 1) * (spec.seq_len_q or 0)
     if quantized:
-        if spec.dtype in _torch_dtypes(("float16", "bfloat16")) and rows > AUTO_MAX_HALF_QUANTIZED_ROWS:
-            return f"quantized in half precision with over {AUTO_MAX_HALF_QUANTIZED_ROWS} query rows under policy 'auto'"
         return None
-    if spec.dtype != torch.float32:
-        return "dense and not float32 under policy 'auto'"
+    rows = (spec.batch_size or 1) * (spec.seq_len_q or 0)
+    if spec.dtype not in _torch_dtypes(("float32", "bfloat16")):
+        return "dense and not float32 or bfloat16 under policy 'auto'"
     if spec.head_dim < AUTO_MIN_HEAD_DIM:
         return f"dense with heads under {AUTO_MIN_HEAD_DIM} under policy 'auto'"
     if rows > AUTO_MAX_QUERY_ROWS:
         return f"dense with over {AUTO_MAX_QUERY_ROWS} query rows under policy 'auto'"
+    if spec.num_kv_heads == spec.num_heads and spec.dtype != torch.float32:
+        return "dense bfloat16 without grouped heads under policy 'auto'"
+    if spec.num_kv_heads == spec.num_heads and rows > AUTO_MAX_UNGROUPED_ROWS:
+        return f"dense without grouped heads with over {AUTO_MAX_UNGROUPED_ROWS} query rows under policy 'auto'"
     return None
 
 
@@ -343,14 +392,15 @@ def _cupy() -> Any:
 
 
 def _numpy_views(arrays: dict[str, Any]) -> dict[str, Any] | None:
-    """Zero-copy NumPy views of CPU tensors that need no gradient, or None where one cannot be viewed (another
-    device, grad, bfloat16, float8 without ml_dtypes): NumPy's adapter (numba kernels, a thread pool) is
-    measured faster than the torch adapter on TabPFN's calls (``benchmarks/bench_tabpfn_backend.py``)."""
-    import torch
-
+    """NumPy views of CPU tensors that need no gradient, or None where one cannot be viewed (another device, grad,
+    float8 without ml_dtypes): NumPy's adapter (numba kernels, a thread pool) is measured faster than the torch
+    adapter on TabPFN's calls (``benchmarks/bench_tabpfn_backend.py``). Views share memory, except bfloat16
+    tensors (TabPFN's autocast), which NumPy lacks: they become float32 copies, exact, the dtype every product
+    is computed in anyway (``run`` rounds the output back to bfloat16); a dense call's keys and values then cost
+    twice their bfloat16 bytes once more, beside the call's memory budget."""
     from ._backends import resolve_backend
 
-    if any(t.device.type != "cpu" or t.requires_grad or t.dtype == torch.bfloat16 for t in arrays.values()):
+    if any(t.device.type != "cpu" or t.requires_grad for t in arrays.values()):
         return None
     be = resolve_backend("torch")
     try:
@@ -396,6 +446,7 @@ def register(*, policy: str = "auto", batch_invariant: bool = False,
     if memory_budget is not None:
         parse_memory_budget(memory_budget)
     registry = _registry()
+    _define_op()
     wanted = TabPFNAttentionBackend(policy=policy, batch_invariant=batch_invariant, memory_budget=memory_budget)
     with _lock:
         current = registered()
@@ -427,8 +478,9 @@ def stats() -> dict[str, Any]:
     ``reset_stats()``): ``{"taken": int, "declined": {reason: int}}``, reasons most frequent first, e.g.
     ``{"taken": 0, "declined": {"fewer than 8192 keys (training rows)": 16}}``. Zeros before any ``register``.
 
-    Every call TabPFN makes while mha_cupy is registered is counted once, except those inside regions that
-    ``torch.compile`` compiled (they are decided while tracing and never offered again).
+    Every call TabPFN makes while mha_cupy is registered is counted once. Inside regions ``torch.compile``
+    compiled, calls are decided once while tracing: those we took count as taken each time they run
+    (``OP_NAME``), those we declined are not counted.
     """
     backend = _latest
     return backend.counts.snapshot() if backend is not None else {"taken": 0, "declined": {}}

@@ -181,21 +181,24 @@ def test_declines_what_it_cannot_do(policy, changes):
 
 @pytest.mark.parametrize(("changes", "auto", "all_"), [
     ({"quantized_kv_dtype": None}, True, True),  # few queries over many keys
-    ({"quantized_kv_dtype": None, "seq_len_q": 1024}, True, True),
-    ({"quantized_kv_dtype": None, "seq_len_q": 1025}, False, True),
-    ({"quantized_kv_dtype": None, "batch_size": 17}, False, True),
+    ({"quantized_kv_dtype": None, "seq_len_q": 256}, True, True),
+    ({"quantized_kv_dtype": None, "seq_len_q": 257}, False, True),  # no grouped heads: 256 rows at most
+    ({"quantized_kv_dtype": None, "seq_len_q": 1024, "num_kv_heads": 1}, True, True),
+    ({"quantized_kv_dtype": None, "seq_len_q": 1025, "num_kv_heads": 1}, False, True),
+    ({"quantized_kv_dtype": None, "batch_size": 5}, False, True),
     ({"quantized_kv_dtype": None, "seq_len_kv": 8191}, False, True),
     ({"seq_len_kv": 8191}, False, True),
     ({"quantized_kv_dtype": None, "head_dim": 16}, False, True),
     ({"quantized_kv_dtype": None, "dtype": torch.float64}, False, True),
+    ({"quantized_kv_dtype": None, "dtype": torch.float16, "num_kv_heads": 1}, False, True),
+    ({"quantized_kv_dtype": None, "dtype": torch.bfloat16, "num_kv_heads": 1}, True, True),
+    ({"quantized_kv_dtype": None, "dtype": torch.bfloat16}, False, True),  # bfloat16 without grouped heads
     ({"quantized_kv_dtype": None, "is_grad_enabled": True}, False, True),
     ({"seq_len_q": 100_000}, True, True),
     ({"quantized_kv_dtype": torch.float8_e4m3fn}, True, True),
     ({"dtype": torch.bfloat16}, True, True),
-    ({"dtype": torch.bfloat16, "seq_len_q": 256}, True, True),  # quantized in half precision: up to 256 rows
-    ({"dtype": torch.bfloat16, "seq_len_q": 257}, False, True),
-    ({"dtype": torch.float16, "seq_len_q": 128, "batch_size": 3}, False, True),
-    ({"dtype": torch.float32, "seq_len_q": 257}, True, True),
+    ({"dtype": torch.bfloat16, "seq_len_q": 4096}, True, True),  # quantized: any number of rows
+    ({"dtype": torch.float16, "seq_len_q": 128, "batch_size": 3}, True, True),
 ])
 def test_policies(changes, auto, all_):
     assert TabPFNAttentionBackend(policy="auto").is_preferred(_spec(**changes)) is auto

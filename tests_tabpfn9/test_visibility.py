@@ -37,7 +37,10 @@ def _spec(**changes: Any) -> AttentionSpec:
     ("all", {"is_grad_enabled": True}, "quantized cache in grad mode"),
     ("auto", {"quantized_kv_dtype": None, "is_grad_enabled": True}, "grad mode under policy 'auto'"),
     ("auto", {"seq_len_kv": 8191}, "fewer than 8192 keys (training rows)"),
-    ("auto", {"quantized_kv_dtype": None, "dtype": torch.bfloat16}, "dense and not float32 under policy 'auto'"),
+    ("auto", {"quantized_kv_dtype": None, "dtype": torch.float16}, "dense and not float32 or bfloat16 under policy 'auto'"),
+    ("auto", {"quantized_kv_dtype": None, "dtype": torch.bfloat16}, "dense bfloat16 without grouped heads under policy 'auto'"),
+    ("auto", {"quantized_kv_dtype": None, "seq_len_q": 257},
+     "dense without grouped heads with over 256 query rows under policy 'auto'"),
     ("auto", {"quantized_kv_dtype": None, "head_dim": 16}, "dense with heads under 32 under policy 'auto'"),
     ("auto", {"quantized_kv_dtype": None, "seq_len_q": 1025}, "dense with over 1024 query rows under policy 'auto'"),
     ("all", {"quantized_kv_dtype": None, "seq_len_q": 1025, "dtype": torch.bfloat16}, None),
@@ -123,9 +126,11 @@ def test_no_warning_when_calls_are_taken(checkpoint, registered):
 
 
 def test_a_cache_fit_is_not_a_predict(checkpoint, registered, monkeypatch):
-    """With fit_with_cache the fit's forward pass (building the cache: training rows over themselves, dense) takes
-    nothing under auto; only the predict, over the int8 cache, shows whether auto takes anything."""
+    """With fit_with_cache the fit's forward pass (building the cache: training rows over themselves, dense, 4 x 200
+    query rows, more than auto takes dense here) takes nothing under auto; only the predict, over the int8 cache,
+    shows whether auto takes anything."""
     monkeypatch.setattr(mha_cupy.tabpfn, "AUTO_MIN_KEYS", 100)
+    monkeypatch.setattr(mha_cupy.tabpfn, "AUTO_MAX_QUERY_ROWS", 100)
     registered(policy="auto")
     x, y = data("classifier")
     with warnings.catch_warnings():
