@@ -263,7 +263,10 @@ def _attend(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, **options: Any) 
         return _on_torch(arrays, **options)
     import torch
 
-    return torch.from_numpy(scaled_dot_product_attention(**views, **options)).to(q.dtype)
+    from ._backends import resolve_backend
+
+    out = scaled_dot_product_attention(**views, **options)
+    return resolve_backend("torch").bfloat16_from_numpy(out) if q.dtype == torch.bfloat16 else torch.from_numpy(out)
 
 
 @functools.cache

@@ -191,6 +191,25 @@ def test_float8_tensors_without_ml_dtypes_say_what_to_install(monkeypatch):
         to_numpy(torch.zeros(3, dtype=torch.float8_e4m3fn))
 
 
+def test_bfloat16_moves_between_torch_and_numpy_as_torch_converts():
+    """The torch adapter widens bfloat16 to float32 and rounds float32 to bfloat16 in NumPy (not by torch ops):
+    bit for bit what torch's own conversions give, specials and ties to even included."""
+    torch = require("torch")
+    from mha_cupy._backends import resolve_backend
+
+    be = resolve_backend("torch")
+    a = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * np.float32(1e3)
+    one = np.float32(1.0)
+    a[:11] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 3.4e38, -3.4e38, 1e-40, one + np.float32(2.0**-8),
+              one + np.float32(3 * 2.0**-8), one + np.float32(2.0**-9)]
+    rounded = be.bfloat16_from_numpy(a)
+    expected = torch.from_numpy(a).to(torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and torch.isnan(rounded[0])
+    assert torch.equal(rounded[1:].view(torch.int16), expected[1:].view(torch.int16))
+    np.testing.assert_array_equal(to_numpy(expected[1:]), expected[1:].float().numpy())
+    assert to_numpy(expected).dtype == np.float32
+
+
 def test_convert_round_trip(backend):
     a = np.arange(6.0).reshape(2, 3)
     there = convert(a, backend.adapter, backend.device)
