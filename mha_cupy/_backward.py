@@ -71,8 +71,11 @@ def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0
     nb, nt = b1 - b0, t1 - t0
     qs = core.fold(core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
     do = core.fold(d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
-    d_row = xp.sum(do * core.fold(out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
     l_row = core.fold(lse, b0, b1, t0, t1)
+    if core.limited or core.mask is not None:  # rows that see no key (padding, masked out) weigh 0 in dK and dV,
+        dead = l_row == core.scalars.neg_inf  # and 0 * NaN would poison them (jax-ml/jax#26328): zero those rows
+        qs, do = (xp.where(dead, core.scalars.zero, a) for a in (qs, do))
+    d_row = xp.sum(do * core.fold(out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
     l_row = safe_max(l_row, xp=xp)  # rows with no visible key: P is 0 there
     dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
     lo, hi = core.key_span(b0, b1, t0, t1)

@@ -8,6 +8,7 @@ import pytest
 
 import mha_cupy
 from helpers import keep_mask, require, visible
+from mha_cupy._backends import to_numpy
 from mha_cupy.testing import assert_close
 
 TOL = 1e-10
@@ -104,6 +105,24 @@ def test_chunkings_and_fully_masked_rows():
     for a, b in zip(whole, tiny):
         assert_close(a, b, rtol=1e-12)
     assert np.all(whole[0][:, :4] == 0)  # rows 0-3 see no key (bottom-right causal, T > S)
+
+
+@pytest.mark.parametrize("hidden", ["q_seq_lengths", "mask"])
+def test_nan_in_hidden_query_rows_leaves_key_gradients_finite(backend, hidden):
+    """A query row that sees no key (padding past ``q_seq_lengths``, or masked out) weighs 0 in dK and dV: a NaN
+    there must not reach them (jax-ml/jax#26328, pytorch/pytorch#41508). Independent expectation: the real row
+    alone, one key, so its weight is 1 and its gradients are closed-form (dq = 0, dk = 0, dv = d_out)."""
+    dt = "float32"
+    q = backend.asarray(np.array([0.5, np.nan]).reshape(1, 2, 1, 1), dtype=dt)
+    k, v = (backend.asarray(np.full((1, 1, 1, 1), x), dtype=dt) for x in (1.0, 2.0))
+    d_out = backend.asarray(np.array([1.0, np.nan]).reshape(1, 2, 1, 1), dtype=dt)
+    kw = ({"q_seq_lengths": backend.asarray(np.array([1], dtype=np.int32))} if hidden == "q_seq_lengths" else
+          {"mask": backend.asarray(np.array([True, False]).reshape(1, 2, 1, 1))})
+    dq, dk, dv = (to_numpy(g).astype(np.float64)
+                  for g in mha_cupy.scaled_dot_product_attention_vjp(q, k, v, d_out, **kw))
+    np.testing.assert_array_equal(dq.ravel(), [0.0, 0.0])
+    np.testing.assert_array_equal(dk.ravel(), [0.0])
+    np.testing.assert_array_equal(dv.ravel(), [1.0])
 
 
 def test_every_backend(backend):
