@@ -164,17 +164,18 @@ def _check_quantized_call(be: Any, q: Any, k: Any, v: Any) -> None:
 
 
 def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
-    """The forward as one node of the library's autograd, whose backward is ``attend_backward`` (mask and bias
-    are constants)."""
-    def forward(q: Any, k: Any, v: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The forward as one node of the library's autograd, whose backward is ``attend_backward``. Mask and bias
+    are inputs of the node without gradients, not constants it closes over: under an outer ``jax.jit`` they are
+    tracers, which a ``jax.custom_vjp`` cannot capture (jax-ml/jax#2912)."""
+    def forward(q: Any, k: Any, v: Any, mask: Any, bias: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         out, lse = attend(q, k, v, be=be, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
-        return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse)
+        return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse, mask, bias)
 
-    def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, Any, Any]:
-        q, k, v, out, lse = saved
-        return attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias)
+    def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
+        q, k, v, out, lse, mask, bias = saved
+        return (*attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias), None, None)
 
-    return be.differentiable(forward, backward, (q, k, v))
+    return be.differentiable(forward, backward, (q, k, v, mask, bias))
 
 
 @keyword_hints

@@ -155,3 +155,19 @@ def test_every_product_asks_for_full_float32(jnp):
     for name, (fn, *args) in programs.items():
         found = _dot_precisions(fn, *args)
         assert found and set(found) == {"[HIGHEST, HIGHEST]"}, (name, found)
+
+
+@pytest.mark.parametrize("given", ["mask", "bias"])
+def test_grad_of_jit_with_the_mask_or_bias_an_argument(given):
+    """``jax.grad(jax.jit(f))`` where the mask or bias is an argument of ``f`` (a tracer inside the node). q and k
+    all ones: every visible key weighs the same, so dv = (queries / visible keys) on visible keys, 0 elsewhere."""
+    jn = jax.numpy
+    q, k, v = jn.ones((1, 2, 1, 2)), jn.ones((1, 3, 1, 2)), jn.arange(6.0).reshape(1, 3, 1, 2)
+    extra = jn.array([True, True, False]).reshape(1, 1, 1, 3) if given == "mask" else jn.zeros((1, 2, 1, 3))
+    expected = np.array([1.0, 1, 1, 1, 0, 0]) if given == "mask" else np.full(6, 2 / 3)
+
+    def f(q, k, v, extra):
+        return jn.sum(scaled_dot_product_attention(q, k, v, **{given: extra}))
+
+    for grad in (jax.grad(jax.jit(f), argnums=2), jax.jit(jax.grad(f, argnums=2))):
+        np.testing.assert_allclose(np.asarray(grad(q, k, v, extra)).ravel(), expected, rtol=1e-6)

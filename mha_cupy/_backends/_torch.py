@@ -118,7 +118,7 @@ def _autograd_node() -> Any:
     class ExplicitBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, forward: Any, backward: Any, *inputs: Any) -> Any:
-            outputs, residuals = forward(*(x.detach() for x in inputs))
+            outputs, residuals = forward(*(None if x is None else x.detach() for x in inputs))
             ctx.backward_fn = backward
             ctx.save_for_backward(*residuals)
             ctx.mark_non_differentiable(*outputs[1:])
