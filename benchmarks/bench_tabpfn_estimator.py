@@ -36,16 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests_tabpfn9"))
 from _common import add_dispatch_argument, apply_dispatch, header, new_result, write_result  # noqa: E402
-from bench_tabpfn_backend import hold_freed_memory_back, peak_growth_mib  # noqa: E402
+from bench_tabpfn_backend import hold_freed_memory_back, peak_growth_mib, timed  # noqa: E402
 
 MODES = ("tabpfn", "auto", "all")
 
 
-def timed(call) -> tuple[float, float]:
+def seconds(call) -> tuple[float, float]:
     """Seconds of ``call()``, and no memory figure (the timing pass)."""
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start, float("nan")
+    return timed(call), float("nan")
 
 
 def peak(call) -> tuple[float, float]:
@@ -64,7 +62,7 @@ def fitted(path: Path, x, y, args):
     return TabPFNClassifier(**options).fit(x, y)
 
 
-def predict(mode: str, estimator, test, measure=timed) -> tuple[float, float, dict | None, list]:
+def predict(mode: str, estimator, test, measure=seconds) -> tuple[float, float, dict | None, list]:
     """One predict under ``mode``: ``measure``'s seconds and peak growth (MiB), ``stats()`` (None for TabPFN's own
     path) and the probabilities of the first row."""
     import mha_cupy.tabpfn
@@ -73,8 +71,8 @@ def predict(mode: str, estimator, test, measure=timed) -> tuple[float, float, di
         mha_cupy.tabpfn.register(policy=mode)
     try:
         out = {}
-        seconds, growth = measure(lambda: out.setdefault("p", estimator.predict_proba(test)))
-        return seconds, growth, (mha_cupy.tabpfn.stats() if mode != "tabpfn" else None), out["p"][0].tolist()
+        elapsed, growth = measure(lambda: out.setdefault("p", estimator.predict_proba(test)))
+        return elapsed, growth, (mha_cupy.tabpfn.stats() if mode != "tabpfn" else None), out["p"][0].tolist()
     finally:
         mha_cupy.tabpfn.unregister()
 

@@ -89,7 +89,7 @@ OP_NAME = "mha_cupy::tabpfn_attention"
 #: TabPFN's path at 10,000 and 20,000 keys: quantized 0.01-0.82 (float32) and 0.05-1.03 (bfloat16); dense with
 #: grouped heads (16 over 1) 0.02-0.85 and 0.37-0.95 up to 1024 rows; dense without (6 over 6, TabPFN's decoder)
 #: 0.14-0.89 in float32 up to 256 rows but 1.08-1.17 at 1024, and 0.96-4.3 in bfloat16; the training rows over
-#: themselves 0.97-1.08. Below ``AUTO_MIN_KEYS`` per-call overheads dominate.
+#: themselves 1.08-1.20 and 0.97-1.03. Below ``AUTO_MIN_KEYS`` per-call overheads dominate.
 AUTO_MIN_KEYS = 8192
 AUTO_MAX_QUERY_ROWS = 1024
 AUTO_MIN_HEAD_DIM = 32
@@ -399,7 +399,7 @@ def _numpy_views(arrays: dict[str, Any]) -> dict[str, Any] | None:
     float8 without ml_dtypes): NumPy's adapter (numba kernels, a thread pool) is measured faster than the torch
     adapter on TabPFN's calls (``benchmarks/bench_tabpfn_backend.py``). Views share memory, except bfloat16
     tensors (TabPFN's autocast), which NumPy lacks: they become float32 copies, exact, the dtype every product
-    is computed in anyway (``run`` rounds the output back to bfloat16); a dense call's keys and values then cost
+    is computed in anyway (``_attend`` rounds the output back to bfloat16); a dense call's keys and values then cost
     twice their bfloat16 bytes once more, beside the call's memory budget."""
     from ._backends import resolve_backend
 
