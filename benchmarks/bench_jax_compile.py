@@ -26,12 +26,12 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np
 import jax.numpy as jnp
-import mha_cupy._lazy as lazy
+import mha_cupy._route as route
 from mha_cupy import scaled_dot_product_attention as sdpa
 
 mode, T = sys.argv[1], int(sys.argv[2])
 if mode == "whole":  # every plan without dropout or lengths compiled as one program, chunked or not
-    lazy.compiles_whole = lambda plan, sizes: plan.dropout_key is None and plan.q_lengths is None
+    route.compiles_whole = lambda plan, sizes: plan.dropout_key is None and plan.q_lengths is None
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((1, T, 6, 32), dtype=np.float32)) for _ in range(3))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

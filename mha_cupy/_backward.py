@@ -1,6 +1,6 @@
 """The backward pass of attention (FlashAttention-2's), as explicit chunk loops in the Array API.
 
-Letters as in ``_core``. Given the forward's output ``O`` and log-sum-exp ``L``
+Letters as in ``_blocks``. Given the forward's output ``O`` and log-sum-exp ``L``
 and the output gradient ``dO``, each (batch, query) block recomputes its
 scores tile by tile, ``P = exp(scale q k^T + bias - L)`` (0 where masked), and
 with ``D = rowsum(dO * O)`` and the dropout factor ``Z`` (keep / (1 - p), or 1):
@@ -15,13 +15,14 @@ rows as in the forward, so dK and dV sum over each group inside the products.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 
 from ._backends import Backend
-from ._core import AttentionPlan, ChunkLoop, block_of
+from ._blocks import Blocks, block_of
 from ._merge import safe_max
+from ._plan import AttentionPlan
 from ._threads import run_blocks
 
 __all__ = ["attend_backward"]
@@ -36,7 +37,7 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, b
     gradients with respect to what they stand for).
     """
     xp = be.xp
-    core = ChunkLoop(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, 0, 0), scales=scales)
+    core = Blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, scales=scales)
     cdt = core.cdt
     B, T, N, H = q.shape
     S, K, V = k.shape[1], k.shape[2], v.shape[3]
@@ -60,54 +61,66 @@ def attend_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, d_out: Any, *, b
     dq = dqs[0]
     for part in dqs[1:]:
         dq = dq + part
-    return tuple(xp.astype(g, q.dtype) if g.dtype != q.dtype else g for g in (dq, dk, dv))
+    return tuple(xp.astype(g, q.dtype, copy=False) for g in (dq, dk, dv))
 
 
-def _block(core: ChunkLoop, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
+def _block(core: Blocks, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: int, b1: int, t0: int, t1: int,
            s_lo: int, s_hi: int) -> tuple[Any, Any, Any]:
     """One (batch, query) block over keys ``[s_lo, s_hi)``: its dq rows ``[b, t, N, H]``, and dk, dv with its
     contributions added (in place where arrays are writable)."""
-    xp, plan, K, G, H, cdt = core.xp, core.plan, core.K, core.G, core.H, core.cdt
-    nb, nt = b1 - b0, t1 - t0
-    qs = core.fold(core.q, b0, b1, t0, t1) * plan.scale  # [b, K, t*G, H]
-    do = core.fold(d_out, b0, b1, t0, t1)  # [b, K, t*G, V]
-    l_row = core.fold(lse, b0, b1, t0, t1)
+    xp, plan = core.xp, core.plan
+    rows = _Rows(*(core.fold(a, b0, b1, t0, t1) for a in (core.q, d_out, lse)), d_row=None)
+    qs, do, l_row = rows.qs * plan.scale, rows.do, rows.l_row  # [b, K, t*G, H], [b, K, t*G, V], [b, K, t*G, 1]
     if core.limited or core.mask is not None:  # rows that see no key (padding, masked out) weigh 0 in dK and dV,
         dead = l_row == core.scalars.neg_inf  # and 0 * NaN would poison them (jax-ml/jax#26328): zero those rows
         qs, do = (xp.where(dead, core.scalars.zero, a) for a in (qs, do))
     d_row = xp.sum(do * core.fold(out, b0, b1, t0, t1), axis=-1, keepdims=True)  # D = rowsum(dO * O)
-    l_row = safe_max(l_row, xp=xp)  # rows with no visible key: P is 0 there
-    dq = xp.zeros((nb, K, nt * G, H), dtype=cdt, device=core.dev)
+    rows = _Rows(qs, do, safe_max(l_row, xp=xp), d_row)  # rows with no visible key: P is 0 there
+    dq = xp.zeros(qs.shape, dtype=core.cdt, device=core.dev)
     lo, hi = core.key_span(b0, b1, t0, t1)
     s_end = min(s_hi, hi)
-    for s0 in range(max(s_lo, lo), s_end, plan.chunks.kv):  # both on the chunk grid
-        bsl, tsl, ssl = slice(b0, b1), slice(t0, t1), slice(s0, min(s_end, s0 + plan.chunks.kv))
-        ns = ssl.stop - ssl.start
-        kb, vb, allowed = core.key_chunk(bsl, tsl, ssl)  # hidden keys zeroed: 0 * NaN would poison the gradients
-        kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt)  # [b, K, s, H]
-        vb = xp.astype(xp.permute_dims(vb, (0, 2, 1, 3)), cdt)  # [b, K, s, V]
-        p, capped = _probabilities(core, qs, kb, l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
-        z = None
-        if plan.dropout_key is not None:
-            keep = xp.reshape(core.keep(bsl, tsl, ssl), (nb, K, nt * G, ns))
-            z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.scalars.zero)
-        p_kept = p if z is None else p * z
-        dv_blk = core.be.matmul(xp.matrix_transpose(p_kept), do)  # [b, K, s, V]
-        dp = core.be.matmul(do, xp.matrix_transpose(vb))
-        if z is not None:
-            dp = dp * z
-        ds = p * (dp - d_row)
-        if capped is not None:  # through c * tanh(x / c): times 1 - tanh(x / c)^2
-            ds = ds * (core.scalars.one - (capped / plan.softcap) ** 2)
-        dq = dq + core.be.matmul(ds, kb)
-        dk_blk = core.be.matmul(xp.matrix_transpose(ds), qs)  # scale dS^T q: qs carries the scale
-        idx = (bsl, ssl, Ellipsis)
-        dk = xpx.at(dk, idx).add(xp.permute_dims(dk_blk, (0, 2, 1, 3)))
-        dv = xpx.at(dv, idx).add(xp.permute_dims(dv_blk, (0, 2, 1, 3)))
-    return core.unfold(dq * plan.scale, nt), dk, dv
+    for s0 in core.key_chunks(max(s_lo, lo), s_end):  # both on the chunk grid
+        bsl, ssl = slice(b0, b1), slice(s0, min(s_end, s0 + plan.chunks.kv))
+        dq_part, dk_blk, dv_blk = _chunk(core, rows, bsl, slice(t0, t1), ssl)
+        dq = dq + dq_part
+        dk = xpx.at(dk, (bsl, ssl, Ellipsis)).add(xp.permute_dims(dk_blk, (0, 2, 1, 3)))
+        dv = xpx.at(dv, (bsl, ssl, Ellipsis)).add(xp.permute_dims(dv_blk, (0, 2, 1, 3)))
+    return core.unfold(dq * plan.scale, t1 - t0), dk, dv
 
 
-def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice,
+class _Rows(NamedTuple):
+    """A block's rows in the GEMM layout: scaled queries, dO, log-sum-exp and ``D = rowsum(dO * O)``."""
+
+    qs: Any
+    do: Any
+    l_row: Any
+    d_row: Any
+
+
+def _chunk(core: Blocks, rows: _Rows, bsl: slice, tsl: slice, ssl: slice) -> tuple[Any, Any, Any]:
+    """One key chunk of a block: its terms of dq ``[b, K, t*G, H]``, dk ``[b, K, s, H]`` and dv ``[b, K, s, V]``.
+    A function of its own so that its score tiles are freed when it returns, before the next chunk's exist."""
+    xp, cdt, (nb, K, ntg, _) = core.xp, core.cdt, rows.qs.shape
+    kb, vb, allowed = core.key_chunk(bsl, tsl, ssl)  # hidden keys zeroed: 0 * NaN would poison the gradients
+    kb = xp.astype(xp.permute_dims(kb, (0, 2, 1, 3)), cdt, copy=False)  # [b, K, s, H]
+    vb = xp.astype(xp.permute_dims(vb, (0, 2, 1, 3)), cdt, copy=False)  # [b, K, s, V]
+    p, capped = _probabilities(core, rows.qs, kb, rows.l_row, allowed, bsl, tsl, ssl)  # [b, K, t*G, s]
+    z, keep = None, core.keep(bsl, tsl, ssl)
+    if keep is not None:
+        keep = xp.reshape(keep, (nb, K, ntg, ssl.stop - ssl.start))
+        z = xp.where(keep, xp.asarray(core.keep_scale, dtype=cdt, device=core.dev), core.scalars.zero)
+    dv_blk = core.be.matmul(xp.matrix_transpose(p if z is None else p * z), rows.do)  # [b, K, s, V]
+    dp = core.be.matmul(rows.do, xp.matrix_transpose(vb))
+    if z is not None:
+        dp = dp * z
+    ds = p * (dp - rows.d_row)
+    del p, dp
+    if capped is not None:  # through c * tanh(x / c): times 1 - tanh(x / c)^2
+        ds = ds * (core.scalars.one - (capped / core.plan.softcap) ** 2)
+    return core.be.matmul(ds, kb), core.be.matmul(xp.matrix_transpose(ds), rows.qs), dv_blk  # qs carries the scale
+
+
+def _probabilities(core: Blocks, qs: Any, kb: Any, l_row: Any, allowed: Any, bsl: slice, tsl: slice,
                    ssl: slice) -> tuple[Any, Any]:
     """``exp(scores - L)`` of one tile ``[b, K, t*G, s]``, 0 where ``allowed`` (or None: all) hides a key; and the
     soft-capped logits (None without ``softcap``)."""
@@ -120,7 +133,7 @@ def _probabilities(core: ChunkLoop, qs: Any, kb: Any, l_row: Any, allowed: Any, 
     if core.bias is not None or allowed is not None:
         scores = xp.reshape(scores, (nb, K, nt, G, ns))
         if core.bias is not None:
-            scores = scores + xp.astype(block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt)
+            scores = scores + xp.astype(block_of(core.bias, bsl, tsl, ssl, (K, G), xp=xp), core.cdt, copy=False)
         if allowed is not None:
             scores = xp.where(allowed, scores, core.scalars.neg_inf)
         scores = xp.reshape(scores, (nb, K, nt * G, ns))

@@ -1,4 +1,4 @@
-"""Memory budgets and the chunk sizes they allow.
+"""Memory budgets: parsed, per-device defaults, ``get``/``set_memory_budget``.
 
 One budget bounds the working set of the attention loop of one call: the
 score tiles and their temporaries plus the per-row accumulators of the blocks
@@ -11,50 +11,12 @@ on accelerators).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from ._backends import Backend, resolve_backend
 from ._validation import check_positive_int, keyword_hints
 
-__all__ = [
-    "ACCELERATOR_KV_CHUNK",
-    "ACCELERATOR_Q_CHUNK",
-    "ACCELERATOR_TILE_ELEMENTS",
-    "DEFAULT_KV_CHUNK",
-    "DEFAULT_Q_CHUNK",
-    "MIN_QUERY_ROWS_PER_WORKER",
-    "TILE_ELEMENTS",
-    "ChunkPlan",
-    "get_memory_budget",
-    "set_memory_budget",
-    "parse_memory_budget",
-    "resolve_memory_budget",
-    "plan_chunks",
-]
-
-#: Largest key/value chunk the planner picks by itself on a CPU: 256-1024 measured
-#: fastest for NumPy on a 2-core x86 machine.
-DEFAULT_KV_CHUNK = 512
-#: The same on an accelerator (Rabe & Staats' 4096; not measured here), where tiles
-#: are bounded by the budget alone.
-ACCELERATOR_KV_CHUNK = 4096
-#: Score elements per block that the planner aims for (4 MiB of float32): tiles that
-#: stay in cache; measured 3-6 MiB fastest for NumPy on a 2-core x86 machine.
-TILE_ELEMENTS = 2**20
-#: Fewest (batch x query) rows per worker for which the planner splits the queries between the
-#: workers; below it, a call keeps its queries in one block and splits the keys instead
-#: (``_core``), so that K and V are read once in all rather than once per worker.
-MIN_QUERY_ROWS_PER_WORKER = 64
-#: Score elements of one block on an accelerator when few query rows leave the 4096 x 4096 tile half empty: a full
-#: tile over 8 heads. One query over 1,000,000 int8 keys then runs as one key chunk instead of 245 (launch-bound on
-#: an H200: 70-108 ms against 8 ms for dequantize-then-SDPA, benchmarks/results/gpu-2026-12-04.md).
-ACCELERATOR_TILE_ELEMENTS = 8 * 4096 * 4096
-#: Largest query chunk the planner picks by itself on a CPU.
-DEFAULT_Q_CHUNK = 1024
-#: The same on an accelerator (not measured on a GPU yet): with 4096-key chunks, a
-#: 16384-long self-attention is 4 x 4 tiles when the budget allows.
-ACCELERATOR_Q_CHUNK = 4096
+__all__ = ["get_memory_budget", "set_memory_budget", "parse_memory_budget", "resolve_memory_budget"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -111,100 +73,3 @@ def set_memory_budget(value: int | str | None) -> int | None:
     previous = _budget_override
     _budget_override = None if value is None else parse_memory_budget(value)
     return previous
-
-
-def _balanced(length: int, chunk: int) -> int:
-    """The smallest chunk that covers ``length`` in as many pieces as ``chunk`` does (256 = 128 + 128,
-    not 222 + 34): a short last piece costs a whole step's overhead for little work."""
-    return -(-length // -(-length // chunk)) if chunk > 0 else chunk
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Block sizes of the attention loop: batch rows, query rows, key rows."""
-
-    batch: int
-    q: int
-    kv: int
-
-
-def plan_chunks(
-    *,
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    heads: int,
-    d_k: int,
-    d_v: int,
-    compute_itemsize: int,
-    dropout: bool,
-    masked: bool,
-    budget: int,
-    biased: bool = False,
-    q_chunk: int | None = None,
-    kv_chunk: int | None = None,
-    workers: int = 1,
-    on_cpu: bool = True,
-    divisor: int = 1,
-    dequantized_key_bytes: int = 0,
-) -> ChunkPlan:
-    """Choose block sizes whose working set fits ``budget`` bytes.
-
-    Each of ``workers`` concurrent blocks gets an equal share of the budget.
-    Within it, on a CPU, a block's score tile is kept near ``TILE_ELEMENTS``
-    (larger tiles fall out of the caches and run slower), and blocks are made
-    small enough that every worker gets one. Few (batch x query) rows read
-    longer key chunks, up to a tile of ``TILE_ELEMENTS`` scores on a CPU and
-    ``ACCELERATOR_TILE_ELEMENTS`` on an accelerator. Explicit ``q_chunk`` /
-    ``kv_chunk`` (validated by the caller) are taken as given, clipped to the
-    lengths; the budget then sizes what is left, down to blocks of one batch row.
-    ``divisor`` (``save_peak_mem_factor``) divides each worker's share, but on a
-    CPU not below one cache-sized tile: smaller tiles would cost speed for
-    memory the factor's batch split already saves. ``dequantized_key_bytes``
-    is what one key of one batch row costs when quantized keys and values are
-    dequantized chunk by chunk (0 when they are not quantized): those chunks
-    take at most half of a worker's share.
-    """
-    explicit_kv = kv_chunk
-
-    # Bytes per score element alive at once in one step (``_core._online_softmax_step``): the tile and
-    # one temporary (the exponentials where they cannot be taken in place), one more for a mask's
-    # ``where``, a bias sum or the dropout select, the boolean mask, and the dropout hash's 64-bit lanes
-    # (ten alive at its peak: ~80-90 bytes per score measured in float32, `test_working_set_stays_within_the_budget`).
-    per_score = compute_itemsize * (2 + masked + biased + dropout) + masked + 80 * dropout
-    # Bytes per (batch, query, head) row outside the tile: scaled q, accumulator, its update, max and sum.
-    per_row = (d_k + 2 * d_v + 4) * compute_itemsize
-    share = max(1, budget // max(1, workers))
-    if divisor > 1:
-        floor = min(share, TILE_ELEMENTS * per_score) if on_cpu else 1
-        share = max(share // divisor, floor)
-
-    q_len, kv_len, batch = max(q_len, 1), max(kv_len, 1), max(batch, 1)
-    dequantized_keys = max(1, share // 2 // dequantized_key_bytes) if dequantized_key_bytes else kv_len
-    if kv_chunk is None:
-        # few queries in all: longer key chunks keep the tile near the target size (the budget still caps it)
-        default = max(DEFAULT_KV_CHUNK if on_cpu else ACCELERATOR_KV_CHUNK,
-                      (TILE_ELEMENTS if on_cpu else ACCELERATOR_TILE_ELEMENTS) // (heads * batch * q_len))
-        fits = max(0, (share // heads - per_row) // per_score)
-        kv_chunk = _balanced(kv_len, min(kv_len, default, fits, dequantized_keys))
-    kv_chunk = min(kv_chunk, kv_len)
-    row_bytes = heads * (kv_chunk * per_score + per_row)
-    rows = (share - min(share // 2, kv_chunk * dequantized_key_bytes)) // row_bytes
-    if q_chunk is None or kv_chunk < 1:
-        if rows < 1 or kv_chunk < 1:
-            need = heads * (min(kv_len, explicit_kv or 1) * per_score + per_row) * max(1, workers)
-            msg = (
-                f"memory_budget of {budget} bytes is too small for one query row of {heads} heads "
-                f"(needs at least {need} bytes with {workers} worker(s)); raise memory_budget or pass kv_chunk_size"
-            )
-            raise ValueError(msg)
-        if on_cpu:
-            rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
-        per_worker = -(-batch * q_len // max(1, workers))
-        if per_worker >= MIN_QUERY_ROWS_PER_WORKER:  # else one block, and the keys are split between the workers
-            rows = min(rows, per_worker)
-        q_chunk = _balanced(q_len, min(q_len, DEFAULT_Q_CHUNK if on_cpu else ACCELERATOR_Q_CHUNK, rows))
-    q_chunk = min(q_chunk, q_len)
-    batch_cap = dequantized_keys // max(1, kv_chunk) if dequantized_key_bytes else batch
-    b_chunk = max(1, min(batch, rows // q_chunk, batch_cap)) if rows >= q_chunk else 1
-    return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)

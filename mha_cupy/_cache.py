@@ -13,8 +13,9 @@ from typing import Any
 import array_api_extra as xpx
 
 from ._backends import Backend, device_of
+from ._validation import check_shape_and_dtype
 
-__all__ = ["KVCache", "QUANTIZED_MAX", "quantize"]
+__all__ = ["KVCache", "QUANTIZED_MAX", "precomputed_cache", "prepared", "quantize", "store_lazy"]
 
 #: The largest magnitude each quantized storage dtype holds: int8 symmetric in [-127, 127], float8_e4m3fn its
 #: finite range (TabPFN 9's ``QuantizedKVCacheEntry``).
@@ -137,3 +138,58 @@ class KVCache:
         scales = None if self.scales is None else tuple(cast(convert(s)) for s in self.scales_of(0, self.batch))
         payload = convert if self.quantized else (lambda a: cast(convert(a)))
         return KVCache(tuple(payload(a) for a in self.views()), self.length, scales, self.quantized)
+
+
+def precomputed_cache(pre_k: Any, pre_v: Any, pre_kv: Any, *, kv_heads: int, d_k: int, d_v: int, dtype: Any,
+                      be: Backend) -> KVCache | None:
+    """The cache holding a layer's precomputed keys/values (``kv_heads`` heads, or 1 shared head), checked; None
+    when there are none."""
+    K, H, V = kv_heads, d_k, d_v
+
+    def cached_heads(a: Any, axis: int) -> int:  # kv heads, or 1 for a first-head-only cache; else reported against K
+        return a.shape[axis] if a.ndim > axis and a.shape[axis] in (1, K) else K
+
+    if pre_kv is not None:
+        if H != V:
+            msg = (f"precomputed_kv stacks keys and values of one size and needs d_k == d_v, got d_k {H} and d_v {V}; "
+                   "use precomputed_k and precomputed_v")
+            raise ValueError(msg)
+        check_shape_and_dtype(pre_kv, "precomputed_kv", (None, None, 2, cached_heads(pre_kv, 3), H),
+                              legend="[batch, kv_len, 2, kv_heads or 1, d_k]", dtype=dtype, be=be)
+        return KVCache((pre_kv,), pre_kv.shape[1])
+    if pre_k is None:
+        return None
+    kh = cached_heads(pre_k, 2)
+    check_shape_and_dtype(pre_k, "precomputed_k", (None, None, kh, H), legend="[batch, kv_len, kv_heads or 1, d_k]",
+                          dtype=dtype, be=be)
+    check_shape_and_dtype(pre_v, "precomputed_v", (*pre_k.shape[:2], kh, V),
+                          legend="[batch, kv_len, kv_heads or 1, d_v]", dtype=dtype, be=be)
+    return KVCache((pre_k, pre_v), pre_k.shape[1])
+
+
+def prepared(cache: KVCache | None, mode: str | None, shapes: tuple[tuple[int, ...], ...], new_len: int, *,
+             be: Backend, dtype: Any, device: Any, quantized: str | None) -> tuple[KVCache | None, int]:
+    """The cache a call of cache ``mode`` (None, ``"replace"``, ``"append"``) writes its ``new_len`` rows into, and
+    where they start: grown when appending, newly allocated (``shapes``) when replacing; lazy caches are stored
+    whole by ``store_lazy`` instead."""
+    if mode is None or be.lazy_blocks:
+        return cache, 0
+    if mode == "append":
+        start = cache.length
+        cache.reserve(new_len, xp=be.xp)
+        cache.length += new_len
+        return cache, start
+    return KVCache.allocate(list(shapes), new_len, be=be, dtype=dtype, device=device, quantized=quantized), 0
+
+
+def store_lazy(cache: KVCache | None, mode: str, shapes: tuple[tuple[int, ...], ...], k: Any, v: Any, *,
+               xp: Any) -> tuple[KVCache, Any, Any]:
+    """Lazy keys/values cached as they are, chunks included (appends concatenate): the new cache, and the keys and
+    values the call attends to."""
+    kh = shapes[0][-2]
+    k_c, v_c = k[:, :, :kh, ...], v[:, :, :kh, ...]
+    new = (xp.stack([k_c, v_c], axis=2),) if len(shapes) == 1 else (k_c, v_c)
+    if mode == "append":
+        new = tuple(xp.concat([old, a], axis=1) for old, a in zip(cache.views(), new))
+    cache = KVCache(new, new[0].shape[1])
+    return (cache, *cache.keys_values(0, k.shape[0])) if mode == "append" else (cache, k, v)

@@ -7,6 +7,7 @@ length, E emsize, N heads, K kv heads, H d_k, V d_v.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, fields
@@ -14,9 +15,10 @@ from typing import Any
 
 from ._backends import Backend, backend_of, device_of, same_device
 from ._cache import KVCache
-from ._core import AttentionPlan, plan_attention
+from ._call import AttentionCall, check_options
+from ._plan import AttentionPlan, Sizes, ceil_div, plan_attention
 from ._random import STREAMS, derive_seed
-from ._validation import (check_array, check_bool, check_keywords, check_lengths, check_optional_positive_int, check_shape_and_dtype,
+from ._validation import (check_array, check_bool, check_keywords, check_optional_positive_int, check_shape_and_dtype,
                           shape_str)
 from .weights import Weights
 
@@ -111,8 +113,9 @@ class CallPlan:
     fixed_order: bool = False
 
 
-def plan_call(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> CallPlan:
-    """Check a call of ``layer`` and resolve it; raises before anything changes."""
+def plan_call(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions, *, backward: bool = False) -> CallPlan:
+    """Check a call of ``layer`` and resolve it (``backward``: the attention's tiles sized for a vjp); raises before
+    anything changes."""
     for name in _FLAGS:
         check_bool(getattr(opts, name), name)
     factor = check_optional_positive_int(opts.save_peak_mem_factor, "save_peak_mem_factor", minimum=2)
@@ -132,28 +135,37 @@ def plan_call(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> CallPl
     if mode == "append":
         kv_len = cache.length + new_len
     # Lazy chunked arrays (Dask) run as one part: their chunks, not the factor, bound each task's memory.
-    step = max(1, B if factor is None or layer.be.lazy_blocks else -(-B // factor))
+    step = max(1, B if factor is None or layer.be.lazy_blocks else ceil_div(B, factor))
     parts = tuple((b0, min(B, b0 + step)) for b0 in range(0, B, step)) or ((0, 0),)
-    seed = None
-    if opts.training and layer.dropout_p:
-        seed = derive_seed(layer.seed, STREAMS["dropout"], layer.calls)
-    kv_lengths = check_lengths(opts.kv_seq_lengths, "kv_seq_lengths", B, kv_len, "the keys' length", be=layer.be)
-    # Calls that read a quantized cache dequantize it chunk by chunk: those chunks count in the budget.
-    reads_quantized = cache is not None and cache.quantized is not None and (source == "cache" or mode == "append")
-    dequantized = 2 * layer.nhead_kv * (layer.d_k + layer.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
-    attention = plan_attention(
-        be=layer.be, device=layer.device, shape=(step, T, kv_len, layer.nhead, layer.d_k, layer.d_v),
-        dtype=layer.dtype, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0, seed=seed,
-        q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size, memory_budget=opts.memory_budget,
-        workers=opts.workers, budget_divisor=factor or 1, batch_invariant=opts.batch_invariant,
-        kv_lengths=kv_lengths, dequantized_key_bytes=dequantized,
-    )
+    attention = _attention_plan(layer, opts, Sizes(step, T, kv_len, layer.nhead, layer.nhead_kv, layer.d_k, layer.d_v),
+                                batch=B, divisor=factor or 1, backward=backward,
+                                reads_quantized=cache is not None and cache.quantized is not None
+                                and (source == "cache" or mode == "append"))
     return CallPlan(
         batch=B, q_len=T, kv_len=new_len, kv_source=source,
         project_heads=1 if opts.reuse_first_head_kv else layer.nhead_kv, cache_mode=mode, cache_shapes=shapes,
         add_input=opts.add_input, parts=parts, write_into_x=factor is not None and layer.be.item_assignment,
         attention=attention, fixed_order=opts.batch_invariant,
     )
+
+
+def _attention_plan(layer: LayerState, opts: CallOptions, sizes: Sizes, *, batch: int, divisor: int,
+                    reads_quantized: bool, backward: bool) -> AttentionPlan:
+    """The attention plan of one part (``sizes``) of a call over ``batch`` rows: the layer's scale and dropout
+    (call ``layer.calls``'s seed), the call's tuning; a quantized cache read dequantizes chunk by chunk, and
+    those chunks count in the budget."""
+    seed = None
+    if opts.training and layer.dropout_p:
+        seed = derive_seed(layer.seed, STREAMS["dropout"], layer.calls)
+    call = AttentionCall(None, None, None, scale=layer.scale, dropout_p=layer.dropout_p if seed is not None else 0.0,
+                         seed=seed, q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size,
+                         memory_budget=opts.memory_budget, workers=opts.workers, batch_invariant=opts.batch_invariant,
+                         kv_seq_lengths=opts.kv_seq_lengths)
+    dequantized = 2 * sizes.kv_heads * (sizes.d_k + sizes.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
+    problem = check_options(call, be=layer.be, device=layer.device, dtype=layer.dtype,
+                            sizes=sizes._replace(batch=batch), dequantized_key_bytes=dequantized, divisor=divisor,
+                            backward=backward)
+    return plan_attention(dataclasses.replace(problem, sizes=sizes))
 
 
 def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:

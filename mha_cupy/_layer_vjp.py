@@ -13,12 +13,10 @@ Every product is a 2-D GEMM over flattened rows; cached keys/values are constant
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
-from ._backward import attend_backward
-from ._core import attend
+from . import _route
 from ._layer_plan import CallPlan, LayerState
 from ._projections import queries_keys_values, rows_matmul
 
@@ -33,13 +31,12 @@ def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) 
     kv3 = xp.reshape(x_kv, (B, plan.kv_len, E)) if plan.kv_source == "cross" else None
     dy = xp.reshape(d_out, (B, T, E))
     q, k, v = queries_keys_values(layer, plan, x3, kv3, 0, B)
-    att_plan = dataclasses.replace(plan.attention, with_lse=True)
     scales = layer.cache.scales_of(0, B) if plan.kv_source == "cache" else (None, None)  # quantized: constants
-    heads, lse = attend(q, k, v, be=layer.be, plan=att_plan, scales=scales)
     N, V, H = layer.nhead, layer.d_v, layer.d_k
     w_out = xp.reshape(layer.weights.w_out, (N * V, E))
     d_heads = xp.reshape(rows_matmul(layer, plan, dy, xp.matrix_transpose(w_out)), (B, T, N, V))
-    dq, dk, dv = attend_backward(q, k, v, heads, lse, d_heads, be=layer.be, plan=att_plan, scales=scales)
+    heads, (dq, dk, dv) = _route.vjp(q, k, v, d_heads, be=layer.be, plan=plan.attention, scales=scales,
+                                     vjp_of="MultiHeadAttention.vjp")
     grads = {"w_out": xp.reshape(_weight_grad(heads, dy, be=layer.be), (N, V, E))}
     w_q, d_wq = _q_weight(layer), _weight_grad(dq, x3, be=layer.be)
     dx = rows_matmul(layer, plan, xp.reshape(dq, (B, T, N * H)), w_q)

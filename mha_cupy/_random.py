@@ -26,7 +26,6 @@ from typing import Any
 import array_api_compat
 
 from ._backends import resolve_backend
-from ._validation import check_int_in
 
 __all__ = ["MASK32", "STREAMS", "philox4x32", "philox4x32_scalar", "split_seed", "derive_seed", "random_seed", "uniform"]
 
@@ -123,8 +122,8 @@ def random_seed() -> int:
 
 
 def split_seed(seed: int) -> tuple[int, int]:
-    """The Philox key ``(low word, high word)`` of a seed in ``[0, 2**64)``."""
-    seed = check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
+    """The Philox key ``(low word, high word)`` of a seed in ``[0, 2**64)`` (checked by the caller:
+    ``_validation.check_seed``)."""
     return seed & MASK32, seed >> 32
 
 

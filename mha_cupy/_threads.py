@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from ._backends import Backend, device_of
+from ._plan import ceil_div
 
 __all__ = ["run_blocks", "matmul_rows"]
 
@@ -45,7 +46,7 @@ def matmul_rows(a: Any, b: Any, *, be: Backend, workers: int, fixed_order: bool 
     rows = a.shape[0]
     if workers <= 1 or rows < workers * MIN_GEMM_ROWS_PER_WORKER or not be.item_assignment:
         return be.matmul(a, b, fixed_order=fixed_order)
-    return _matmul_blocks(a, b, -(-rows // workers), be=be, workers=workers, fixed_order=fixed_order)
+    return _matmul_blocks(a, b, ceil_div(rows, workers), be=be, workers=workers, fixed_order=fixed_order)
 
 
 def _matmul_blocks(a: Any, b: Any, step: int, *, be: Backend, workers: int, fixed_order: bool) -> Any:

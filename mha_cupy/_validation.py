@@ -27,6 +27,7 @@ __all__ = [
     "check_optional_positive_int",
     "check_probability",
     "check_int_in",
+    "check_seed",
     "check_array",
     "check_bool",
     "check_finite_real",
@@ -166,6 +167,11 @@ def check_int_in(value: Any, name: str, low: int, high: int, text: str) -> int:
         msg = f"{name} must be an int in {text}, got {result}"
         raise ValueError(msg)
     return result
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A 64-bit seed: an integral scalar in ``[0, 2**64)``."""
+    return check_int_in(value, name, 0, 2**64, "[0, 2**64)")
 
 
 def check_probability(value: Any, name: str) -> float:

@@ -1,4 +1,5 @@
-"""The public attention function: validate once, resolve a plan, run the chunked core.
+"""The public attention functions: a call described and checked once (``_call``), planned (``_plan``) and routed
+(``_route``) to the chunk loops.
 
 Letters: B batch, T query length, S key length, N query heads, K key/value
 heads, H key size (d_k), V value size (d_v).
@@ -7,46 +8,19 @@ heads, H key size (d_k), V value size (d_v).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
-from ._backends import backend_of, device_of
-from ._backward import attend_backward
-from ._core import attend, plan_attention
-from ._lazy import run_attention
+from . import _route
+from ._backends import backend_of
+from ._call import VJP_EXCLUDED, AttentionCall, check_call, signature
 from ._merge import merge_partials
-from ._random import random_seed, split_seed
-from ._validation import (keyword_hints, check_array, check_bool, check_lengths, check_mask, check_probability, check_quantized,
-                          check_scale, check_shape_and_dtype, check_softcap, check_window)
+from ._plan import plan_attention
+from ._validation import check_array, check_shape_and_dtype, keyword_hints
 
 __all__ = ["scaled_dot_product_attention", "scaled_dot_product_attention_vjp", "merge_attention"]
 
 
-@keyword_hints
-def scaled_dot_product_attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    is_causal: bool = False,
-    q_chunk_size: int | None = None,
-    kv_chunk_size: int | None = None,
-    memory_budget: int | str | None = None,
-    workers: int | None = None,
-    return_lse: bool = False,
-    batch_invariant: bool = False,
-    k_scale: Any = None,
-    v_scale: Any = None,
-    q_seq_lengths: Any = None,
-    kv_seq_lengths: Any = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    softcap: float | None = None,
-) -> Any:
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, **options: Any) -> Any:
     """Attention of ``q [B, T, N, H]`` over ``k [B, S, K, H]``, ``v [B, S, K, V]``, in memory-bounded chunks.
 
     The layout is batch, sequence, heads, head size (TabPFN's ``(B, S, H, D)``), not torch's ``[B, N, T, H]``:
@@ -136,70 +110,18 @@ def scaled_dot_product_attention(
         that may attend no key (fully masked) returns zeros, where PyTorch
         returns NaN.
     """
-    be, plan, mask, bias, scales = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask,
-                                            bias=bias, is_causal=is_causal, q_chunk_size=q_chunk_size,
-                                            kv_chunk_size=kv_chunk_size, memory_budget=memory_budget, workers=workers,
-                                            return_lse=return_lse, batch_invariant=batch_invariant,
-                                            k_scale=k_scale, v_scale=v_scale, q_seq_lengths=q_seq_lengths,
-                                            kv_seq_lengths=kv_seq_lengths, local_window_size=local_window_size,
-                                            softcap=softcap)
-    if any(s is not None for s in scales):
-        _check_quantized_call(be, q, k, v)
-        return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias, scales=scales)
-    if be.needs_grad(q, k, v):
-        return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias)
-    return run_attention(q, k, v, be=be, plan=plan, mask=mask, bias=bias)
+    checked = check_call(AttentionCall.of(q, k, v, options, where="scaled_dot_product_attention()"))
+    be, problem = checked.be, checked.problem
+    gradient = be.needs_grad(checked.q, checked.k, checked.v)
+    return _route.forward(checked.q, checked.k, checked.v, be=be, plan=plan_attention(problem), mask=checked.mask,
+                          bias=checked.bias, scales=checked.scales, gradient=gradient,
+                          backward_plan=plan_attention(dataclasses.replace(problem, backward=True)) if gradient else None)
 
 
-def _check_quantized_call(be: Any, q: Any, k: Any, v: Any) -> None:
-    """What quantized keys or values cannot be combined with (yet)."""
-    if be.needs_grad(q, k, v):
-        msg = ("k_scale/v_scale: quantized keys or values take no gradients; run without gradients "
-               "(torch.no_grad(); on JAX outside jax.grad and jax.jit, whose traced arrays may carry them), or pass "
-               "dequantized k and v")
-        raise TypeError(msg)
-    if be.lazy_blocks:
-        msg = f"k_scale/v_scale do not take {be.name} arrays yet; pass in-memory arrays, or dequantized k and v"
-        raise TypeError(msg)
+scaled_dot_product_attention.__signature__ = signature(("q", "k", "v"), "Any")  # type: ignore[attr-defined]
 
 
-def _with_gradient(be: Any, q: Any, k: Any, v: Any, *, plan: Any, mask: Any, bias: Any) -> Any:
-    """The forward as one node of the library's autograd, whose backward is ``attend_backward``. Mask and bias
-    are inputs of the node without gradients, not constants it closes over: under an outer ``jax.jit`` they are
-    tracers, which a ``jax.custom_vjp`` cannot capture (jax-ml/jax#2912)."""
-    def forward(q: Any, k: Any, v: Any, mask: Any, bias: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        out, lse = attend(q, k, v, be=be, plan=dataclasses.replace(plan, with_lse=True), mask=mask, bias=bias)
-        return ((out, lse) if plan.with_lse else (out,)), (q, k, v, out, lse, mask, bias)
-
-    def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
-        q, k, v, out, lse, mask, bias = saved
-        return (*attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias), None, None)
-
-    return be.differentiable(forward, backward, (q, k, v, mask, bias))
-
-
-@keyword_hints
-def scaled_dot_product_attention_vjp(
-    q: Any,
-    k: Any,
-    v: Any,
-    d_out: Any,
-    *,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    mask: Any = None,
-    bias: Any = None,
-    is_causal: bool = False,
-    q_chunk_size: int | None = None,
-    kv_chunk_size: int | None = None,
-    memory_budget: int | str | None = None,
-    workers: int | None = None,
-    q_seq_lengths: Any = None,
-    kv_seq_lengths: Any = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    softcap: float | None = None,
-) -> tuple[Any, Any, Any]:
+def scaled_dot_product_attention_vjp(q: Any, k: Any, v: Any, d_out: Any, **options: Any) -> tuple[Any, Any, Any]:
     """Gradients of ``sum(scaled_dot_product_attention(q, k, v, ...) * d_out)`` with respect to q, k and v.
 
     Layouts ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, V]``, ``d_out [B, T, N, V]`` (batch, sequence,
@@ -230,72 +152,15 @@ def scaled_dot_product_attention_vjp(
         Arrays of ``q``'s, ``k``'s and ``v``'s shapes, in ``q``'s library, device and dtype. Grouped
         heads' gradients are summed over each group (``dk``, ``dv`` have K heads).
     """
-    if check_probability(dropout_p, "dropout_p") > 0 and seed is None:
-        msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
-        raise ValueError(msg)
-    be, plan, mask, bias, _ = _resolve(q, k, v, scale=scale, dropout_p=dropout_p, seed=seed, mask=mask, bias=bias,
-                                       is_causal=is_causal, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
-                                       memory_budget=memory_budget, workers=workers, return_lse=True,
-                                       batch_invariant=False, budget_divisor=2,  # three tiles live per step, not two
-                                       q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
-                                       local_window_size=local_window_size, softcap=softcap)
-    check_array(d_out, "d_out")
-    backend_of(q, d_out, names=("q", "d_out"))
-    B, T, N, _ = q.shape
-    check_shape_and_dtype(d_out, "d_out", (B, T, N, v.shape[3]), legend="[batch, q_len, heads, d_v]", dtype=q.dtype,
-                          be=be)
-    if be.lazy_blocks:
-        msg = f"scaled_dot_product_attention_vjp does not take {be.name} arrays yet; compute them into blocks first"
-        raise TypeError(msg)
-    out, lse = attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias)
-    return attend_backward(q, k, v, out, lse, d_out, be=be, plan=plan, mask=mask, bias=bias)
+    where = "scaled_dot_product_attention_vjp"
+    checked = check_call(AttentionCall.of(q, k, v, options, where=f"{where}()", excluded=VJP_EXCLUDED), d_out=d_out)
+    _, grads = _route.vjp(checked.q, checked.k, checked.v, checked.d_out, be=checked.be,
+                          plan=plan_attention(checked.problem), mask=checked.mask, bias=checked.bias, vjp_of=where)
+    return grads
 
 
-def _resolve(q: Any, k: Any, v: Any, *, scale: Any, dropout_p: Any, seed: Any, mask: Any, bias: Any, is_causal: Any,
-             q_chunk_size: Any, kv_chunk_size: Any, memory_budget: Any, workers: Any, return_lse: Any,
-             batch_invariant: Any, budget_divisor: int = 1, k_scale: Any = None, v_scale: Any = None,
-             q_seq_lengths: Any = None, kv_seq_lengths: Any = None, local_window_size: Any = None,
-             softcap: Any = None) -> tuple[Any, Any, Any, Any, tuple[Any, Any]]:
-    """Every argument checked, and the call resolved: ``(backend, plan, mask, bias, (k_scale, v_scale))``, masks
-    4-D, scales ``[B|1, 1, 1, 1]`` arrays or None."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        check_array(a, name)
-    scale_arrays = [None if isinstance(s, numbers.Real) else s for s in (k_scale, v_scale)]  # numbers are no library's
-    be = backend_of(q, k, v, mask, bias, *scale_arrays, q_seq_lengths, kv_seq_lengths,
-                    names=("q", "k", "v", "mask", "bias", "k_scale", "v_scale", "q_seq_lengths", "kv_seq_lengths"))
-    check_shape_and_dtype(q, "q", (None, None, None, None), legend="[batch, q_len, heads, d_k]", be=be)
-    B, T, N, H = q.shape
-    check_shape_and_dtype(k, "k", (B, None, None, H), legend="[batch, kv_len, kv_heads, d_k]", dtype=False, be=be)
-    S, K = k.shape[1], k.shape[2]
-    check_shape_and_dtype(v, "v", (B, S, K, None), legend="[batch, kv_len, kv_heads, d_v]", dtype=False, be=be)
-    scales = tuple(check_quantized(a, name, s, batch=B, dtype=q.dtype, be=be)
-                   for a, name, s in ((k, "k", k_scale), (v, "v", v_scale)))
-    if K == 0 or N % K:
-        msg = (f"q heads must be a multiple of k/v heads: q has {N} heads, got k/v with {K}; arrays are [B, T, N, H] "
-               "(from torch's [B, N, T, H]: .permute(0, 2, 1, 3))")
-        raise ValueError(msg)
-    scale = check_scale(scale, H)
-    dropout_p = check_probability(dropout_p, "dropout_p")
-    if dropout_p > 0 and seed is None:
-        seed = random_seed()
-    if seed is not None:
-        split_seed(seed)
-    # A dequantized chunk: the cast and the scaled copy of each quantized key's (or value's) K heads, in q's dtype.
-    dequantized = 2 * K * be.itemsize(q.dtype) * ((k_scale is not None) * H + (v_scale is not None) * v.shape[3])
-    mask = check_mask(mask, "mask", (B, T, N, S), be=be)
-    bias = check_mask(bias, "bias", (B, T, N, S), be=be, dtype=q.dtype)
-    plan = plan_attention(
-        be=be, device=device_of(q), shape=(B, T, S, N, H, v.shape[3]), dtype=q.dtype, scale=scale,
-        masked=mask is not None, biased=bias is not None, is_causal=check_bool(is_causal, "is_causal"),
-        dropout_p=dropout_p, seed=seed, q_chunk_size=q_chunk_size, kv_chunk_size=kv_chunk_size,
-        memory_budget=memory_budget, workers=workers, return_lse=check_bool(return_lse, "return_lse"),
-        batch_invariant=check_bool(batch_invariant, "batch_invariant"), budget_divisor=budget_divisor,
-        dequantized_key_bytes=dequantized,
-        q_lengths=check_lengths(q_seq_lengths, "q_seq_lengths", B, T, "q_len", be=be),
-        kv_lengths=check_lengths(kv_seq_lengths, "kv_seq_lengths", B, S, "kv_len", be=be),
-        window=check_window(local_window_size), softcap=check_softcap(softcap),
-    )
-    return be, plan, mask, bias, scales
+scaled_dot_product_attention_vjp.__signature__ = signature(  # type: ignore[attr-defined]
+    ("q", "k", "v", "d_out"), "tuple[Any, Any, Any]", excluded=VJP_EXCLUDED)
 
 
 @keyword_hints
@@ -341,9 +206,8 @@ def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
         msg = "outs must have at least one dimension [..., d_v], got 0-d arrays"
         raise ValueError(msg)
     xp = be.xp
-    parts = [xp.astype(o, lses[0].dtype) if o.dtype != lses[0].dtype else o for o in outs]
-    out, lse = merge_partials(parts, lses, xp=xp)
-    return (xp.astype(out, outs[0].dtype) if out.dtype != outs[0].dtype else out), lse
+    out, lse = merge_partials([xp.astype(o, lses[0].dtype, copy=False) for o in outs], lses, xp=xp)
+    return xp.astype(out, outs[0].dtype, copy=False), lse
 
 
 def _as_parts(parts: Any, name: str) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ from typing import Any
 import array_api_compat
 
 from ._random import MASK32, philox4x32, split_seed
+from ._validation import check_probability, check_seed
 
 __all__ = ["keep_threshold", "keep_mask", "keep_decision"]
 
@@ -26,7 +27,7 @@ def keep_mask(seed: int, p: float, b: Any, h: Any, i: Any, j: Any) -> Any:
     dtype that broadcast to the mask's shape; the result is True where the
     weight is kept.
     """
-    return keep_decision(b, h, i, j, key=split_seed(seed), threshold=keep_threshold(p))
+    return keep_decision(b, h, i, j, key=split_seed(check_seed(seed)), threshold=keep_threshold(check_probability(p, "p")))
 
 
 def keep_decision(b: Any, h: Any, i: Any, j: Any, *, key: tuple[int, int], threshold: int) -> Any:

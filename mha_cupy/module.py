@@ -14,8 +14,8 @@ import inspect
 from typing import Any
 
 from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, dtype_name, resolve_backend, same_device
-from ._cache import QUANTIZED_MAX, KVCache
-from ._lazy import run_attention
+from . import _route
+from ._cache import QUANTIZED_MAX, KVCache, precomputed_cache, prepared, store_lazy
 from ._random import random_seed
 from ._layer_plan import CallOptions, CallPlan, LayerState, plan_call
 from ._layer_vjp import layer_vjp
@@ -25,11 +25,11 @@ from ._validation import (
     check_array,
     check_bool,
     check_finite_real,
-    check_int_in,
     check_positive_int,
     check_precomputed_combination,
     check_probability,
     check_scale,
+    check_seed,
     check_shape_and_dtype,
     check_weight_combination,
 )
@@ -135,7 +135,7 @@ class MultiHeadAttention:
         self.softmax_scale = None if softmax_scale is None else self.scale
         check_bool(initialize_output_to_zero, "initialize_output_to_zero")
         self.init_gain = check_finite_real(init_gain, "init_gain")
-        self.seed = random_seed() if seed is None else check_int_in(seed, "seed", 0, 2**64, "[0, 2**64)")
+        self.seed = random_seed() if seed is None else check_seed(seed)
         self._calls = 0
 
         precomputed = (precomputed_k, precomputed_v, precomputed_kv)
@@ -196,7 +196,8 @@ class MultiHeadAttention:
                 raise ValueError(msg)
         check_weight_combination(given, nhead=self.nhead, kv_heads=self.nhead_kv, d_k=self.d_k, d_v=self.d_v)
         self._check_weight_shapes(given)
-        cache = self._precomputed_cache(precomputed_k, precomputed_v, precomputed_kv)
+        cache = precomputed_cache(precomputed_k, precomputed_v, precomputed_kv, kv_heads=self.nhead_kv, d_k=self.d_k,
+                                  d_v=self.d_v, dtype=self.dtype, be=self._be)
         self._weights = Weights(**{n: given[n] for n in WEIGHT_NAMES})
         self._cache = cache
 
@@ -206,30 +207,6 @@ class MultiHeadAttention:
                             ("w_kv", (2, K, H, E)), ("w_qkv", (3, N, H, E))):
             if given[name] is not None:
                 check_shape_and_dtype(given[name], name, shape, dtype=self.dtype, be=self._be)
-
-    def _precomputed_cache(self, pre_k: Any, pre_v: Any, pre_kv: Any) -> KVCache | None:
-        """The cache holding precomputed keys/values (K heads, or 1 shared head), checked."""
-        K, H, V, dt, be = self.nhead_kv, self.d_k, self.d_v, self.dtype, self._be
-
-        def cached_heads(a: Any, axis: int) -> int:
-            # kv heads, or 1 for a first-head-only cache; anything else is reported against K
-            return a.shape[axis] if a.ndim > axis and a.shape[axis] in (1, K) else K
-
-        if pre_kv is not None:
-            if H != V:
-                msg = f"precomputed_kv stacks keys and values of one size and needs d_k == d_v, got d_k {H} and d_v {V}; use precomputed_k and precomputed_v"
-                raise ValueError(msg)
-            check_shape_and_dtype(pre_kv, "precomputed_kv", (None, None, 2, cached_heads(pre_kv, 3), H),
-                                  legend="[batch, kv_len, 2, kv_heads or 1, d_k]", dtype=dt, be=be)
-            return KVCache((pre_kv,), pre_kv.shape[1])
-        if pre_k is None:
-            return None
-        kh = cached_heads(pre_k, 2)
-        check_shape_and_dtype(pre_k, "precomputed_k", (None, None, kh, H),
-                              legend="[batch, kv_len, kv_heads or 1, d_k]", dtype=dt, be=be)
-        check_shape_and_dtype(pre_v, "precomputed_v", (*pre_k.shape[:2], kh, V),
-                              legend="[batch, kv_len, kv_heads or 1, d_v]", dtype=dt, be=be)
-        return KVCache((pre_k, pre_v), pre_k.shape[1])
 
     w_out = property(lambda self: self._weights.w_out, doc="``[N, V, E]``")
     w_q = property(lambda self: self._weights.w_q, doc="``[1, N, H, E]`` or None")
@@ -373,23 +350,24 @@ class MultiHeadAttention:
             Same namespace, device and dtype as ``x``.
         """
         opts = CallOptions.from_keywords(options, where="MultiHeadAttention.__call__")
-        plan = plan_call(self._state(), x, x_kv, opts)
+        state = self._state()
+        plan = plan_call(state, x, x_kv, opts)
         if self._be.needs_grad(x, x_kv, *self._weights.present().values()):
-            return self._run_with_gradient(plan, x, x_kv)
-        return self._run(plan, x, x_kv)
+            return self._run_with_gradient(state, plan, x, x_kv)
+        return self._run(state, plan, x, x_kv)
 
-    def _run_with_gradient(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
+    def _run_with_gradient(self, state: LayerState, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """``_run`` as one node of the library's autograd (torch, JAX), whose backward is ``layer_vjp``."""
         if plan.cache_mode is not None or plan.write_into_x:
             msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
                    "be False when inputs or weights require grad (cache under torch.no_grad())")
             raise ValueError(msg)
-        state, weights = self._state(), self._weights.present()
+        weights = self._weights.present()
         names = list(weights)
         n_in = 1 if x_kv is None else 2
 
         def forward(*inputs: Any) -> tuple[tuple[Any], tuple[Any, ...]]:
-            return (self._run(plan, inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
+            return (self._run(state, plan, inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
 
         def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
             dx, dx_kv, grads = layer_vjp(state, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
@@ -428,28 +406,31 @@ class MultiHeadAttention:
             if getattr(opts, name):
                 msg = f"vjp does not write the cache or x: {name} must be False, got {getattr(opts, name)!r}"
                 raise ValueError(msg)
-        plan = plan_call(self._state(), x, x_kv, opts)
-        if self._be.lazy_blocks:
-            msg = f"vjp does not take {self._be.name} arrays yet; compute them into blocks first"
-            raise TypeError(msg)
+        state = self._state()
+        plan = plan_call(state, x, x_kv, opts, backward=True)
         check_array(d_out, "d_out")
         backend_of(x, d_out, names=("x", "d_out"))
         check_shape_and_dtype(d_out, "d_out", tuple(x.shape), legend="like x", dtype=self.dtype, be=self._be)
+        grads = layer_vjp(state, plan, x, x_kv, d_out)
         if plan.attention.dropout_key is not None:
             self._calls += 1  # a vjp is a forward call too: the next call draws the next mask
-        return layer_vjp(self._state(), plan, x, x_kv, d_out)
+        return grads
 
-    def _run(self, plan: CallPlan, x: Any, x_kv: Any) -> Any:
+    def _run(self, state: LayerState, plan: CallPlan, x: Any, x_kv: Any) -> Any:
         """Execute a resolved call: the only place a call changes the layer."""
         xp, E = self.xp, self.emsize
         x_flat = xp.reshape(x, (plan.batch, plan.q_len, E))
         kv_flat = xp.reshape(x_kv, (plan.batch, plan.kv_len, E)) if plan.kv_source == "cross" else None
         if plan.attention.dropout_key is not None:
             self._calls += 1
-        offset = self._prepare_cache(plan)
+        if plan.cache_mode == "replace":
+            self._cache = None  # free the old cache before allocating the new one
+        self._cache, offset = prepared(self._cache, plan.cache_mode, plan.cache_shapes, plan.kv_len, be=self._be,
+                                       dtype=self.dtype, device=self.device, quantized=self._kv_cache_dtype)
         results = []
         for b0, b1 in plan.parts:
-            y = self._part(plan, x_flat[b0:b1, ...], None if kv_flat is None else kv_flat[b0:b1, ...], b0, b1, offset)
+            kv_part = None if kv_flat is None else kv_flat[b0:b1, ...]
+            y = self._part(state, plan, x_flat[b0:b1, ...], kv_part, b0, b1, offset)
             if plan.add_input:
                 y = x_flat[b0:b1, ...] + y
             if plan.write_into_x:
@@ -459,27 +440,12 @@ class MultiHeadAttention:
         out = x_flat if plan.write_into_x else (results[0] if len(results) == 1 else xp.concat(results, axis=0))
         return xp.reshape(out, x.shape)
 
-    def _prepare_cache(self, plan: CallPlan) -> int:
-        """Allocate (or grow, when appending) the cache for this call's rows; return where they start."""
-        if plan.cache_mode is None or self._be.lazy_blocks:  # lazy caches are stored whole by _store_lazy
-            return 0
-        if plan.cache_mode == "append":
-            start = self._cache.length
-            self._cache.reserve(plan.kv_len, xp=self.xp)
-            self._cache.length += plan.kv_len
-            return start
-        self._cache = None  # free the old cache before allocating the new one
-        self._cache = KVCache.allocate(list(plan.cache_shapes), plan.kv_len, be=self._be, dtype=self.dtype,
-                                       device=self.device, quantized=self._kv_cache_dtype)
-        return 0
-
-    def _part(self, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int, offset: int) -> Any:
+    def _part(self, state: LayerState, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int, offset: int) -> Any:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
-        xp = self.xp
-        q, k, v = queries_keys_values(self._state(), plan, x, x_kv, b0, b1)
+        q, k, v = queries_keys_values(state, plan, x, x_kv, b0, b1)
         scales = (None, None)
         if plan.cache_mode is not None and self._be.lazy_blocks:
-            k, v = self._store_lazy(plan, k, v)
+            self._cache, k, v = store_lazy(self._cache, plan.cache_mode, plan.cache_shapes, k, v, xp=self.xp)
         elif plan.cache_mode is not None:
             self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v, be=self._be)
             if plan.cache_mode == "append":
@@ -487,21 +453,11 @@ class MultiHeadAttention:
                 scales = self._cache.scales_of(b0, b1)
         elif plan.kv_source == "cache":
             scales = self._cache.scales_of(b0, b1)
-        heads = run_attention(q, k, v, be=self._be, plan=plan.attention, offsets=(b0, 0, 0), scales=scales)
+        heads = _route.forward(q, k, v, be=self._be, plan=plan.attention, scales=scales, offsets=(b0, 0, 0),
+                               gradient=False)
         N, V, T = self.nhead, self.d_v, q.shape[1]
-        return rows_matmul(self._state(), plan, xp.reshape(heads, (b1 - b0, T, N * V)),
-                           xp.reshape(self._weights.w_out, (N * V, self.emsize)))
-
-    def _store_lazy(self, plan: CallPlan, k: Any, v: Any) -> tuple[Any, Any]:
-        """Cache lazy keys/values as they are, chunks included (appends concatenate); the keys and values
-        this call attends to."""
-        xp, kh = self.xp, plan.cache_shapes[0][-2]
-        k_c, v_c = k[:, :, :kh, ...], v[:, :, :kh, ...]
-        new = (xp.stack([k_c, v_c], axis=2),) if len(plan.cache_shapes) == 1 else (k_c, v_c)
-        if plan.cache_mode == "append":
-            new = tuple(xp.concat([old, a], axis=1) for old, a in zip(self._cache.views(), new))
-        self._cache = KVCache(new, new[0].shape[1])
-        return self._cache.keys_values(0, plan.batch) if plan.cache_mode == "append" else (k, v)
+        return rows_matmul(state, plan, self.xp.reshape(heads, (b1 - b0, T, N * V)),
+                           self.xp.reshape(self._weights.w_out, (N * V, self.emsize)))
 
     def _state(self) -> LayerState:
         """What a call needs of this layer, read once (``_layer_plan.LayerState``)."""

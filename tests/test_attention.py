@@ -131,8 +131,9 @@ class CountingMatmul:
 
 def test_causal_skips_hidden_chunks():
     from mha_cupy._backends import NumpyBackend
-    from mha_cupy._budget import ChunkPlan
-    from mha_cupy._core import AttentionPlan, attend
+    from mha_cupy._plan import ChunkPlan
+    from mha_cupy._core import attend
+    from mha_cupy._plan import AttentionPlan
 
     counting = CountingMatmul()
     be = type("FreshTiles", (NumpyBackend,), {"matmul_writes_out": False})(counting)  # every product via xp.matmul
@@ -323,11 +324,12 @@ def test_lse_is_float32_for_half_and_single_precision():
 @pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(dropout_p=0.3, seed=9)], ids=["plain", "causal", "dropout"])
 def test_keys_split_across_workers_when_blocks_are_few(kw):
     from mha_cupy._backends import resolve_backend
-    from mha_cupy._core import plan_attention
+    from mha_cupy._plan import Problem, Sizes, plan_attention
 
     q, k, v = data(24, B=1, T=3, S=200, N=4, K=1, H=8, V=5)
-    plan = plan_attention(be=resolve_backend("numpy"), device="cpu", shape=(1, 3, 200, 4, 8, 5), dtype=np.float64,
-                          scale=0.3, kv_chunk_size=16, workers=4, dropout_p=kw.get("dropout_p", 0.0), seed=kw.get("seed"))
+    plan = plan_attention(Problem(be=resolve_backend("numpy"), device="cpu", dtype=np.float64,
+                                  sizes=Sizes(1, 3, 200, 4, 1, 8, 5), scale=0.3, workers=4, budget=32 * 2**20,
+                                  kv_chunk=16, dropout_p=kw.get("dropout_p", 0.0), seed=kw.get("seed")))
     assert plan.key_splits == 4 and plan.key_ranges(0, 200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
     keep = keep_mask(9, 0.3, 1, 4, 3, 200) if "seed" in kw else None
     expected = naive_attention(q, k, v, is_causal=kw.get("is_causal", False), keep=keep, dropout_p=kw.get("dropout_p", 0.0))

@@ -76,9 +76,8 @@ def test_layer_caches_streaming_and_training(jnp):
 def test_one_tile_calls_compile_whole_and_chunked_ones_step_by_step(jnp, monkeypatch):
     import dataclasses
 
-    from mha_cupy._budget import ChunkPlan
-    from mha_cupy._core import AttentionPlan
-    from mha_cupy._lazy import compiles_whole
+    from mha_cupy._plan import AttentionPlan, ChunkPlan
+    from mha_cupy._route import compiles_whole
 
     be, compiled = resolve_backend("jax"), []
     real = be.compile
@@ -100,7 +99,7 @@ def test_one_tile_calls_compile_whole_and_chunked_ones_step_by_step(jnp, monkeyp
 
 
 def test_parts_of_a_split_call_share_one_compiled_program(jnp, monkeypatch):
-    import mha_cupy._lazy as lazy
+    import mha_cupy._route as route
 
     traced = []
 
@@ -108,8 +107,8 @@ def test_parts_of_a_split_call_share_one_compiled_program(jnp, monkeypatch):
         traced.append(kwargs["offsets"])
         return real(*args, **kwargs)
 
-    real = lazy.attend
-    monkeypatch.setattr(lazy, "attend", counting_attend)
+    real = route.attend
+    monkeypatch.setattr(route, "attend", counting_attend)
     layer = MultiHeadAttention(emsize=16, nhead=4, d_k=4, d_v=4, xp="jax", seed=1)
     x = np.random.default_rng(2).standard_normal((8, 12, 16), dtype=np.float32)
     got = layer(jnp.asarray(x), save_peak_mem_factor=4, allow_inplace=True)

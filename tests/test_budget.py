@@ -1,4 +1,4 @@
-"""Memory budgets and chunk planning."""
+"""Memory budgets (``_budget``) and chunk planning (``_plan.plan_chunks``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 from helpers import require
 
 import mha_cupy
-from mha_cupy._budget import parse_memory_budget, plan_chunks, resolve_memory_budget
+from mha_cupy._budget import parse_memory_budget, resolve_memory_budget
+from mha_cupy._plan import Problem, Sizes
+from mha_cupy._plan import plan_chunks as _plan_chunks
 
 
 @pytest.mark.parametrize("text,nbytes", [("256MB", 256 * 10**6), ("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000),
@@ -53,6 +55,20 @@ def test_accelerator_budget_is_a_share_of_free_memory():
         assert resolve_memory_budget(None, be=fake, device="gpu") == 64 * 2**20
     finally:
         mha_cupy.set_memory_budget(previous)
+
+
+def plan_chunks(*, batch, q_len, kv_len, heads, d_k, d_v, compute_itemsize, dropout, masked, budget, q_chunk=None,
+                kv_chunk=None, workers=1, on_cpu=True, backward=False):
+    """``_plan.plan_chunks`` of a problem with these sizes and costs (float32 or float64 compute)."""
+    import numpy as np
+
+    be = mha_cupy._backends.resolve_backend("numpy")
+    be = be if on_cpu else FakeAccelerator(be.xp)
+    problem = Problem(be=be, device="cpu", dtype=np.float32 if compute_itemsize == 4 else np.float64,
+                      sizes=Sizes(batch, q_len, kv_len, heads, heads, d_k, d_v), scale=1.0, workers=workers,
+                      budget=budget, q_chunk=q_chunk, kv_chunk=kv_chunk, masked=masked,
+                      dropout_p=0.5 if dropout else 0.0, seed=1 if dropout else None, backward=backward)
+    return _plan_chunks(problem)
 
 
 def shape(**kw):
@@ -172,3 +188,58 @@ def test_dequantized_chunks_stay_within_the_budget(workers):
     finally:
         tracemalloc.stop()
     assert peak - out.nbytes <= budget, f"{(peak - out.nbytes) / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"
+
+
+def _traced_peak(fn):
+    """``fn()`` and the growth of traced memory at its peak (NumPy's arrays included), in bytes."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("budget", [2 * 2**20, 8 * 2**20, 32 * 2**20], ids=["2MiB", "8MiB", "32MiB"])
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(dropout_p=0.1, seed=1)], ids=["plain", "causal", "dropout"])
+def test_backward_working_set_stays_within_the_budget(kw, budget):
+    """The vjp's score tiles, their temporaries and each chunk's keys, values and key gradients fit the budget: the
+    traced peak of the whole call minus its three outputs and the forward's output and log-sum-exp (which the
+    backward reads, as the forward's own output is not counted) stays under it (one worker: each further worker
+    holds a dq of its own key range)."""
+    import numpy as np
+
+    from mha_cupy import scaled_dot_product_attention_vjp as vjp
+
+    rng = np.random.default_rng(0)
+    q, k, v, d_out = (rng.standard_normal((1, 4096, 6, 32), dtype=np.float32) for _ in range(4))
+    vjp(q[:, :4], k[:, :4], v[:, :4], d_out[:, :4])  # numba's kernels load once, not in the call
+    grads, peak = _traced_peak(lambda: vjp(q, k, v, d_out, memory_budget=budget, workers=1, **kw))
+    held = sum(g.nbytes for g in grads) + q.nbytes + q.nbytes // 32
+    assert peak - held <= budget, f"{(peak - held) / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"
+
+
+@pytest.mark.parametrize("budget", [2 * 2**20, 8 * 2**20, 32 * 2**20], ids=["2MiB", "8MiB", "32MiB"])
+def test_layer_backward_working_set_stays_within_the_budget(budget, monkeypatch):
+    """The same for ``MultiHeadAttention.vjp``'s attention (projections and weight gradients are not the
+    attention's): the traced peak of its attention backward minus its output, log-sum-exp and three gradients."""
+    import numpy as np
+
+    import mha_cupy._route as route
+
+    real, peaks = route.vjp, []
+
+    def measured(*args, **kwargs):
+        (out, grads), peak = _traced_peak(lambda: real(*args, **kwargs))
+        peaks.append(peak - out.nbytes - out.nbytes // 32 - sum(g.nbytes for g in grads))
+        return out, grads
+
+    layer = mha_cupy.MultiHeadAttention(emsize=192, nhead=6, d_k=32, d_v=32, seed=0)
+    x = np.random.default_rng(1).standard_normal((1, 4096, 192), dtype=np.float32)
+    layer.vjp(x[:, :4], x[:, :4])
+    monkeypatch.setattr(route, "vjp", measured)
+    layer.vjp(x, x, memory_budget=budget, workers=1)
+    assert peaks and peaks[0] <= budget, f"{peaks[0] / 2**20:.2f} MiB over a {budget / 2**20:.0f} MiB budget"

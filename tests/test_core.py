@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from mha_cupy._backends import Backend, NumpyBackend, resolve_backend
-from mha_cupy._budget import ChunkPlan, plan_chunks
-from mha_cupy._core import AttentionPlan, attend
+from mha_cupy._core import attend
+from mha_cupy._plan import AttentionPlan, ChunkPlan, Problem, Sizes, plan_chunks
 
 
 class Counted(np.ndarray):
@@ -86,8 +86,8 @@ def test_accelerator_default_is_a_few_large_tiles_at_16k():
         on_cpu = be.is_cpu("device")
         budget = be.default_memory_budget("device")
         workers = 2 if on_cpu else 1
-        plan = plan_chunks(batch=1, q_len=L, kv_len=L, heads=N, d_k=H, d_v=H, compute_itemsize=4, dropout=False,
-                           masked=False, budget=budget, workers=workers, on_cpu=on_cpu)
+        plan = plan_chunks(Problem(be=be, device="device", dtype=np.float32, sizes=Sizes(1, L, L, N, N, H, H), scale=1.0,
+                                   workers=workers, budget=budget))
         blocks = -(-L // plan.q)
         counts[name] = (plan, fixed + blocks * (per_block + -(-L // plan.kv) * per_chunk))
     acc_plan, acc_ops = counts["accelerator"]

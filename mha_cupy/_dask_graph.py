@@ -1,9 +1,6 @@
-"""Lazy chunked arrays decided at the entry points (array-api-extra's ``lazy_apply`` pattern): ``run_attention``
-runs the chunk loop on arrays in memory and builds a block graph for Dask arrays, so that ``_core`` knows
-nothing of Dask.
-
-On Dask: one task per (batch, query, key) block of chunks, merged by log-sum-exp.
-Letters as in ``_core``. Each task runs the ordinary chunk loop (``_core.attend``)
+"""Attention of Dask arrays as a block graph (routed here by ``_route``, so that the loops know nothing of Dask):
+one task per (batch, query, key) block of chunks, merged by log-sum-exp.
+Letters as in ``_blocks``. Each task runs the ordinary chunk loop (``_core.attend``)
 on its blocks, in the blocks' own library (NumPy or CuPy), with the block's
 global offsets, so dropout masks and the causal alignment are those of the whole
 problem. A block's result is its output and log-sum-exp packed in one array
@@ -22,39 +19,11 @@ from typing import Any
 import array_api_compat
 
 from ._backends import Backend, resolve_backend
-from ._core import AttentionPlan, attend
+from ._core import attend
 from ._merge import merge_partials
+from ._plan import AttentionPlan
 
-__all__ = ["run_attention", "check_chunks", "compiles_whole"]
-
-
-def run_attention(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
-                  offsets: tuple[int, int, int] = (0, 0, 0), scales: tuple[Any, Any] = (None, None)) -> Any:
-    """``_core.attend`` for arrays of any backend: in memory directly, lazy chunked ones as a block graph
-    (``scales`` of quantized keys and values only in memory: the entry point refuses them on lazy arrays)."""
-    if be.lazy_blocks:
-        return _attend_blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
-    if not compiles_whole(plan, (q.shape[0], q.shape[1], k.shape[1])):
-        return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, scales=scales)
-    # The batch offset only counts for dropout and row lengths, which such plans lack: one program serves every
-    # part of a call split by save_peak_mem_factor.
-    run = be.compile(attend, static_argnames=STATIC)
-    return run(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=(0, *offsets[1:]), scales=scales)
-
-
-#: ``attend``'s arguments that are not arrays: a compiled ``attend`` is specialised to them.
-STATIC = ("be", "plan", "offsets")
-
-
-def compiles_whole(plan: AttentionPlan, sizes: tuple[int, int, int]) -> bool:
-    """Whether a library that compiles (JAX) should compile all of ``attend`` as one program, once per shape, rather
-    than step by step, for a problem of ``sizes`` ``(B, T, S)``: only when the plan is one tile, since XLA keeps
-    the score tiles of a compiled loop alive together (1.9 GiB at T = S = 8192, against 0.14 GiB step by step),
-    and not when the plan carries values that change from call to call (a dropout seed, per-row lengths), which
-    would compile again on every call."""
-    B, T, S = sizes
-    one_tile = plan.chunks.batch >= B and plan.chunks.q >= T and plan.chunks.kv >= S
-    return one_tile and plan.dropout_key is None and plan.q_lengths is None and plan.kv_lengths is None
+__all__ = ["attend_blocks", "check_chunks"]
 
 
 def _starts(chunks: tuple[int, ...]) -> list[int]:
@@ -97,7 +66,7 @@ def _check_broadcast_chunks(name: str, a: Any, like: tuple[Any, ...]) -> None:
             raise ValueError(msg)
 
 
-def _attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
+def attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
                    offsets: tuple[int, int, int]) -> Any:
     """``_core.attend`` for Dask arrays: a lazy ``[B, T, N, V]`` output (and ``lse [B, T, N]`` with ``plan.with_lse``)."""
     import dask.array as da
@@ -176,7 +145,7 @@ def _merge_packed(a: Any, b: Any) -> Any:
 def _unpack_out(packed: Any, dtype: str) -> Any:
     xp = array_api_compat.array_namespace(packed)
     out = packed[..., :-1]
-    return xp.astype(out, getattr(xp, dtype)) if str(out.dtype) != dtype else out
+    return xp.astype(out, getattr(xp, dtype), copy=False)
 
 
 def _unpack_lse(packed: Any) -> Any:
