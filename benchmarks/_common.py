@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from importlib import metadata
@@ -23,10 +24,8 @@ def versions() -> dict:
         v["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    try:
+    with contextlib.suppress(metadata.PackageNotFoundError):
         v["tabpfn"] = metadata.version("tabpfn")
-    except metadata.PackageNotFoundError:
-        pass
     try:
         blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
         v["numpy_blas"] = f"{blas.get('name')} {blas.get('version')}"
@@ -96,7 +95,7 @@ def new_result(rows: list, **extra) -> dict:
     import datetime as _dt
     import sys
 
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     return {"date": now.isoformat(timespec="seconds"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": machine(), "versions": versions(), **extra, "rows": rows}
 

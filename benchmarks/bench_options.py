@@ -50,7 +50,7 @@ def main() -> None:
     from mha_cupy.testing import scaled_error
 
     rows = []
-    for name, (q, k, v), option, masked, L in cases():
+    for name, (q, k, v), option, masked, _ in cases():
         ref = sdpa(q, k, v, **masked)
         got = sdpa(q, k, v, **option)
         err = scaled_error(got, ref)

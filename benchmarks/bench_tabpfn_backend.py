@@ -229,7 +229,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     hold_freed_memory_back()
-    for row, (n_train, n_test, cache, y, x_test) in zip(rows, configurations()):  # then memory
+    for row, (_, _, cache, y, x_test) in zip(rows, configurations()):  # then memory
         for mode in MODES:
             row[mode]["peak_growth_mib"] = round(statistics.median(
                 predict(mode, x_test, y, cache, peak_growth_mib)[0] for _ in range(2)), 1)

@@ -6,6 +6,9 @@ fits it with an int8 KV cache, predicts from the cache through mha_cupy and thro
 checks that the two agree. With a fitted classifier it is the same two lines::
 
     import mha_cupy.tabpfn
+
+if TYPE_CHECKING:
+    import torch
     from tabpfn import TabPFNClassifier
 
     mha_cupy.tabpfn.register()                      # policy="auto": the calls over quantized KV caches
@@ -26,8 +29,12 @@ import argparse
 import importlib.metadata
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import mha_cupy.tabpfn
+
+if TYPE_CHECKING:
+    import torch
 
 
 def main() -> None:
@@ -52,7 +59,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = tabpfn_v3.get_architecture(tabpfn_v3.TabPFNV3Config(max_num_classes=10, nlayers=nlayers)).eval()
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random weights everywhere: TabPFN's initialisation zeroes projections that would hide attention
+    with (
+        torch.no_grad()
+    ):  # random weights everywhere: TabPFN's initialisation zeroes projections that would hide attention
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / max(1, p.shape[-1]) ** 0.5))
     x = torch.randn(n_train + n_test, 1, 10, generator=gen)  # [rows, batch, features]
@@ -80,7 +89,7 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def predict(model: "torch.nn.Module", x_test: "torch.Tensor", y: "torch.Tensor", cache: object) -> tuple["torch.Tensor", float]:
+def predict(model: torch.nn.Module, x_test: torch.Tensor, y: torch.Tensor, cache: object) -> tuple[torch.Tensor, float]:
     """Predictions from the cache, and the seconds of the second of two predicts (the first loads numba's
     compiled kernels, once per process)."""
     model(x_test, y, kv_cache=cache, x_is_test_only=True)

@@ -1,6 +1,6 @@
 """The backward pass of attention (FlashAttention-2's), as explicit chunk loops in the Array API.
 
-Letters as in ``_blocks``. Given the forward's output ``O`` and log-sum-exp ``L``
+Letters as in ``mha_cupy.attention``. Given the forward's output ``O`` and log-sum-exp ``L``
 and the output gradient ``dO``, each (batch, query) block recomputes its
 scores tile by tile, ``P = exp(scale q k^T + bias - L)`` (0 where masked), and
 with ``D = rowsum(dO * O)`` and the dropout factor ``Z`` (keep / (1 - p), or 1):

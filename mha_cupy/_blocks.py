@@ -3,8 +3,7 @@
 see (``key_span``, ``allowed``: mask, causal, window, row lengths), dropout's keep decisions (``keep``) and its key
 and value chunks (``key_chunk``: dequantized, hidden keys zeroed).
 
-Letters: B batch, T query length, S key length, N query heads, K key/value heads, G = N // K query heads per
-key/value head, H key size (d_k), V value size (d_v); ``mha_cupy.attention`` spells them out. Grouped heads are
+Letters as in ``mha_cupy.attention``. Grouped heads are
 folded into GEMM rows: the G query heads that share a key/value head become G * T rows of one matrix product
 against that head's keys, so keys and values are never repeated.
 """
@@ -29,7 +28,9 @@ def _slice_or_all(size: int, start: int, stop: int) -> slice:
 def block_of(x: Any, b: slice, t: slice, s: slice, groups: tuple[int, int], *, xp: Any) -> Any:
     """The ``[b', K', t', G', s']`` block of a 4-D mask/bias ``[B|1, T|1, N|1, S|1]`` for the folded layout."""
     mb, mt, mn, ms = x.shape
-    blk = x[_slice_or_all(mb, b.start, b.stop), _slice_or_all(mt, t.start, t.stop), :, _slice_or_all(ms, s.start, s.stop)]
+    blk = x[
+        _slice_or_all(mb, b.start, b.stop), _slice_or_all(mt, t.start, t.stop), :, _slice_or_all(ms, s.start, s.stop)
+    ]
     kh, g = groups if mn != 1 else (1, 1)
     blk = xp.reshape(blk, (blk.shape[0], blk.shape[1], kh, g, blk.shape[3]))
     return xp.permute_dims(blk, (0, 2, 1, 3, 4))
@@ -171,9 +172,9 @@ class Blocks:
         return xp.reshape(xp.permute_dims(xp.reshape(a, (nb, K, nt, G, d)), (0, 2, 1, 3, 4)), (nb, nt, K * G, d))
 
     def key_chunk(self, bsl: slice, tsl: slice, ssl: slice) -> tuple[Any, Any, Any]:
-        """Keys ``[b, s, K, H]`` and values ``[b, s, K, V]`` of chunk ``ssl`` for block ``(bsl, tsl)``, those no query of
-        the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key); quantized
-        ones dequantized (``dequantize``)."""
+        """Keys ``[b, s, K, H]`` and values ``[b, s, K, V]`` of chunk ``ssl`` for block ``(bsl, tsl)``, those no
+        query of the block may see zeroed (``hide_keys``), and ``allowed`` (None when every query sees every key);
+        quantized ones dequantized (``dequantize``)."""
         kb, vb = (self.dequantize(a[bsl, ssl, ...], scale, bsl, ssl) for a, scale in zip((self.k, self.v), self.scales))
         allowed = self.allowed(bsl, tsl, ssl)
         if allowed is not None and (self.mask is not None or self.plan.kv_lengths is not None):  # padding may be NaN

@@ -1,8 +1,8 @@
 """The layer's key/value cache: arrays along the sequence axis with spare capacity.
 
-Letters: B batch, S cached length, K kv heads (or 1 for a first-head cache),
-H d_k, V d_v. Writes go through array-api-extra's ``at``: in place where the
-library allows it, a functional update where arrays are immutable (JAX).
+Letters as in ``mha_cupy.attention`` (S: the cached length; K may be 1, for a first-head cache). Writes go through
+array-api-extra's ``at``: in place where the library allows it, a functional update where arrays are immutable
+(JAX). The cache's policy lives here too: precomputed keys/values, a call's replace or append, lazy caches.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._backends import Backend, device_of
+from ._backends import QUANTIZED_MAX, Backend, device_of
 from ._validation import check_shape_and_dtype
 
-__all__ = ["KVCache", "QUANTIZED_MAX", "precomputed_cache", "prepared", "quantize", "store_lazy"]
+__all__ = ["KVCache", "QUANTIZED_MAX", "attended", "precomputed_cache", "prepared", "quantize", "store_lazy"]
 
-#: The largest magnitude each quantized storage dtype holds: int8 symmetric in [-127, 127], float8_e4m3fn its
-#: finite range (TabPFN 9's ``QuantizedKVCacheEntry``).
-QUANTIZED_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 
 
 def quantize(a: Any, name: str, *, be: Backend) -> tuple[Any, Any]:
@@ -60,7 +57,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, shapes: list[tuple[int, ...]], length: int, *, be: Backend, dtype: Any, device: Any,
-                 quantized: str | None = None) -> "KVCache":
+                 quantized: str | None = None) -> KVCache:
         """An uninitialised cache of ``shapes`` (one, or two for the k/v layout) holding ``length`` rows, stored in
         ``dtype`` or quantized."""
         xp = be.xp
@@ -131,7 +128,7 @@ class KVCache:
         if self.scales is not None:
             self.scales = tuple(grow(s) for s in self.scales)
 
-    def moved(self, convert: Any, cast: Any = None) -> "KVCache":
+    def moved(self, convert: Any, cast: Any = None) -> KVCache:
         """A copy whose valid rows (and scales) went through ``convert`` (e.g. to another library), then the
         floating ones (not a quantized payload) through ``cast`` (e.g. to another float dtype)."""
         cast = cast or (lambda a: a)
@@ -193,3 +190,24 @@ def store_lazy(cache: KVCache | None, mode: str, shapes: tuple[tuple[int, ...], 
         new = tuple(xp.concat([old, a], axis=1) for old, a in zip(cache.views(), new))
     cache = KVCache(new, new[0].shape[1])
     return (cache, *cache.keys_values(0, k.shape[0])) if mode == "append" else (cache, k, v)
+
+
+def attended(cache: KVCache | None, mode: str | None, source: str, shapes: tuple[tuple[int, ...], ...], k: Any,
+             v: Any, rows: tuple[int, int], offset: int, *, be: Backend) -> tuple[KVCache | None, Any, Any, Any]:
+    """What batch rows ``rows = (b0, b1)`` of a call attend to, after the cache took this call's keys ``k`` and values
+    ``v`` (cache ``mode``: None, ``"replace"``, ``"append"``; written at ``offset``): the cache, keys, values and
+    the quantization scales of keys and values (``(None, None)``: not quantized). ``source`` is the call's
+    (``"self"``, ``"cross"``, ``"cache"``)."""
+    if mode is not None and be.lazy_blocks:
+        return (*store_lazy(cache, mode, shapes, k, v, xp=be.xp), (None, None))
+    b0, b1 = rows
+    if mode is not None:
+        assert cache is not None  # noqa: S101 - prepared() made it
+        cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v, be=be)
+        if mode == "append":
+            return (cache, *cache.keys_values(b0, b1), cache.scales_of(b0, b1))
+        return cache, k, v, (None, None)
+    if source == "cache":
+        assert cache is not None  # noqa: S101 - the call was checked against an empty cache
+        return cache, k, v, cache.scales_of(b0, b1)
+    return cache, k, v, (None, None)

@@ -6,8 +6,7 @@ checks every argument of a call, before anything runs, and resolves it into a ``
 (masks 4-D, quantization scales as arrays) and its ``_plan.Problem``. The layer, whose arrays do not exist when
 it plans, resolves its options with ``check_options`` alone.
 
-Letters: B batch, T query length, S key length, N query heads, K key/value heads, H key size (d_k), V value size
-(d_v); ``mha_cupy.attention`` spells them out.
+Letters as in ``mha_cupy.attention``.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ class AttentionCall:
 
     @classmethod
     def of(cls, q: Any, k: Any, v: Any, options: dict[str, Any], *, where: str,
-           excluded: tuple[str, ...] = ()) -> "AttentionCall":
+           excluded: tuple[str, ...] = ()) -> AttentionCall:
         """The call of ``where`` with ``options``: an unknown (or ``excluded``) keyword is a TypeError naming it."""
         check_keywords(options, [p.name for p in _options(excluded)], where=where)
         return cls(q, k, v, **options)

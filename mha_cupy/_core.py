@@ -1,9 +1,9 @@
 """The chunked attention loop with an online softmax, on validated arrays and a resolved plan.
 
-Letters as in ``_blocks``. The loop visits blocks of (batch rows, query rows); inside each it walks the keys in
-chunks, keeping a running maximum, a running sum and a rescaled accumulator (Rabe & Staats, arXiv 2112.05682), so
-no score matrix larger than one tile ever exists. What a block may see (rows, allowed keys, dropout, key chunks)
-is ``_blocks.Blocks``, which the backward shares.
+Letters as in ``mha_cupy.attention``. The loop visits blocks of (batch rows, query rows); inside each it walks the
+keys in chunks, keeping a running maximum, a running sum and a rescaled accumulator (Rabe & Staats, arXiv
+2112.05682), so no score matrix larger than one tile ever exists. What a block may see (rows, allowed keys, dropout,
+key chunks) is ``_blocks.Blocks``, which the backward shares.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _pad_queries(a: Any, pad: int, fill: float | bool, *, xp: Any) -> Any:
     return xp.concat([a, tail], axis=1)
 
 
-def _run(loop: "ChunkLoop") -> Any:
+def _run(loop: ChunkLoop) -> Any:
     """Every block of ``loop``'s problem: written in place, or concatenated where arrays are immutable."""
     plan, be, xp, (B, T, N, _) = loop.plan, loop.be, loop.xp, loop.q.shape
     blocks = plan.blocks(B, T)

@@ -1,6 +1,6 @@
 """Attention of Dask arrays as a block graph (routed here by ``_route``, so that the loops know nothing of Dask):
 one task per (batch, query, key) block of chunks, merged by log-sum-exp.
-Letters as in ``_blocks``. Each task runs the ordinary chunk loop (``_core.attend``)
+Letters as in ``mha_cupy.attention``. Each task runs the ordinary chunk loop (``_core.attend``)
 on its blocks, in the blocks' own library (NumPy or CuPy), with the block's
 global offsets, so dropout masks and the causal alignment are those of the whole
 problem. A block's result is its output and log-sum-exp packed in one array
@@ -48,7 +48,8 @@ def check_chunks(q: Any, k: Any, v: Any, mask: Any, bias: Any) -> None:
                    f"rechunk with {name}.rechunk({{0: q.chunks[0]}})")
             raise ValueError(msg)
     if v.chunks[1] != k.chunks[1]:
-        msg = f"v must be chunked along the keys like k, got {v.chunks[1]} and k's {k.chunks[1]}; rechunk with v.rechunk({{1: k.chunks[1]}})"
+        msg = (f"v must be chunked along the keys like k, got {v.chunks[1]} and k's {k.chunks[1]}; rechunk with "
+               "v.rechunk({1: k.chunks[1]})")
         raise ValueError(msg)
     for name, a in (("mask", mask), ("bias", bias)):
         if a is not None:
@@ -68,7 +69,8 @@ def _check_broadcast_chunks(name: str, a: Any, like: tuple[Any, ...]) -> None:
 
 def attend_blocks(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any, bias: Any,
                    offsets: tuple[int, int, int]) -> Any:
-    """``_core.attend`` for Dask arrays: a lazy ``[B, T, N, V]`` output (and ``lse [B, T, N]`` with ``plan.with_lse``)."""
+    """``_core.attend`` for Dask arrays: a lazy ``[B, T, N, V]`` output (and ``lse [B, T, N]`` with
+    ``plan.with_lse``)."""
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph

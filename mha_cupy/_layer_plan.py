@@ -1,8 +1,7 @@
 """One layer call resolved into a frozen plan: every argument checked, every choice made,
 before the layer's cache, weights or dropout stream change.
 
-Letters: B batch (all leading dimensions flattened), T query length, S key
-length, E emsize, N heads, K kv heads, H d_k, V d_v.
+Letters as in ``mha_cupy.attention``.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ class CallOptions:
     kv_seq_lengths: Any = None
 
     @classmethod
-    def from_keywords(cls, keywords: dict[str, Any], *, where: str) -> "CallOptions":
+    def from_keywords(cls, keywords: dict[str, Any], *, where: str) -> CallOptions:
         """The options of a call with ``keywords``; an unknown keyword is a TypeError naming it (with the
         closest known name) and ``where`` it was given."""
         check_keywords(keywords, [f.name for f in fields(cls)], where=where)
@@ -161,7 +160,9 @@ def _attention_plan(layer: LayerState, opts: CallOptions, sizes: Sizes, *, batch
                          seed=seed, q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size,
                          memory_budget=opts.memory_budget, workers=opts.workers, batch_invariant=opts.batch_invariant,
                          kv_seq_lengths=opts.kv_seq_lengths)
-    dequantized = 2 * sizes.kv_heads * (sizes.d_k + sizes.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
+    dequantized = (
+        2 * sizes.kv_heads * (sizes.d_k + sizes.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
+    )
     problem = check_options(call, be=layer.be, device=layer.device, dtype=layer.dtype,
                             sizes=sizes._replace(batch=batch), dequantized_key_bytes=dequantized, divisor=divisor,
                             backward=backward)
@@ -176,7 +177,9 @@ def _check_flag_combinations(opts: CallOptions, factor: int | None) -> None:
         msg = "append_kv=True needs cache_kv=True, got cache_kv=False"
         raise ValueError(msg)
     if factor is not None and not opts.allow_inplace:
-        msg = f"save_peak_mem_factor={factor} writes results into x and needs allow_inplace=True, got allow_inplace=False"
+        msg = (
+            f"save_peak_mem_factor={factor} writes results into x and needs allow_inplace=True, got allow_inplace=False"
+        )
         raise ValueError(msg)
 
 
@@ -203,7 +206,8 @@ def _check_inputs(layer: LayerState, x: Any, x_kv: Any, opts: CallOptions) -> No
                               dtype=layer.dtype, be=be)
     if opts.use_cached_kv:
         if layer.cache is None:
-            msg = "use_cached_kv=True but the cache is empty; call with cache_kv=True first or pass precomputed keys/values"
+            msg = ("use_cached_kv=True but the cache is empty; call with cache_kv=True first or pass precomputed "
+                   "keys/values")
             raise ValueError(msg)
         if x_kv is not None:
             msg = "use_cached_kv=True takes keys/values from the cache, so x_kv must be None"

@@ -1,8 +1,7 @@
 """The layer's backward pass: gradients of ``sum(layer(x, x_kv) * d_out)`` for inputs and weights.
 
-Letters as in ``module``: B flattened batch, T query length, S key length, E
-emsize, N heads, K kv heads (``kh`` of them projected: K, or 1 with
-``reuse_first_head_kv``), H d_k, V d_v. With the forward's projections
+Letters as in ``mha_cupy.attention`` (``kh`` of the K kv heads projected: K, or 1 with
+``reuse_first_head_kv``). With the forward's projections
 ``q = x Wq``, ``k = src Wk``, ``v = src Wv``, heads ``O`` and ``y = O Wout``:
 
     dO = dy Wout^T,  dWout = O^T dy,  (dq, dk, dv) = attention backward,
@@ -20,7 +19,7 @@ from . import _route
 from ._layer_plan import CallPlan, LayerState
 from ._projections import queries_keys_values, rows_matmul
 
-__all__ = ["layer_vjp"]
+__all__ = ["differentiable_call", "layer_vjp"]
 
 
 def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) -> tuple[Any, Any, dict]:
@@ -48,6 +47,26 @@ def layer_vjp(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, d_out: Any) 
     grads.update(_in_layout(layer, plan, d_wq, d_wk, d_wv))
     dx_kv = None if plan.kv_source != "cross" else xp.reshape(d_src, x_kv.shape)
     return xp.reshape(dx, x.shape), dx_kv, grads
+
+
+def differentiable_call(layer: LayerState, plan: CallPlan, x: Any, x_kv: Any, run: Any) -> Any:
+    """``run(x, x_kv)`` (the layer's forward of a resolved call) as one node of the library's autograd (torch,
+    JAX), whose backward is ``layer_vjp``; its inputs are x, x_kv and the weights."""
+    if plan.cache_mode is not None or plan.write_into_x:
+        msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
+               "be False when inputs or weights require grad (cache under torch.no_grad())")
+        raise ValueError(msg)
+    weights = layer.weights.present()
+    n_in = 1 if x_kv is None else 2
+
+    def forward(*inputs: Any) -> tuple[tuple[Any], tuple[Any, ...]]:
+        return (run(inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
+
+    def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
+        dx, dx_kv, grads = layer_vjp(layer, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
+        return (dx, *((dx_kv,) if n_in == 2 else ()), *(grads[n] for n in weights))
+
+    return layer.be.differentiable(forward, backward, (x, *((x_kv,) if n_in == 2 else ()), *weights.values()))
 
 
 def _weight_grad(grad: Any, src: Any, *, be: Any) -> Any:

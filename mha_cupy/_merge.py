@@ -1,6 +1,6 @@
 """Merging attention over disjoint key sets by log-sum-exp, and the max that treats "nothing seen" as 0.
 
-Letters as in ``_core``. A partial result over some keys is its normalised
+Letters as in ``mha_cupy.attention``. A partial result over some keys is its normalised
 output ``out [..., V]`` and log-sum-exp ``lse [...]`` (``-inf`` where the row saw
 no key). Over the union of the key sets:
 ``lse = log sum_i exp(lse_i)``, ``out = sum_i exp(lse_i - lse) out_i``; rows no
@@ -11,7 +11,8 @@ bits for the same parts in the same order (xformers' ``merge_attentions``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = ["merge_partials", "safe_max"]
 

@@ -2,8 +2,7 @@
 ``_call``), ``plan_attention`` (the ``AttentionPlan`` the loops follow) and ``plan_chunks`` (block sizes whose
 working set fits the memory budget).
 
-Letters: B batch, T query length, S key length, N query heads, K key/value heads, H key size (d_k), V value size
-(d_v); ``mha_cupy.attention`` spells them out.
+Letters as in ``mha_cupy.attention``.
 """
 
 from __future__ import annotations
@@ -163,7 +162,9 @@ class AttentionPlan:
     def row_lengths(self, b: int) -> tuple[int, int]:
         """``(queries, keys)`` of batch row ``b`` of the whole problem."""
         T, S = self.extent or (0, 0)
-        return (T if self.q_lengths is None else self.q_lengths[b]), (S if self.kv_lengths is None else self.kv_lengths[b])
+        return (T if self.q_lengths is None else self.q_lengths[b]), (
+            S if self.kv_lengths is None else self.kv_lengths[b]
+        )
 
     def key_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """``key_splits`` ranges of whole key chunks covering ``[start, end)`` (``start`` on the chunk grid; fewer

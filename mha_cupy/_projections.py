@@ -1,7 +1,7 @@
 """The layer's projections for a resolved call: queries, keys and values from ``x``/``x_kv`` (or the cache), and
 row-blocked products, shared by the forward (``module``) and the backward (``_layer_vjp``).
 
-Letters: b batch rows of one part, L rows per batch row (T or S), E emsize, N heads, H d_k, V d_v.
+Letters as in ``mha_cupy.attention``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ import array_api_compat
 
 from ._backends import resolve_backend
 
-__all__ = ["MASK32", "STREAMS", "philox4x32", "philox4x32_scalar", "split_seed", "derive_seed", "random_seed", "uniform"]
+__all__ = ["MASK32", "STREAMS", "philox4x32", "philox4x32_scalar", "split_seed", "derive_seed", "random_seed",
+           "uniform"]
 
 #: Philox stream of each weight (and of dropout) under one layer seed.
 STREAMS = {"w_qkv": 1, "w_q": 2, "w_kv": 3, "w_k": 4, "w_v": 5, "w_out": 6, "dropout": 7}
@@ -134,7 +135,8 @@ def derive_seed(seed: int, stream: int, index: int) -> int:
 
 
 def uniform(seed: int, stream: int, shape: tuple[int, ...], dtype: Any, *, xp: Any, device: Any) -> Any:
-    """Uniform numbers in ``[0, 1)`` of ``shape``: counter ``(n mod 2**32, n // 2**32, stream, 0)`` for flat index ``n``.
+    """Uniform numbers in ``[0, 1)`` of ``shape``: counter ``(n mod 2**32, n // 2**32, stream, 0)`` for flat index
+    ``n``.
 
     float64 takes 53 bits from two words, other dtypes 24 bits from one
     (exact in float32, then rounded once to ``dtype``), so the numbers are

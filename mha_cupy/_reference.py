@@ -54,32 +54,19 @@ def _reference_imports() -> tuple[Any, Any, Any]:
     return torch, Ref, ModelConfig
 
 
-def reference_layer(
-    *,
-    emsize: int,
-    nhead: int,
-    d_k: int,
-    d_v: int,
-    share_kv_across_n_heads: int = 1,
-    dropout_p: float | None = None,
-    softmax_scale: float | None = None,
-    initialize_output_to_zero: bool = False,
-    init_gain: float = 1.0,
-    precomputed_kv: Any = None,
-    dtype: str = "float64",
-    seed: int = 0,
-) -> Any:
-    """TabPFN 2.2.1's ``MultiHeadAttention`` on the CPU, its weights initialised by itself under ``torch.manual_seed(seed)``."""
+def reference_layer(*, emsize: int, nhead: int, init_gain: float = 1.0, precomputed_kv: Any = None,
+                    dtype: str = "float64", seed: int = 0, **layer: Any) -> Any:
+    """TabPFN 2.2.1's ``MultiHeadAttention`` on the CPU, its weights initialised by itself under
+    ``torch.manual_seed(seed)``.
+
+    ``layer``: the reference's own keywords (``d_k``, ``d_v``, ``share_kv_across_n_heads``, ``dropout_p``,
+    ``softmax_scale``, ``initialize_output_to_zero``), which ours share."""
     torch, Ref, ModelConfig = _reference_imports()
     torch.manual_seed(seed)
     # max_num_classes and num_buckets are required by the config but unused by attention.
     config = ModelConfig(emsize=emsize, nhead=nhead, attention_init_gain=init_gain, max_num_classes=10, num_buckets=100)
-    return Ref(
-        d_k=d_k, d_v=d_v, device=None, dtype=getattr(torch, dtype), config=config,
-        share_kv_across_n_heads=share_kv_across_n_heads, dropout_p=dropout_p, softmax_scale=softmax_scale,
-        initialize_output_to_zero=initialize_output_to_zero,
-        precomputed_kv=None if precomputed_kv is None else torch.as_tensor(to_numpy(precomputed_kv)),
-    )
+    pre = None if precomputed_kv is None else torch.as_tensor(to_numpy(precomputed_kv))
+    return Ref(device=None, dtype=getattr(torch, dtype), config=config, precomputed_kv=pre, **layer)
 
 
 def reference_weights(ref: Any) -> dict[str, Any]:

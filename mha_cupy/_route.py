@@ -3,7 +3,7 @@ what a call cannot do is refused first, then a call runs as Dask's block graph (
 its library's autograd (the backward is ``_backward``), as one whole JAX program, or as the eager chunk loop
 (``_core``). Lazy libraries are decided here, at the entry (array-api-extra's ``lazy_apply`` pattern).
 
-Letters as in ``_blocks``.
+Letters as in ``mha_cupy.attention``.
 """
 
 from __future__ import annotations

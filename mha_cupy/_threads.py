@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from ._backends import Backend, device_of
 from ._plan import ceil_div
@@ -19,7 +20,7 @@ __all__ = ["run_blocks", "matmul_rows"]
 MIN_GEMM_ROWS_PER_WORKER = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     """One pool per worker count for the process: starting threads on every call costs more than small blocks."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mha_cupy")

@@ -13,7 +13,8 @@ import inspect
 import math
 import numbers
 import operator
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 
 from ._backends import Backend, device_of
 
@@ -94,7 +95,8 @@ def check_shape_and_dtype(
     shape = tuple(x.shape)
     axes = f" {legend}" if legend else ""
     if len(shape) != len(expected):
-        msg = f"{name} must have {len(expected)} dimensions{axes}, shape {shape_str(expected)}, got shape {shape_str(shape)}"
+        msg = (f"{name} must have {len(expected)} dimensions{axes}, shape {shape_str(expected)}, "
+               f"got shape {shape_str(shape)}")
         raise ValueError(msg)
     for got, want in zip(shape, expected):
         if want is not None and got != want:
@@ -229,7 +231,9 @@ def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backen
         raise TypeError(msg)
     shape = tuple(x.shape)
     if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
-        msg = f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape {shape_str(shape)}"
+        msg = (
+            f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape {shape_str(shape)}"
+        )
         raise ValueError(msg)
     return xp.reshape(x, (1,) * (4 - len(shape)) + shape)
 
@@ -249,8 +253,10 @@ def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be
     is_quantized = any(x.dtype == d for d in quantized.values())
     if scale is None:
         if is_quantized:
-            msg = (f"{name} has the quantized dtype {be.dtype_name(x.dtype)}: pass its dequantization scale as "
-                   f"{scale_name}= ({name} * {scale_name} are the real values), or cast {name} to {be.dtype_name(dtype)}")
+            msg = (
+                f"{name} has the quantized dtype {be.dtype_name(x.dtype)}: pass its dequantization scale as "
+                f"{scale_name}= ({name} * {scale_name} are the real values), or cast {name} to {be.dtype_name(dtype)}"
+            )
             raise TypeError(msg)
         check_dtype(x, name, dtype, be=be)
         return None
@@ -265,7 +271,8 @@ def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be
     shape = tuple(scale.shape)
     n = shape[0] if shape else 1
     if shape not in ((), (n,), (n, 1, 1, 1)) or n not in (1, batch):
-        msg = f"{scale_name} must have shape [], [n] or [n, 1, 1, 1] with n 1 or the batch {batch}, got {shape_str(shape)}"
+        msg = (f"{scale_name} must have shape [], [n] or [n, 1, 1, 1] with n 1 or the batch {batch}, "
+               f"got {shape_str(shape)}")
         raise ValueError(msg)
     if not xp.isdtype(scale.dtype, "real floating"):
         msg = f"{scale_name} must have a real floating dtype, got {be.dtype_name(scale.dtype)}"
@@ -274,7 +281,7 @@ def check_quantized(x: Any, name: str, scale: Any, *, batch: int, dtype: Any, be
         msg = f"{scale_name} must be finite, got non-finite values"
         raise ValueError(msg)
     scale = xp.reshape(scale, (n, 1, 1, 1))
-    return xp.astype(scale, dtype) if scale.dtype != dtype else scale
+    return xp.astype(scale, dtype, copy=False)
 
 
 def check_lengths(x: Any, name: str, batch: int, limit: int, axis: str, *, be: Backend) -> tuple[int, ...] | None:

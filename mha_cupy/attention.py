@@ -1,8 +1,12 @@
 """The public attention functions: a call described and checked once (``_call``), planned (``_plan``) and routed
 (``_route``) to the chunk loops.
 
-Letters: B batch, T query length, S key length, N query heads, K key/value
-heads, H key size (d_k), V value size (d_v).
+The letters of every shape in the package, its docstrings and its messages:
+
+- B batch (for the layer, all leading dimensions flattened; lower-case b: the batch rows of one block or part),
+- T query length, S key length (L: either),
+- N query heads, K key/value heads, G = N // K query heads per key/value head,
+- H key size (``d_k``), V value size (``d_v``), E the layer's input and output size (``emsize``).
 """
 
 from __future__ import annotations
@@ -113,9 +117,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, **options: Any) -> Any:
     checked = check_call(AttentionCall.of(q, k, v, options, where="scaled_dot_product_attention()"))
     be, problem = checked.be, checked.problem
     gradient = be.needs_grad(checked.q, checked.k, checked.v)
+    backward_plan = plan_attention(dataclasses.replace(problem, backward=True)) if gradient else None
     return _route.forward(checked.q, checked.k, checked.v, be=be, plan=plan_attention(problem), mask=checked.mask,
-                          bias=checked.bias, scales=checked.scales, gradient=gradient,
-                          backward_plan=plan_attention(dataclasses.replace(problem, backward=True)) if gradient else None)
+                          bias=checked.bias, scales=checked.scales, gradient=gradient, backward_plan=backward_plan)
 
 
 scaled_dot_product_attention.__signature__ = signature(("q", "k", "v"), "Any")  # type: ignore[attr-defined]

@@ -12,18 +12,13 @@ from typing import Any
 
 import numpy
 
-from ._backends import backend_of, dtype_name, to_numpy
+from ._backends import FLOAT_DTYPES, backend_of, dtype_name, to_numpy
 from ._validation import keyword_hints
 
 __all__ = ["TOLERANCE", "Comparison", "compare", "tolerance"]
 
-#: Max abs error allowed, relative to ``max(1, max |reference|)``, by dtype name. Half
-#: precisions compute in float32, so two units of their epsilon (2**-10, 2**-7) cover the
-#: rounding of inputs, projections and output.
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7}
-
-#: Significand bits by dtype name, to order precisions and count units in the last place.
-_MANTISSA_BITS = {"float64": 52, "float32": 23, "bfloat16": 7, "float16": 10}
+#: Max abs error allowed, relative to ``max(1, max |reference|)``, by dtype name (``FloatDtype.tolerance``).
+TOLERANCE = {name: d.tolerance for name, d in FLOAT_DTYPES.items()}
 
 
 def tolerance(dtype: Any) -> float:
@@ -83,7 +78,11 @@ class Comparison:
     precision: str
 
     def __str__(self) -> str:
-        verdict = f"ok: scaled error {self.scaled_error:.2e} <= " if self.ok else f"FAIL: scaled error {self.scaled_error:.2e} > "
+        verdict = (
+            f"ok: scaled error {self.scaled_error:.2e} <= "
+            if self.ok
+            else f"FAIL: scaled error {self.scaled_error:.2e} > "
+        )
         remark = "; both largest near zero, where the scaled error is the measure" if self.max_abs_error else ""
         return (f"{verdict}{self.tolerance:.1e}; max abs {self.max_abs_error:.2e} at {list(self.worst_index)}, "
                 f"over all elements, max rel {self.max_rel_error:.2e} and {self.ulp_error:.4g} ulp ({self.precision}"
@@ -116,7 +115,7 @@ def compare(actual: Any, reference: Any, *, rtol: float | None = None, atol: flo
         The errors, where the worst one is, the tolerance used and ``ok``.
     """
     precisions = [_precision(x, name) for x, name in ((actual, "actual"), (reference, "reference"))]
-    precision = min(precisions, key=_MANTISSA_BITS.__getitem__)
+    precision = min(precisions, key=lambda name: FLOAT_DTYPES[name].mantissa_bits)
     rtol = TOLERANCE[precision] if rtol is None else _check_tol(rtol, "rtol")
     atol = 0.0 if atol is None else _check_tol(atol, "atol")
     a, r = (numpy.asarray(to_numpy(x), dtype=numpy.float64) for x in (actual, reference))
@@ -137,8 +136,8 @@ def compare(actual: Any, reference: Any, *, rtol: float | None = None, atol: flo
 
 def _precision(x: Any, name: str) -> str:
     dtype = backend_of(x, names=(name,)).dtype_name(x.dtype)
-    if dtype not in _MANTISSA_BITS:
-        msg = f"{name} must be a floating array ({', '.join(_MANTISSA_BITS)}), got dtype {dtype}"
+    if dtype not in FLOAT_DTYPES:
+        msg = f"{name} must be a floating array ({', '.join(FLOAT_DTYPES)}), got dtype {dtype}"
         raise TypeError(msg)
     return dtype
 
@@ -178,13 +177,12 @@ def _max_ulp(a: numpy.ndarray, r: numpy.ndarray, precision: str) -> float:
         return 0.0
     if numpy.isnan(a).any() or numpy.isnan(r).any():
         return math.inf
-    # bfloat16 is float32's upper half, so its ulps are float32 ulps / 2**16; float16 is NumPy's own.
-    host = {"float64": numpy.float64, "float32": numpy.float32, "bfloat16": numpy.float32, "float16": numpy.float16}
-    ints = {"float64": numpy.int64, "float32": numpy.int32, "bfloat16": numpy.int32, "float16": numpy.int16}
-    dtype, itype = host[precision], ints[precision]
+    info = FLOAT_DTYPES[precision]
+    dtype = numpy.dtype(info.ulp_host)
+    itype = numpy.dtype(f"int{8 * dtype.itemsize}")
     ordered = [_ordered_bits(x.astype(dtype), itype) for x in (a, r)]
     ulps = numpy.abs(ordered[0].astype(numpy.float64) - ordered[1]).max()  # float: +inf - -inf overflows int64
-    return float(ulps) / (2.0**16 if precision == "bfloat16" else 1.0)
+    return float(ulps) / info.ulp_units
 
 
 def _ordered_bits(x: numpy.ndarray, itype: Any) -> numpy.ndarray:

@@ -27,7 +27,9 @@ def keep_mask(seed: int, p: float, b: Any, h: Any, i: Any, j: Any) -> Any:
     dtype that broadcast to the mask's shape; the result is True where the
     weight is kept.
     """
-    return keep_decision(b, h, i, j, key=split_seed(check_seed(seed)), threshold=keep_threshold(check_probability(p, "p")))
+    return keep_decision(
+        b, h, i, j, key=split_seed(check_seed(seed)), threshold=keep_threshold(check_probability(p, "p"))
+    )
 
 
 def keep_decision(b: Any, h: Any, i: Any, j: Any, *, key: tuple[int, int], threshold: int) -> Any:

@@ -1,8 +1,6 @@
 """The stateful multi-head attention layer (TabPFN's ``MultiHeadAttention``).
 
-Letters: B batch (all leading dimensions flattened), T query length, S key
-length, E emsize, N heads, K kv heads (``N // share_kv_across_n_heads``),
-H d_k, V d_v.
+Letters as in ``mha_cupy.attention`` (K = ``N // share_kv_across_n_heads``).
 
 A call is checked and resolved into a ``CallPlan`` (``_layer_plan``) before
 anything changes, then executed here.
@@ -13,12 +11,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ._backends import DEFAULT_DTYPE, backend_of, convert, device_of, dtype_name, resolve_backend, same_device
+from ._backends import DEFAULT_DTYPE, QUANTIZED_MAX, backend_of, convert, device_of, dtype_name, resolve_backend
 from . import _route
-from ._cache import QUANTIZED_MAX, KVCache, precomputed_cache, prepared, store_lazy
+from ._cache import attended, precomputed_cache, prepared
 from ._random import random_seed
 from ._layer_plan import CallOptions, CallPlan, LayerState, plan_call
-from ._layer_vjp import layer_vjp
+from ._layer_vjp import differentiable_call, layer_vjp
 from ._projections import queries_keys_values, rows_matmul
 from ._validation import (
     keyword_hints,
@@ -31,9 +29,8 @@ from ._validation import (
     check_scale,
     check_seed,
     check_shape_and_dtype,
-    check_weight_combination,
 )
-from .weights import WEIGHT_NAMES, Weights, initial_weights
+from .weights import Weights, checked_weights, initial_weights
 
 __all__ = ["MultiHeadAttention"]
 
@@ -120,15 +117,10 @@ class MultiHeadAttention:
         seed: int | None = None,
         kv_cache_dtype: str | None = None,
     ) -> None:
-        self.emsize = check_positive_int(emsize, "emsize")
-        self.nhead = check_positive_int(nhead, "nhead")
-        self.d_k = check_positive_int(d_k, "d_k")
-        self.d_v = check_positive_int(d_v, "d_v")
+        self.emsize, self.nhead, self.d_k, self.d_v = (check_positive_int(n, name) for n, name in (
+            (emsize, "emsize"), (nhead, "nhead"), (d_k, "d_k"), (d_v, "d_v")))
         self.share_kv_across_n_heads = check_positive_int(share_kv_across_n_heads, "share_kv_across_n_heads")
-        if nhead % share_kv_across_n_heads:
-            msg = f"nhead must be divisible by share_kv_across_n_heads: nhead {nhead}, got share_kv_across_n_heads {share_kv_across_n_heads}"
-            raise ValueError(msg)
-        self.nhead_kv = nhead // share_kv_across_n_heads
+        self.nhead_kv = _kv_heads(self.nhead, self.share_kv_across_n_heads)
         self.dropout_p = None if dropout_p is None else check_probability(dropout_p, "dropout_p")
         #: The logit scale every call uses, resolved once.
         self.scale = check_scale(softmax_scale, d_k, "softmax_scale")
@@ -137,25 +129,12 @@ class MultiHeadAttention:
         self.init_gain = check_finite_real(init_gain, "init_gain")
         self.seed = random_seed() if seed is None else check_seed(seed)
         self._calls = 0
-
         precomputed = (precomputed_k, precomputed_v, precomputed_kv)
-        check_precomputed_combination(*precomputed)
-        if xp is None and any(p is not None for p in precomputed):
-            self._be = backend_of(*precomputed, names=_PRECOMPUTED_NAMES)
-        else:
-            self._be = resolve_backend(xp)
-        self.xp = self._be.xp
-        self.dtype = self._be.float_dtype(dtype)
-        present = [p for p in precomputed if p is not None]
-        if device is None:
-            device = device_of(present[0]) if present else self._be.default_device()
-        self.device = self._be.check_device(device)
+        self._be, self.dtype, self.device = _placement(precomputed, xp, dtype, device)
         self._kv_cache_dtype = _check_kv_cache_dtype(kv_cache_dtype, self._be)
-        self._weights: Weights | None = None
-        self._cache: KVCache | None = None
-        weights = initial_weights((self.nhead, self.nhead_kv, self.d_k, self.d_v, self.emsize), gain=self.init_gain,
-                                  seed=self.seed, dtype=self.dtype, xp=self.xp, device=self.device,
-                                  with_kv=not present, zero_output=initialize_output_to_zero)
+        weights = initial_weights(self._sizes, gain=self.init_gain, seed=self.seed, dtype=self.dtype, xp=self.xp,
+                                  device=self.device, with_kv=all(p is None for p in precomputed),
+                                  zero_output=initialize_output_to_zero)
         self.set_parameters(precomputed_k=precomputed_k, precomputed_v=precomputed_v,
                             precomputed_kv=precomputed_kv, **weights)
 
@@ -183,30 +162,17 @@ class MultiHeadAttention:
         """
         given = dict(w_out=w_out, w_q=w_q, w_k=w_k, w_v=w_v, w_kv=w_kv, w_qkv=w_qkv,
                      precomputed_k=precomputed_k, precomputed_v=precomputed_v, precomputed_kv=precomputed_kv)
-        if w_out is None:
-            msg = "w_out is required, got None"
-            raise ValueError(msg)
-        be = backend_of(*given.values(), names=tuple(given))
-        if be.xp is not self.xp:
-            msg = f"weights must be arrays of the layer's namespace {self._be.name}, got {be.name}"
-            raise TypeError(msg)
-        for name, a in given.items():
-            if a is not None and not same_device(device_of(a), self.device):
-                msg = f"{name} must be on the layer's device {self.device}, got {device_of(a)}"
-                raise ValueError(msg)
-        check_weight_combination(given, nhead=self.nhead, kv_heads=self.nhead_kv, d_k=self.d_k, d_v=self.d_v)
-        self._check_weight_shapes(given)
+        weights = checked_weights(given, sizes=self._sizes, dtype=self.dtype, be=self._be, device=self.device)
         cache = precomputed_cache(precomputed_k, precomputed_v, precomputed_kv, kv_heads=self.nhead_kv, d_k=self.d_k,
                                   d_v=self.d_v, dtype=self.dtype, be=self._be)
-        self._weights = Weights(**{n: given[n] for n in WEIGHT_NAMES})
-        self._cache = cache
+        self._weights, self._cache = weights, cache
 
-    def _check_weight_shapes(self, given: dict[str, Any]) -> None:
-        N, K, H, V, E = self.nhead, self.nhead_kv, self.d_k, self.d_v, self.emsize
-        for name, shape in (("w_out", (N, V, E)), ("w_q", (1, N, H, E)), ("w_k", (K, H, E)), ("w_v", (K, V, E)),
-                            ("w_kv", (2, K, H, E)), ("w_qkv", (3, N, H, E))):
-            if given[name] is not None:
-                check_shape_and_dtype(given[name], name, shape, dtype=self.dtype, be=self._be)
+    xp = property(lambda self: self._be.xp, doc="The layer's array namespace.")
+
+    @property
+    def _sizes(self) -> tuple[int, int, int, int, int]:
+        """``(N, K, H, V, E)``."""
+        return self.nhead, self.nhead_kv, self.d_k, self.d_v, self.emsize
 
     w_out = property(lambda self: self._weights.w_out, doc="``[N, V, E]``")
     w_q = property(lambda self: self._weights.w_q, doc="``[1, N, H, E]`` or None")
@@ -260,33 +226,15 @@ class MultiHeadAttention:
     # ------------------------------------------------------------------ conversion
 
     @keyword_hints
-    def to(self, xp: Any, device: Any = None, *, dtype: Any = None) -> "MultiHeadAttention":
+    def to(self, xp: Any, device: Any = None, *, dtype: Any = None) -> MultiHeadAttention:
         """A new layer with the same weights, cache, seed and dropout stream in namespace ``xp`` on ``device``.
 
-        ``dtype`` (a name such as ``"bfloat16"``, or a dtype of any library; default: this layer's) casts the weights and the
-        cache's floating arrays (a quantized cache keeps its int8/float8 entries; its scales are cast), as
+        ``dtype`` (a name such as ``"bfloat16"``, or a dtype of any library; default: this layer's) casts the weights
+        and the cache's floating arrays (a quantized cache keeps its int8/float8 entries; its scales are cast), as
         ``torch.nn.Module.to(dtype)`` does. Raises TypeError for a dtype ``xp`` does not have (NumPy has no
         bfloat16), before anything is built.
         """
-        target = resolve_backend(xp)
-        if device is not None and dtype_name(device) in target.float_dtypes():
-            msg = f"device must be a device of {target.name}, got the dtype {device!r}; pass dtypes as .to(xp, dtype=...)"
-            raise TypeError(msg)
-        dtype = target.float_dtype(self._be.dtype_name(self.dtype) if dtype is None else
-                                   dtype if isinstance(dtype, str) else dtype_name(dtype))
-        _check_kv_cache_dtype(self._kv_cache_dtype, target)
-        new = object.__new__(MultiHeadAttention)
-        new.__dict__.update(self.__dict__)
-        new._be, new.xp, new.dtype = target, target.xp, dtype
-        new.device = target.default_device() if device is None else target.check_device(device)
-
-        def cast(a: Any) -> Any:
-            return a if a.dtype == dtype else target.xp.astype(a, dtype)
-
-        new._weights = self._weights.map(lambda a: cast(convert(a, target, new.device)))
-        if self._cache is not None:
-            new._cache = self._cache.moved(lambda a: convert(a, target, new.device), cast)
-        return new
+        return _moved(self, resolve_backend(xp), device, dtype)
 
     def __repr__(self) -> str:
         return (
@@ -353,28 +301,8 @@ class MultiHeadAttention:
         state = self._state()
         plan = plan_call(state, x, x_kv, opts)
         if self._be.needs_grad(x, x_kv, *self._weights.present().values()):
-            return self._run_with_gradient(state, plan, x, x_kv)
+            return differentiable_call(state, plan, x, x_kv, lambda x, x_kv: self._run(state, plan, x, x_kv))
         return self._run(state, plan, x, x_kv)
-
-    def _run_with_gradient(self, state: LayerState, plan: CallPlan, x: Any, x_kv: Any) -> Any:
-        """``_run`` as one node of the library's autograd (torch, JAX), whose backward is ``layer_vjp``."""
-        if plan.cache_mode is not None or plan.write_into_x:
-            msg = ("gradients do not flow through calls that write the cache or x: cache_kv and allow_inplace must "
-                   "be False when inputs or weights require grad (cache under torch.no_grad())")
-            raise ValueError(msg)
-        weights = self._weights.present()
-        names = list(weights)
-        n_in = 1 if x_kv is None else 2
-
-        def forward(*inputs: Any) -> tuple[tuple[Any], tuple[Any, ...]]:
-            return (self._run(state, plan, inputs[0], inputs[1] if n_in == 2 else None),), inputs[:n_in]
-
-        def backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
-            dx, dx_kv, grads = layer_vjp(state, plan, saved[0], saved[1] if n_in == 2 else None, d_out)
-            return (dx, *((dx_kv,) if n_in == 2 else ()), *(grads[n] for n in names))
-
-        inputs = (x, *((x_kv,) if n_in == 2 else ()), *weights.values())
-        return self._be.differentiable(forward, backward, inputs)
 
     def vjp(self, x: Any, d_out: Any, x_kv: Any = None, **call_keywords: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Gradients of ``sum(self(x, x_kv, **call_keywords) * d_out)``: ``(dx, dx_kv, grads)``.
@@ -443,16 +371,8 @@ class MultiHeadAttention:
     def _part(self, state: LayerState, plan: CallPlan, x: Any, x_kv: Any, b0: int, b1: int, offset: int) -> Any:
         """Output ``[b, T, E]`` for flattened batch rows ``b0:b1``."""
         q, k, v = queries_keys_values(state, plan, x, x_kv, b0, b1)
-        scales = (None, None)
-        if plan.cache_mode is not None and self._be.lazy_blocks:
-            self._cache, k, v = store_lazy(self._cache, plan.cache_mode, plan.cache_shapes, k, v, xp=self.xp)
-        elif plan.cache_mode is not None:
-            self._cache.write(slice(b0, b1), slice(offset, offset + k.shape[1]), k, v, be=self._be)
-            if plan.cache_mode == "append":
-                k, v = self._cache.keys_values(b0, b1)
-                scales = self._cache.scales_of(b0, b1)
-        elif plan.kv_source == "cache":
-            scales = self._cache.scales_of(b0, b1)
+        self._cache, k, v, scales = attended(self._cache, plan.cache_mode, plan.kv_source, plan.cache_shapes, k, v,
+                                             (b0, b1), offset, be=self._be)
         heads = _route.forward(q, k, v, be=self._be, plan=plan.attention, scales=scales, offsets=(b0, 0, 0),
                                gradient=False)
         N, V, T = self.nhead, self.d_v, q.shape[1]
@@ -467,6 +387,45 @@ class MultiHeadAttention:
                           cache=self._cache)
 
 
+def _moved(layer: MultiHeadAttention, target: Any, device: Any, dtype: Any) -> MultiHeadAttention:
+    """``layer.to(target's xp, device, dtype=dtype)``."""
+    if device is not None and dtype_name(device) in target.float_dtypes():
+        msg = f"device must be a device of {target.name}, got the dtype {device!r}; pass dtypes as .to(xp, dtype=...)"
+        raise TypeError(msg)
+    dtype = target.float_dtype(layer._be.dtype_name(layer.dtype) if dtype is None else
+                               dtype if isinstance(dtype, str) else dtype_name(dtype))
+    _check_kv_cache_dtype(layer._kv_cache_dtype, target)
+    new = object.__new__(MultiHeadAttention)
+    new.__dict__.update(layer.__dict__)
+    new._be, new.dtype = target, dtype
+    new.device = target.default_device() if device is None else target.check_device(device)
+
+    def cast(a: Any) -> Any:
+        return target.xp.astype(a, dtype, copy=False)
+
+    new._weights = layer._weights.map(lambda a: cast(convert(a, target, new.device)))
+    if layer._cache is not None:
+        new._cache = layer._cache.moved(lambda a: convert(a, target, new.device), cast)
+    return new
+
+
+def _kv_heads(nhead: int, share: int) -> int:
+    if nhead % share:
+        msg = f"nhead must be divisible by share_kv_across_n_heads: nhead {nhead}, got share_kv_across_n_heads {share}"
+        raise ValueError(msg)
+    return nhead // share
+
+
+def _placement(precomputed: tuple[Any, Any, Any], xp: Any, dtype: Any, device: Any) -> tuple[Any, Any, Any]:
+    """A new layer's adapter, dtype and device: ``xp``, else the precomputed arrays' library (and device)."""
+    check_precomputed_combination(*precomputed)
+    present = [p for p in precomputed if p is not None]
+    be = backend_of(*precomputed, names=_PRECOMPUTED_NAMES) if xp is None and present else resolve_backend(xp)
+    if device is None:
+        device = device_of(present[0]) if present else be.default_device()
+    return be, be.float_dtype(dtype), be.check_device(device)
+
+
 def _check_kv_cache_dtype(name: Any, be: Any) -> str | None:
     """``kv_cache_dtype``: None, or the name of a quantized dtype ``be`` stores (not on lazy libraries)."""
     if name is None:
@@ -476,8 +435,10 @@ def _check_kv_cache_dtype(name: Any, be: Any) -> str | None:
         msg = f"kv_cache_dtype must be None or one of {sorted(QUANTIZED_MAX)}, got {name!r}"
         raise (TypeError if not isinstance(name, str) else ValueError)(msg)
     if name not in offered or be.lazy_blocks:
-        msg = (f"kv_cache_dtype={name!r} is not available on {be.name} (offers {offered or 'none'}"
-               f"{'; lazy arrays keep their cache unquantized' if be.lazy_blocks else ''}); use None or another library")
+        msg = (
+            f"kv_cache_dtype={name!r} is not available on {be.name} (offers {offered or 'none'}"
+            f"{'; lazy arrays keep their cache unquantized' if be.lazy_blocks else ''}); use None or another library"
+        )
         raise ValueError(msg)
     return name
 

@@ -58,13 +58,16 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+from ._backends import FLOAT_DTYPES, QUANTIZED_MAX
 from ._budget import parse_memory_budget
 from ._validation import check_bool, keyword_hints
 from .attention import scaled_dot_product_attention
 
-__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS", "AUTO_MAX_UNGROUPED_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "OP_NAME", "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
+__all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES", "AUTO_MAX_QUERY_ROWS",
+           "AUTO_MAX_UNGROUPED_ROWS", "AUTO_MIN_KEYS", "AUTO_MIN_HEAD_DIM", "BACKEND_NAME", "OP_NAME",
+           "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
 
 #: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
 #: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
@@ -100,8 +103,6 @@ AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys (training rows), outside
              f"from a quantized (int8 or float8_e4m3fn) KV cache, and dense float32 or bfloat16 ones of at most "
              f"{AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or more, grouped (fewer key heads "
              f"than query heads) or, in float32, of at most {AUTO_MAX_UNGROUPED_ROWS} query rows")
-_FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
-_QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 #: Dtypes CuPy holds (q, k, v, quantized k/v, scales): a call with any other (bfloat16, float8) takes the torch route.
 _CUPY_DTYPES = ("float32", "float64", "float16", "int8")
 _COMPILING = "grad mode while torch.compile traces"
@@ -213,12 +214,12 @@ class TabPFNAttentionBackend:
             return "on CUDA while CUDA_ENABLED is off"
         if device not in ("cpu", "cuda"):
             return "not on the CPU or CUDA"
-        if spec.dtype not in _torch_dtypes(_FLOAT_DTYPES):
+        if spec.dtype not in _torch_dtypes(tuple(FLOAT_DTYPES)):
             return "dtype not float32, float64, float16 or bfloat16"
         if spec.seq_len_kv is None:
             return "no key length"
         quantized = spec.quantized_kv_dtype is not None
-        if quantized and spec.quantized_kv_dtype not in _torch_dtypes(_QUANTIZED_DTYPES):
+        if quantized and spec.quantized_kv_dtype not in _torch_dtypes(tuple(QUANTIZED_MAX)):
             return "quantized dtype not int8 or float8_e4m3fn"
         if spec.is_grad_enabled and torch.compiler.is_compiling():
             return _COMPILING
@@ -263,10 +264,12 @@ def _attend(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, **options: Any) 
         return _on_torch(arrays, **options)
     import torch
 
-    from ._backends import resolve_backend
+    from ._backends import TorchBackend, resolve_backend
 
     out = scaled_dot_product_attention(**views, **options)
-    return resolve_backend("torch").bfloat16_from_numpy(out) if q.dtype == torch.bfloat16 else torch.from_numpy(out)
+    if q.dtype != torch.bfloat16:
+        return torch.from_numpy(out)
+    return cast(TorchBackend, resolve_backend("torch")).bfloat16_from_numpy(out)
 
 
 @functools.cache
@@ -278,7 +281,8 @@ def _define_op() -> Any:
     backend declines compiled calls in grad mode."""
     import torch
 
-    schema = "(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, bool batch_invariant, int? memory_budget) -> Tensor"
+    schema = ("(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale, bool batch_invariant, "
+              "int? memory_budget) -> Tensor")
 
     @torch.library.custom_op(OP_NAME, mutates_args=(), schema=schema)
     def op(q: Any, k: Any, v: Any, k_scale: Any, v_scale: Any, batch_invariant: bool, memory_budget: Any) -> Any:

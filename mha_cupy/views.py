@@ -44,5 +44,6 @@ def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
     try:
         return xp.broadcast_to(xp.expand_dims(kv, axis=-2), shape)
     except (ValueError, RuntimeError, OverflowError, TypeError) as exc:  # the library's limit on a view's size
-        msg = f"n={n} asks for a view of shape {shape_str(shape)}, which {type(kv).__module__.split('.')[0]} refuses ({exc})"
+        library = type(kv).__module__.split(".")[0]
+        msg = f"n={n} asks for a view of shape {shape_str(shape)}, which {library} refuses ({exc})"
         raise ValueError(msg) from None

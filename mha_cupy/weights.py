@@ -1,6 +1,6 @@
 """Weight initialisation and conversion from other layouts.
 
-Layouts (E emsize, N heads, K kv heads, H d_k, V d_v):
+Layouts (letters as in ``mha_cupy.attention``):
 ``w_qkv [3, N, H, E]``, ``w_q [1, N, H, E]``, ``w_kv [2, K, H, E]``,
 ``w_k [K, H, E]``, ``w_v [K, V, E]``, ``w_out [N, V, E]``.
 """
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
-from ._backends import backend_of, convert, resolve_backend
+from ._backends import Backend, backend_of, convert, device_of, resolve_backend, same_device
 from ._random import STREAMS, uniform
-from ._validation import check_bool, check_positive_int, keyword_hints, shape_str
+from ._validation import (check_bool, check_positive_int, check_shape_and_dtype, check_weight_combination,
+                          keyword_hints, shape_str)
 
 __all__ = [
     "WEIGHT_NAMES",
     "Weights",
+    "checked_weights",
     "input_weight_bound",
     "output_weight_bound",
     "init_uniform",
@@ -45,7 +48,7 @@ class Weights:
         """Name to array for the weights the layer has, in ``WEIGHT_NAMES`` order."""
         return {n: getattr(self, n) for n in WEIGHT_NAMES if getattr(self, n) is not None}
 
-    def map(self, fn: Callable[[Any], Any]) -> "Weights":
+    def map(self, fn: Callable[[Any], Any]) -> Weights:
         """The same layout with ``fn`` applied to every array (to another library or device)."""
         return Weights(**{n: fn(a) for n, a in self.present().items()})
 
@@ -74,6 +77,30 @@ class Weights:
 
 
 
+def checked_weights(given: dict[str, Any], *, sizes: tuple[int, int, int, int, int], dtype: Any, be: Backend,
+                    device: Any) -> Weights:
+    """The weights of ``set_parameters`` (``given``: the weights and precomputed keys/values by name) checked
+    against a layer of ``sizes`` ``(N, K, H, V, E)``, namespace ``be``, ``device`` and ``dtype``."""
+    if given["w_out"] is None:
+        msg = "w_out is required, got None"
+        raise ValueError(msg)
+    found = backend_of(*given.values(), names=tuple(given))
+    if found.xp is not be.xp:
+        msg = f"weights must be arrays of the layer's namespace {be.name}, got {found.name}"
+        raise TypeError(msg)
+    for name, a in given.items():
+        if a is not None and not same_device(device_of(a), device):
+            msg = f"{name} must be on the layer's device {device}, got {device_of(a)}"
+            raise ValueError(msg)
+    N, K, H, V, E = sizes
+    check_weight_combination(given, nhead=N, kv_heads=K, d_k=H, d_v=V)
+    for name, shape in (("w_out", (N, V, E)), ("w_q", (1, N, H, E)), ("w_k", (K, H, E)), ("w_v", (K, V, E)),
+                        ("w_kv", (2, K, H, E)), ("w_qkv", (3, N, H, E))):
+        if given[name] is not None:
+            check_shape_and_dtype(given[name], name, shape, dtype=dtype, be=be)
+    return Weights(**{n: given[n] for n in WEIGHT_NAMES})
+
+
 def input_weight_bound(nhead: int, d: int, emsize: int, gain: float) -> float:
     """TabPFN's bound for input projections: ``sqrt(3) * gain * sqrt(2 / (nhead * d + emsize))``.
 
@@ -90,7 +117,9 @@ def output_weight_bound(nhead: int, d_v: int, emsize: int) -> float:
     return math.sqrt(6.0 / float(d_v * emsize + nhead * emsize))
 
 
-def init_uniform(shape: tuple[int, ...], bound: float, *, seed: int, name: str, dtype: Any, xp: Any, device: Any) -> Any:
+def init_uniform(
+    shape: tuple[int, ...], bound: float, *, seed: int, name: str, dtype: Any, xp: Any, device: Any
+) -> Any:
     """Uniform weights in ``[-bound, bound)`` from the Philox stream of ``name`` under ``seed``."""
     u = uniform(seed, STREAMS[name], shape, dtype, xp=xp, device=device)
     return xp.astype((u * 2.0 - 1.0) * bound, dtype)
@@ -112,13 +141,13 @@ def initial_weights(sizes: tuple[int, int, int, int, int], *, gain: float, seed:
     # Host memory: drawn on NumPy, the fastest there (JAX would compile Philox's hundred small operations for
     # every new weight shape, torch's integer operations are slower); accelerators draw where they are.
     draw = resolve_backend("numpy") if be.is_cpu(device) else be
-    wide = draw.xp.float64 if be.dtype_name(dtype) == "float64" else draw.xp.float32
+    wide = getattr(draw.xp, be.dtype_name(be.compute_dtype(dtype)))
 
     def init(name: str, shape: tuple[int, ...], bound: float) -> Any:
         w = init_uniform(shape, bound, seed=seed, name=name, dtype=wide, xp=draw.xp,
                          device=None if draw is not be else device)
         w = convert(w, be, device)
-        return w if w.dtype == dtype else be.xp.astype(w, dtype)  # float16, bfloat16: rounded once
+        return be.xp.astype(w, dtype, copy=False)  # float16, bfloat16: rounded once
 
     if zero_output:
         weights = {"w_out": xp.zeros((N, V, E), dtype=dtype, device=device)}
@@ -201,7 +230,8 @@ def _checked_state_dict(state_dict: Any, nhead: int) -> tuple[Any, Any, Any]:
         raise TypeError(msg)
     for key in ("in_proj_weight", "out_proj.weight"):
         if key not in state_dict:
-            msg = f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), got keys {sorted(state_dict)}"
+            msg = (f"state_dict must hold {key!r} (a torch.nn.MultiheadAttention with equal q/k/v sizes), "
+                   f"got keys {sorted(state_dict)}")
             raise ValueError(msg)
     for key in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"):
         if state_dict.get(key) is not None:

@@ -50,7 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _params() -> list:
     params = []
     for name in BACKEND_IDS:
-        # JAX compiles for every new shape (one-tile calls as one program, chunked ones step by step): its cases are slow.
+        # JAX compiles for every new shape (one-tile calls as one program, chunked ones step by step): its cases are
+        # slow.
         marks = [pytest.mark.gpu] if name in GPU_BACKEND_IDS else [pytest.mark.slow] if name == "jax" else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -244,7 +244,7 @@ def direct_kv(layer: Any, x: Any, heads: int | None = None) -> tuple[np.ndarray,
 def philox_by_the_book(counter, key):
     """Philox4x32-10 written out from Salmon et al. (SC'11), Python ints only: the independent reference."""
     (c0, c1, c2, c3), (k0, k1), mask = counter, key, 2**32 - 1
-    for r in range(10):
+    for _ in range(10):
         p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
         c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
         k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask

@@ -107,15 +107,16 @@ def test_chunkings_and_fully_masked_rows():
     assert np.all(whole[0][:, :4] == 0)  # rows 0-3 see no key (bottom-right causal, T > S)
 
 
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("hidden", ["q_seq_lengths", "mask"])
-def test_nan_in_hidden_query_rows_leaves_key_gradients_finite(backend, hidden):
-    """A query row that sees no key (padding past ``q_seq_lengths``, or masked out) weighs 0 in dK and dV: a NaN
-    there must not reach them (jax-ml/jax#26328, pytorch/pytorch#41508). Independent expectation: the real row
-    alone, one key, so its weight is 1 and its gradients are closed-form (dq = 0, dk = 0, dv = d_out)."""
+def test_nan_in_hidden_query_rows_leaves_key_gradients_finite(backend, hidden, junk):
+    """A query row that sees no key (padding past ``q_seq_lengths``, or masked out) weighs 0 in dK and dV: a NaN or
+    an infinity there must not reach them (jax-ml/jax#26328, pytorch/pytorch#41508). Independent expectation: the
+    real row alone, one key, so its weight is 1 and its gradients are closed-form (dq = 0, dk = 0, dv = d_out)."""
     dt = "float32"
-    q = backend.asarray(np.array([0.5, np.nan]).reshape(1, 2, 1, 1), dtype=dt)
+    q = backend.asarray(np.array([0.5, junk]).reshape(1, 2, 1, 1), dtype=dt)
     k, v = (backend.asarray(np.full((1, 1, 1, 1), x), dtype=dt) for x in (1.0, 2.0))
-    d_out = backend.asarray(np.array([1.0, np.nan]).reshape(1, 2, 1, 1), dtype=dt)
+    d_out = backend.asarray(np.array([1.0, junk]).reshape(1, 2, 1, 1), dtype=dt)
     kw = ({"q_seq_lengths": backend.asarray(np.array([1], dtype=np.int32))} if hidden == "q_seq_lengths" else
           {"mask": backend.asarray(np.array([True, False]).reshape(1, 2, 1, 1))})
     dq, dk, dv = (to_numpy(g).astype(np.float64)

@@ -179,7 +179,7 @@ def test_default_precision_is_bfloat16_where_tabpfn_says_so(checkpoint):
     """The tolerance of "auto" follows TabPFN's own rule (on CPUs with AVX512-BF16 it picks bfloat16), and the
     calls then reach us in bfloat16."""
     has_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    assert AUTOCAST == (has_bf16 and torch.backends.mkldnn.is_available())
+    assert (has_bf16 and torch.backends.mkldnn.is_available()) == AUTOCAST
     served = predict(checkpoint("v3.5"), "classifier", policy="all", fit_mode="fit_with_cache").served
     assert {dtype for dtype, _ in served} == {torch.bfloat16 if AUTOCAST else torch.float32}
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -38,7 +37,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 os.environ.setdefault("SCIPY_ARRAY_API", "1")  # tabpfn 2.2.1's scikit-learn beside array-api-compat
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -242,7 +242,7 @@ def section_layer(s: dict[str, Side], dry_run: bool, repeats: int) -> list[dict]
             _guard(rows, "layer", label, side,
                    lambda side=side, layer=layer: _layer_ours(side, layer, x, x_kv, case, dtype, expected, label,
                                                               repeats))
-        del expected, t_x, t_kv, ours
+        expected = t_x = t_kv = ours = None  # freed before the next case
         _free(theirs)
     return rows
 
@@ -300,7 +300,7 @@ def section_sdpa(s: dict[str, Side], dry_run: bool, repeats: int) -> list[dict]:
                 for kernel in ("flash", "efficient", "math"):
                     if kernel == "flash" and dtype == "float32":
                         continue  # FlashAttention kernels take half precision only
-                    if kernel == "math" and 3 * B * N * L * L * 4 > free // 2:
+                    if kernel == "math" and free // 2 < 3 * B * N * L * L * 4:
                         rows.append(_row("sdpa", label, theirs, None, kernel=kernel,
                                          skipped=f"L x L scores need {3 * B * N * L * L * 4 / 2**30:.0f} GiB"))
                         continue
@@ -344,7 +344,7 @@ def section_sdpa(s: dict[str, Side], dry_run: bool, repeats: int) -> list[dict]:
                                     ok=None if err is None else err <= TOL[dtype])  # None: no torch kernel ran
 
                     _guard(rows, "sdpa", label, side, ours)
-                del tq, tk, tv, expected
+                tq = tk = tv = expected = None  # freed before the next length
                 _free(theirs)
     return rows
 

@@ -176,9 +176,9 @@ def _add_ratios(rows: list[dict]) -> None:
 
     base: dict[str, dict] = {}
     for r in rows:
-        if "median_s" in r and not r["side"].startswith("ours"):
-            if r["case"] not in base or rank(r) < rank(base[r["case"]]):
-                base[r["case"]] = r
+        if ("median_s" in r and not r["side"].startswith("ours")
+                and (r["case"] not in base or rank(r) < rank(base[r["case"]]))):
+            base[r["case"]] = r
     for r in rows:
         b = base.get(r["case"])
         if b is None or not r["side"].startswith("ours") or "median_s" not in r:

@@ -17,6 +17,7 @@ import array_api_compat
 
 from ._array_api_strict import ArrayApiStrictBackend
 from ._base import ACCELERATOR_BUDGET_FRACTION, CPU_MEMORY_BUDGET, Backend, BackendUnavailableError
+from ._dtypes import FLOAT_DTYPES, HALF_NAMES, QUANTIZED_MAX
 from ._cupy import CupyBackend
 from ._dask import DaskBackend
 from ._jax import JaxBackend
@@ -28,6 +29,9 @@ __all__ = [
     "BACKEND_NAMES",
     "CPU_MEMORY_BUDGET",
     "DEFAULT_DTYPE",
+    "FLOAT_DTYPES",
+    "HALF_NAMES",
+    "QUANTIZED_MAX",
     "ArrayApiStrictBackend",
     "Backend",
     "BackendUnavailableError",
@@ -61,7 +65,7 @@ def same_device(a: Any, b: Any) -> bool:
     return a is None or b is None or a == b
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend_for_namespace(xp: Any) -> Backend:
     for adapter in _ADAPTERS:
         if adapter.is_namespace(xp):

@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from typing import Any, ClassVar, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any, ClassVar
 
 import array_api_compat
 import numpy
+
+from ._dtypes import HALF_NAMES, QUANTIZED_MAX
 
 __all__ = ["Backend", "BackendUnavailableError", "CPU_MEMORY_BUDGET", "ACCELERATOR_BUDGET_FRACTION",
            "fixed_order_matmul"]
@@ -26,7 +29,6 @@ CPU_MEMORY_BUDGET = 32 * 2**20
 #: tiles instead of thousands of small kernel launches, leaving room for the caller.
 ACCELERATOR_BUDGET_FRACTION = 0.25
 
-_HALF_NAMES = ("float16", "bfloat16")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -91,7 +93,9 @@ class Backend:
         try:
             return importlib.import_module(cls.package)
         except ImportError as exc:
-            msg = f"xp={cls.name!r} needs the package {cls.package!r}, which is not installed ({exc}); {cls.install_hint}"
+            msg = (
+                f"xp={cls.name!r} needs the package {cls.package!r}, which is not installed ({exc}); {cls.install_hint}"
+            )
             raise BackendUnavailableError(msg, library=cls.name, reason="not-installed") from exc
 
     @staticmethod
@@ -145,7 +149,7 @@ class Backend:
     def float_dtypes(self) -> dict[str, Any]:
         """The real floating dtypes this library offers now, by name (half precisions included)."""
         found = dict(self.xp.__array_namespace_info__().dtypes(kind="real floating"))
-        for name in _HALF_NAMES:
+        for name in HALF_NAMES:
             if hasattr(self.xp, name):
                 found[name] = getattr(self.xp, name)
         return found
@@ -179,10 +183,7 @@ class Backend:
     def quantized_dtypes(self) -> dict[str, Any]:
         """Storage dtypes of quantized keys and values (``k_scale``/``v_scale``) by name: ``int8`` always,
         ``float8_e4m3fn`` where the library has it (TabPFN 9's two KV-cache dtypes)."""
-        found = {"int8": self.xp.int8}
-        if hasattr(self.xp, "float8_e4m3fn"):
-            found["float8_e4m3fn"] = self.xp.float8_e4m3fn
-        return found
+        return {name: getattr(self.xp, name) for name in QUANTIZED_MAX if hasattr(self.xp, name)}
 
     def enable_float64(self) -> None:
         """Make float64 available where the library gates it behind a switch (JAX's ``jax_enable_x64``);
@@ -199,7 +200,11 @@ class Backend:
     def philox_lanes(self) -> Any:
         """The integer dtype that carries Philox's 32-bit words (see ``dropout``): uint64 where the
         library has it (one exact 64-bit product per multiply), else uint32."""
-        return self.xp.uint64 if "uint64" in self.xp.__array_namespace_info__().dtypes(kind="unsigned integer") else self.xp.uint32
+        return (
+            self.xp.uint64
+            if "uint64" in self.xp.__array_namespace_info__().dtypes(kind="unsigned integer")
+            else self.xp.uint32
+        )
 
     # -- host copies and fast paths ---------------------------------------------------------
 

@@ -34,7 +34,8 @@ class CupyBackend(Backend):
         if not _usable(cupy):
             msg = (
                 "xp='cupy': CuPy is installed but finds no usable CUDA driver or GPU "
-                "(cupy.is_available() is False, or a first small kernel failed); run on a machine with an NVIDIA GPU and "
+                "(cupy.is_available() is False, or a first small kernel failed); run on a machine with an NVIDIA GPU "
+                "and "
                 f"driver, or use xp='numpy'. If the CuPy build does not match the driver, {cls.install_hint}"
             )
             raise BackendUnavailableError(msg, library="cupy", reason="no-device")

@@ -30,7 +30,9 @@ def describe() -> dict[str, Any]:
     try:
         from threadpoolctl import threadpool_info
 
-        info["openblas_core"] = [i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"]
+        info["openblas_core"] = [
+            i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"
+        ]
     except ImportError:
         info["openblas_core"] = None
     try:

@@ -69,7 +69,7 @@ class JaxBackend(Backend):
 
         return self.xp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one compiled wrapper per function, for the process
+    @functools.cache  # noqa: B019 - one compiled wrapper per function, for the process
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         # Eager JAX compiles every operation for every new shape; one jitted step per shape is far cheaper.
         import jax

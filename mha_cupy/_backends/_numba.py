@@ -45,7 +45,7 @@ def switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> SimpleNamespace | None:
     """The compiled kernels, or None without numba (or with ``MHA_CUPY_NUMBA=0``)."""
     if switched_off():

@@ -6,7 +6,8 @@ import contextlib
 import functools
 import math
 import os
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import array_api_compat
 import numpy
@@ -21,7 +22,7 @@ __all__ = ["DEFAULT_DTYPE", "NumpyBackend"]
 DEFAULT_DTYPE = numpy.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blas_controller() -> Any:
     """threadpoolctl's view of the loaded BLAS, found once (finding it costs ~3 ms a call)."""
     try:
@@ -78,7 +79,10 @@ class NumpyBackend(Backend):
         else:
             state = 'none: numba is not installed (pip install ".[fast]")'
         simd = numpy.show_config(mode="dicts")["SIMD Extensions"]  # what NumPy dispatches on this CPU, now
-        return {"compiled_kernels": state, "simd": {"baseline": simd.get("baseline", []), "found": simd.get("found", [])}}
+        return {
+            "compiled_kernels": state,
+            "simd": {"baseline": simd.get("baseline", []), "found": simd.get("found", [])},
+        }
 
     def quantized_dtypes(self) -> dict[str, Any]:
         found = super().quantized_dtypes()

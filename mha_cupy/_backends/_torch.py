@@ -43,7 +43,8 @@ class TorchBackend(Backend):
             msg = f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})"
             raise ValueError(msg) from None
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-            msg = f"device {device!r} is not available here (torch.cuda.is_available() is {torch.cuda.is_available()}, {torch.cuda.device_count()} CUDA devices)"
+            msg = (f"device {device!r} is not available here (torch.cuda.is_available() is "
+                   f"{torch.cuda.is_available()}, {torch.cuda.device_count()} CUDA devices)")
             raise ValueError(msg)
         return dev
 
@@ -105,12 +106,12 @@ class TorchBackend(Backend):
         return _autograd_node().apply(forward, backward, *inputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_backend() -> NumpyBackend:
     return NumpyBackend(NumpyBackend.namespace_of_module(numpy))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autograd_node() -> Any:
     """A ``torch.autograd.Function`` around an explicit forward and backward (made once, when first needed)."""
     import torch

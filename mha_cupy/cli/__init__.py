@@ -12,7 +12,7 @@ import difflib
 import json
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .._backends import BackendUnavailableError
 from . import _bench, _compare, _info, _verify

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ._report import EXIT_MISMATCH, EXIT_OK, CliError, Report
 
@@ -15,7 +16,7 @@ OURS_CALL = ("q_chunk_size", "kv_chunk_size", "memory_budget", "batch_invariant"
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    from .._backends import BACKEND_NAMES
+    from .._backends import BACKEND_NAMES, FLOAT_DTYPES
 
     p = sub.add_parser("compare", parents=parents, help="one random layer on two backends, or against a reference",
                        description="Build one layer with random weights, run it on random inputs with --xp and with "
@@ -26,7 +27,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     ref.add_argument("--against", choices=AGAINST, help="reference: tabpfn 2.2.1's layer, torch.nn.MultiheadAttention "
                      "(both on torch's CPU, same weights), or our layer in float64 on NumPy")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="the backend under test (default numpy)")
-    p.add_argument("--dtype", default="float32", choices=("float64", "float32", "float16", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=tuple(FLOAT_DTYPES),
                    help="default float32; bfloat16 needs a backend that has it (torch, jax): weights and inputs are "
                    "drawn in float32 and rounded to bfloat16 on each side")
     for name, default, what in (("batch", 2, "batch size"), ("length", 128, "query length T"),
@@ -48,8 +49,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--reuse-first-head-kv", action="store_true", help="layer call keyword (needs --kv-length)")
     p.add_argument("--add-input", action="store_true", help="layer call keyword: add x to the output")
     p.add_argument("--allow-inplace", action="store_true", help="layer call keyword (each side gets its own copy of x)")
-    p.add_argument("--q-chunk-size", type=int, default=None, help="ours only: queries per tile (default: from the budget)")
-    p.add_argument("--kv-chunk-size", type=int, default=None, help="ours only: keys per tile (default: from the budget)")
+    p.add_argument(
+        "--q-chunk-size", type=int, default=None, help="ours only: queries per tile (default: from the budget)"
+    )
+    p.add_argument(
+        "--kv-chunk-size", type=int, default=None, help="ours only: keys per tile (default: from the budget)"
+    )
     p.add_argument("--memory-budget", default=None, help="ours only: bytes or '64MiB' (default: the device's)")
     p.add_argument("--batch-invariant", action="store_true", help="ours only: fixed-shape GEMMs per row")
     p.set_defaults(run=run)
@@ -116,7 +121,8 @@ def _check_backends(args: argparse.Namespace) -> None:
         dtypes = be.float_dtypes()
         if args.dtype not in dtypes:
             which = " (torch, jax)" if args.dtype == "bfloat16" else ""
-            msg = f"--dtype {args.dtype} needs a backend that has it{which}, got --{option} {name} with {', '.join(sorted(dtypes))}"
+            msg = (f"--dtype {args.dtype} needs a backend that has it{which}, got --{option} {name} with "
+                   f"{', '.join(sorted(dtypes))}")
             raise CliError(msg)
 
 
@@ -173,7 +179,7 @@ def _on(be: Any, a: Any, dtype: Any, device: Any = None) -> Any:
     if a is None:
         return None
     moved = convert(a, be, device)
-    return moved if moved.dtype == dtype else be.xp.astype(moved, dtype)
+    return be.xp.astype(moved, dtype, copy=False)
 
 
 def _copies(xp: Any, arrays: list[Any]) -> list[Any]:
@@ -220,10 +226,14 @@ def _tabpfn(args: argparse.Namespace, layer: Any, x: Any, x_kv: Any) -> tuple[Si
         ref = reference_layer(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
                               dtype=_host_dtype(args), seed=args.seed)
     except ImportError as exc:
-        raise CliError(f"--against tabpfn needs tabpfn 2.2.1: pip install \".[reference]\" ({exc})") from exc
+        raise CliError(f'--against tabpfn needs tabpfn 2.2.1: pip install ".[reference]" ({exc})') from exc
     except ValueError as exc:  # tabpfn's own config checks (pydantic): several lines, the reason among them
-        reason = next((line.strip() for line in str(exc).splitlines() if "Value error" in line), str(exc).splitlines()[0])
-        raise CliError(f"tabpfn 2.2.1's layer refuses this configuration: {reason.replace('Value error, ', '')}") from exc
+        reason = next(
+            (line.strip() for line in str(exc).splitlines() if "Value error" in line), str(exc).splitlines()[0]
+        )
+        raise CliError(
+            f"tabpfn 2.2.1's layer refuses this configuration: {reason.replace('Value error, ', '')}"
+        ) from exc
     ours = _ours(args, layer_like(ref, xp="numpy", seed=args.seed), x, x_kv)
     dtype = getattr(torch, args.dtype)
     ref = ref.to(dtype)

@@ -19,9 +19,13 @@ PACKAGES = {"numpy": ("numpy",), "array_api_compat": ("array-api-compat",), "arr
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("info", parents=parents, help="versions, BLAS and threads, and which backends are usable here",
-                       description="Versions, BLAS and threads, and each backend: usable (device, default memory "
-                       "budget, workers, dtypes) or why not. Imports every installed library, so it takes a few seconds.")
+    p = sub.add_parser(
+        "info",
+        parents=parents,
+        help="versions, BLAS and threads, and which backends are usable here",
+        description="Versions, BLAS and threads, and each backend: usable (device, default memory "
+        "budget, workers, dtypes) or why not. Imports every installed library, so it takes a few seconds.",
+    )
     p.set_defaults(run=run)
 
 
@@ -71,8 +75,14 @@ def _backend_row(name: str) -> dict[str, Any]:
     except BackendUnavailableError as exc:
         return {"usable": False, "reason": str(exc)}
     device = be.default_device()
-    row = {"usable": True, "device": str(device), "cpu": be.is_cpu(device), "memory_budget": get_memory_budget(name, device),
-           "workers": be.default_workers(device), "float_dtypes": sorted(be.float_dtypes())}
+    row = {
+        "usable": True,
+        "device": str(device),
+        "cpu": be.is_cpu(device),
+        "memory_budget": get_memory_budget(name, device),
+        "workers": be.default_workers(device),
+        "float_dtypes": sorted(be.float_dtypes()),
+    }
     try:
         row.update(be.describe_device(device))
     except Exception as exc:  # noqa: BLE001 - a diagnostic command reports a broken driver instead of dying on it
@@ -85,17 +95,32 @@ def _text(data: dict[str, Any]) -> str:
     missing = ", ".join(k for k, v in data["packages"].items() if not v) or "none"
     blas = "; ".join(f"{b['internal_api']} {b['version']}" + (f" core {b['architecture']}" if b["architecture"] else "")
                      + f" ({b['user_api']}, {b['num_threads']} threads)" for b in data["blas"]) or "none found"
-    lines = [f"mha-cupy {data['mha_cupy']} on Python {data['python']} ({data['platform']}), {data['cpu_cores']} CPU cores",
-             f"installed: {pkgs}", f"not installed: {missing}", f"BLAS: {blas}"]
+    lines = [
+        f"mha-cupy {data['mha_cupy']} on Python {data['python']} ({data['platform']}), {data['cpu_cores']} CPU cores",
+        f"installed: {pkgs}",
+        f"not installed: {missing}",
+        f"BLAS: {blas}",
+    ]
     host = data["backends"]["numpy"]
     if "simd" in host:
         simd = host["simd"]
-        lines.append(f"NumPy: SIMD baseline {' '.join(simd['baseline'])}, dispatching {' '.join(simd['found']) or 'nothing more'}; "
-                     f"compiled kernels: {host['compiled_kernels']}")
+        lines.append(
+            f"NumPy: SIMD baseline {' '.join(simd['baseline'])}, "
+            f"dispatching {' '.join(simd['found']) or 'nothing more'}; "
+            f"compiled kernels: {host['compiled_kernels']}"
+        )
     lines.append("")
     usable = {n: r for n, r in data["backends"].items() if r["usable"]}
-    rows = [[name, row["device"] + (f" ({row['name']}, {mib(row['memory_total'])})" if "name" in row else ""),
-             mib(row["memory_budget"]), str(row["workers"]), " ".join(row["float_dtypes"])] for name, row in usable.items()]
+    rows = [
+        [
+            name,
+            row["device"] + (f" ({row['name']}, {mib(row['memory_total'])})" if "name" in row else ""),
+            mib(row["memory_budget"]),
+            str(row["workers"]),
+            " ".join(row["float_dtypes"]),
+        ]
+        for name, row in usable.items()
+    ]
     lines.append(table(["usable", "default device", "default budget", "workers", "float dtypes"], rows))
     lines += [f"not usable: {name}: {row['reason']}" for name, row in data["backends"].items() if not row["usable"]]
     return "\n".join(lines)

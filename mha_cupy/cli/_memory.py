@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ._report import CliError
 
@@ -53,10 +55,8 @@ def reset_peak() -> None:
 def _release_freed_memory() -> None:
     # Pages freed earlier (the inputs' temporaries) would be reused without growing RSS and hide
     # part of the call's working set; glibc's malloc_trim hands them back to the OS first.
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the figure may then be an underestimate
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure may then be an underestimate
-        pass
 
 
 def in_child(code: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 #: Exit codes, for scripts. Argparse's own usage errors also exit with 2.
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2

@@ -11,17 +11,23 @@ from ._report import EXIT_MISMATCH, EXIT_OK, CliError, Report, note, progress, t
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    from .._backends import BACKEND_NAMES
+    from .._backends import BACKEND_NAMES, FLOAT_DTYPES
 
+    fixtures = ", ".join(f"{n} {FLOAT_DTYPES[n].tolerance:.0e}".replace("e-0", "e-")
+                         for n in ("float64", "float32"))  # the fixtures' dtypes
     p = sub.add_parser("verify", parents=parents, help="replay the tabpfn reference fixtures (exit 1 on a mismatch)",
                        description="Replay the reference fixtures made by tabpfn 2.2.1 (by default those installed "
                        "with mha_cupy) on each backend and compare every output and cache within the dtype's "
-                       "tolerance (float64 1e-10, float32 1e-5, relative to max(1, max |reference|)).")
+                       f"tolerance ({fixtures}, relative to max(1, max |reference|)).")
     p.add_argument("--xp", nargs="+", choices=BACKEND_NAMES, metavar="NAME", default=None,
                    help=f"backends to run on, from {', '.join(BACKEND_NAMES)} (default: every usable one; "
                    "the others are listed with the reason)")
-    p.add_argument("--fixtures", default=None, metavar="DIR",
-                   help="folder holding manifest.json and the .npz files (default: the fixtures installed with mha_cupy)")
+    p.add_argument(
+        "--fixtures",
+        default=None,
+        metavar="DIR",
+        help="folder holding manifest.json and the .npz files (default: the fixtures installed with mha_cupy)",
+    )
     p.set_defaults(run=run)
 
 
@@ -30,7 +36,8 @@ def run(args: argparse.Namespace) -> Report:
 
     directory = packaged_fixtures() if args.fixtures is None else Path(args.fixtures)
     if not (directory / "manifest.json").is_file():
-        msg = f"no manifest.json in {directory}; pass --fixtures DIR, or leave it out for the fixtures installed with mha_cupy"
+        msg = (f"no manifest.json in {directory}; pass --fixtures DIR, or leave it out for the fixtures installed "
+               "with mha_cupy")
         raise CliError(msg)
     names, skipped = _backends(args.xp)
     if "jax" in names:
