@@ -19,16 +19,13 @@ _CHILD = "from mha_cupy.cli._bench import child; child()"
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     from .._backends import BACKEND_NAMES
 
-    p = sub.add_parser(
-        "bench",
-        parents=parents,
-        help="time our attention beside torch's SDPA (outputs checked first)",
-        description="Time scaled_dot_product_attention on --xp beside torch's SDPA on the CPU, on the "
-        "same random q [B, T, N, d], k/v [B, S, K, d]. The outputs are compared first (exit 1 and "
-        "nothing timed if they differ); then medians of interleaved calls, GFLOP/s (the dense "
-        "count 4*B*N*T*S*d, also for --causal) and, on CPU backends under Linux, the peak RSS growth "
-        "of one call after a tiny warm-up call, in a fresh process. Lists such as --q-len 1024,4096 sweep.",
-    )
+    p = sub.add_parser("bench", parents=parents, help="time our attention beside torch's SDPA (outputs checked first)",
+                       description="Time scaled_dot_product_attention on --xp beside torch's SDPA on the CPU, on the "
+                       "same random q [B, T, N, d], k/v [B, S, K, d]. The outputs are compared first (exit 1 and "
+                       "nothing timed if they differ); then medians of interleaved calls, GFLOP/s (the dense "
+                       "count 4*B*N*T*S*d, also for --causal) and, on CPU backends under Linux, the peak RSS growth "
+                       "of one call after a tiny warm-up call, in a fresh process. Lists such as --q-len 1024,4096 "
+                       "sweep.")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="our backend (default numpy)")
     p.add_argument("--dtype", default="float32", choices=("float64", "float32"), help="default float32")
     p.add_argument("--q-len", type=int_list, default=[4096], metavar="T[,T...]", help="query lengths (default 4096)")

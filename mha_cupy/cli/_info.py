@@ -19,13 +19,10 @@ PACKAGES = {"numpy": ("numpy",), "array_api_compat": ("array-api-compat",), "arr
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "info",
-        parents=parents,
-        help="versions, BLAS and threads, and which backends are usable here",
-        description="Versions, BLAS and threads, and each backend: usable (device, default memory "
-        "budget, workers, dtypes) or why not. Imports every installed library, so it takes a few seconds.",
-    )
+    p = sub.add_parser("info", parents=parents, help="versions, BLAS and threads, and which backends are usable here",
+                       description="Versions, BLAS and threads, and each backend: usable (device, default memory "
+                       "budget, workers, dtypes) or why not. Imports every installed library, so it takes a few "
+                       "seconds.")
     p.set_defaults(run=run)
 
 
