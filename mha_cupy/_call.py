@@ -121,9 +121,6 @@ def check_call(call: AttentionCall, *, d_out: Any = FORWARD) -> Checked:
     full = (sizes.batch, sizes.q_len, sizes.heads, sizes.kv_len)
     mask = check_mask(call.mask, "mask", full, be=be)
     bias = check_mask(call.bias, "bias", full, be=be, dtype=q.dtype)
-    if gradient and check_probability(call.dropout_p, "dropout_p") > 0 and call.seed is None:
-        msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
-        raise ValueError(msg)
     # A dequantized chunk: the cast and the scaled copy of each quantized key's (or value's) K heads, in q's dtype.
     dequantized = 2 * sizes.kv_heads * be.itemsize(q.dtype) * (
         (call.k_scale is not None) * sizes.d_k + (call.v_scale is not None) * sizes.d_v)
@@ -150,9 +147,13 @@ def check_options(call: AttentionCall, *, be: Backend, device: Any, dtype: Any, 
                   biased: bool = False, dequantized_key_bytes: int = 0, divisor: int = 1,
                   backward: bool = False) -> Problem:
     """The options of ``call`` (not its arrays) checked and resolved into the ``Problem`` of ``sizes``: the scale,
-    the dropout seed (drawn when dropout runs without one), lengths as Python ints, the budget in bytes."""
+    the dropout seed (drawn when dropout runs without one; a ``backward`` needs the forward's), lengths as Python
+    ints, the budget in bytes."""
     dropout_p = check_probability(call.dropout_p, "dropout_p")
     seed = None if call.seed is None else check_seed(call.seed)
+    if dropout_p > 0 and seed is None and backward:
+        msg = "seed is required with dropout_p > 0: the backward must drop what the forward dropped, got seed=None"
+        raise ValueError(msg)
     if dropout_p > 0 and seed is None:
         seed = random_seed()
     workers = call.workers
