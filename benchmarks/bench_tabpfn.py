@@ -3,7 +3,7 @@
 Run from the repository root (needs ``pip install ".[reference]"``):
 
     python benchmarks/bench_tabpfn.py [--repeats 7] [--cases feature,item,...] [--xp numpy] [--dispatch native|avx2]
-                                      [--out benchmarks/results]
+                                      [--batch-invariant] [--out benchmarks/results]
 
 Each case builds tabpfn's layer (float32, its own initialisation under
 ``torch.manual_seed``) and ours with the same weights, checks that the outputs
@@ -11,7 +11,9 @@ agree within the float32 tolerance, then times the two alternately
 (``--repeats`` interleaved calls each, after one warm-up) and reports the ratio
 of medians. Inputs that a call may overwrite (``allow_inplace``) are copied
 before each timed call, outside the timing. Results go to
-``<out>/tabpfn-<date>.json`` and ``.md`` with the machine, versions and command.
+``<out>/tabpfn-<date>.json`` and ``.md`` with the machine, versions and command. With ``--batch-invariant`` a
+third side is timed in the same rotation: ours with ``batch_invariant=True`` (its cost over our default and over
+theirs).
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def _layer_pair(case: Case, xp: str, rng):
     t_x, t_kv = torch.from_numpy(x), None if x_kv is None else torch.from_numpy(x_kv)
     copy = case.kwargs.get("allow_inplace", False)
 
-    def run_ours():
-        return ours(be.xp.asarray(ours_x, copy=True) if copy else ours_x, ours_kv, **case.kwargs)
+    def run_ours(**more):
+        return ours(be.xp.asarray(ours_x, copy=True) if copy else ours_x, ours_kv, **case.kwargs, **more)
 
     def run_theirs():
         return ref(t_x.clone() if copy else t_x, t_kv, **case.kwargs)
@@ -103,8 +105,8 @@ def _sdpa_pair(case: Case, xp: str, rng):
     ours_qkv = [be.from_numpy(a, be.default_device()) for a in (q, k, v)]
     tq, tk, tv = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))
 
-    def run_ours():
-        return scaled_dot_product_attention(*ours_qkv)
+    def run_ours(**more):
+        return scaled_dot_product_attention(*ours_qkv, **more)
 
     def run_theirs():
         return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True).transpose(1, 2)
@@ -112,7 +114,7 @@ def _sdpa_pair(case: Case, xp: str, rng):
     return run_ours, run_theirs
 
 
-def measure(name: str, case: Case, xp: str, repeats: int) -> dict:
+def measure(name: str, case: Case, xp: str, repeats: int, invariant: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -122,18 +124,28 @@ def measure(name: str, case: Case, xp: str, repeats: int) -> dict:
     torch.set_grad_enabled(False)
     rng = np.random.default_rng(0)
     run_ours, run_theirs = (_layer_pair if case.kind == "layer" else _sdpa_pair)(case, xp, rng)
-    err = scaled_error(to_numpy(run_ours()), run_theirs().numpy())  # also the warm-up
-    if not err <= 1e-5:
-        raise SystemExit(f"{name}: outputs differ, scaled error {err:.2e} > 1e-5; nothing timed")
-    ours, theirs = [], []
+    expected = run_theirs().numpy()
+    sides = {"ours": run_ours, "theirs": run_theirs}
+    if invariant:
+        sides["invariant"] = lambda: run_ours(batch_invariant=True)
+    errors = {side: scaled_error(to_numpy(fn()), expected) for side, fn in sides.items() if side != "theirs"}
+    if not all(e <= 1e-5 for e in errors.values()):  # the calls above are the warm-up too
+        raise SystemExit(f"{name}: outputs differ, scaled errors {errors} > 1e-5; nothing timed")
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(repeats):
-        for fn, times in ((run_ours, ours), (run_theirs, theirs)):
+        for side, fn in sides.items():
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return {"case": name, "what": case.what, "scaled_error": err, "ours_s": ours, "theirs_s": theirs,
-            "ours_median_s": statistics.median(ours), "theirs_median_s": statistics.median(theirs),
-            "ratio": statistics.median(ours) / statistics.median(theirs)}
+            times[side].append(time.perf_counter() - t0)
+    med = {side: statistics.median(t) for side, t in times.items()}
+    row = {"case": name, "what": case.what, "scaled_error": errors["ours"], "ours_s": times["ours"],
+           "theirs_s": times["theirs"], "ours_median_s": med["ours"], "theirs_median_s": med["theirs"],
+           "ratio": med["ours"] / med["theirs"]}
+    if invariant:
+        row.update(invariant_s=times["invariant"], invariant_median_s=med["invariant"],
+                   invariant_scaled_error=errors["invariant"], invariant_over_ours=med["invariant"] / med["ours"],
+                   invariant_over_theirs=med["invariant"] / med["theirs"])
+    return row
 
 
 def _markdown(result: dict) -> str:
@@ -146,6 +158,12 @@ def _markdown(result: dict) -> str:
     for r in rows:
         lines.append(f"| {r['case']} | {r['what']} | {r['ours_median_s']:.4f} | {r['theirs_median_s']:.4f} | "
                      f"{r['ratio']:.2f} | {r['scaled_error']:.1e} |")
+    if rows and "invariant_median_s" in rows[0]:
+        lines += ["", "With `batch_invariant=True` (timed in the same rotation):", "",
+                  "| case | invariant (s) | invariant / ours default | invariant / theirs | scaled error |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['invariant_median_s']:.4f} | {r['invariant_over_ours']:.2f} | "
+                  f"{r['invariant_over_theirs']:.2f} | {r['invariant_scaled_error']:.1e} |" for r in rows]
     if result.get("geomean") is not None:
         lines += ["", f"Geometric mean of ours / theirs over {', '.join(TABPFN_SHAPES)}: **{result['geomean']:.2f}**"]
     return "\n".join(lines) + "\n"
@@ -157,15 +175,18 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--xp", default="numpy", help="our backend (default numpy)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="also time ours with batch_invariant=True, in the same rotation")
     add_dispatch_argument(parser)
     args = parser.parse_args()
     apply_dispatch(args.dispatch)
     rows = []
     for name in args.cases.split(","):
-        row = measure(name, CASES[name], args.xp, args.repeats)
+        row = measure(name, CASES[name], args.xp, args.repeats, args.batch_invariant)
         rows.append(row)
+        extra = f"  invariant x{row['invariant_over_ours']:.2f}" if args.batch_invariant else ""
         print(f"{name:10s} ours {row['ours_median_s']:.4f} s  theirs {row['theirs_median_s']:.4f} s  "
-              f"ratio {row['ratio']:.2f}  (error {row['scaled_error']:.1e})", flush=True)
+              f"ratio {row['ratio']:.2f}  (error {row['scaled_error']:.1e}){extra}", flush=True)
     ratios = [r["ratio"] for r in rows if r["case"] in TABPFN_SHAPES]
     geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if len(ratios) == len(TABPFN_SHAPES) else None
     result = new_result(rows, xp=args.xp, geomean=geomean, dispatch=args.dispatch)

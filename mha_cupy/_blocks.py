@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from . import dropout as _dropout
 from ._backends import Backend, device_of
-from ._plan import AttentionPlan
+from ._plan import AttentionPlan, ceil_div
 
 __all__ = ["Blocks", "Scalars", "block_of"]
 
@@ -140,7 +140,8 @@ class Blocks:
 
     def key_span(self, b0: int, b1: int, t0: int, t1: int) -> tuple[int, int]:
         """Keys ``[lo, hi)`` that some query of block ``[b0:b1, t0:t1]`` may see (row lengths, causal, window); ``lo``
-        on the key chunk grid, so that chunk boundaries are those of the whole key axis. ``(0, 0)``: none."""
+        on the key chunk grid, so that chunk boundaries are those of the whole key axis, and with ``batch_invariant``
+        ``hi`` too (or S). ``(0, 0)``: none."""
         if not self.limited:
             return 0, self.S
         window, right, lo, hi = self.plan.window, self.right, self.S, 0
@@ -151,6 +152,8 @@ class Blocks:
             if last >= t0 and row_lo < row_hi:
                 lo, hi = min(lo, row_lo), max(hi, row_hi)
         kv = self.plan.chunks.kv
+        if self.plan.batch_invariant:  # whole chunks: a row's reductions then have one length whatever its block
+            hi = min(self.S, ceil_div(hi, kv) * kv)
         return ((lo // kv) * kv, hi) if lo < hi else (0, 0)
 
     def key_chunks(self, s_lo: int, s_hi: int) -> range:
@@ -164,7 +167,8 @@ class Blocks:
         blk = a[b0:b1, t0:t1, ...]
         d = blk.shape[3] if blk.ndim == 4 else 1
         blk = xp.permute_dims(xp.reshape(blk, (b1 - b0, t1 - t0, K, G, d)), (0, 2, 1, 3, 4))
-        return xp.astype(xp.reshape(blk, (b1 - b0, K, (t1 - t0) * G, d)), self.cdt, copy=False)
+        # A copy, C-contiguous: the products and fused kernels read it row by row.
+        return xp.astype(xp.reshape(blk, (b1 - b0, K, (t1 - t0) * G, d), copy=True), self.cdt, copy=False)
 
     def unfold(self, a: Any, nt: int) -> Any:
         """``fold``'s inverse for ``a [b, K, t*G, D]``: ``[b, t, N, D]``."""

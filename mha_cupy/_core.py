@@ -37,7 +37,7 @@ def attend(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: An
     number of workers beyond rounding.
     """
     xp, T = be.xp, q.shape[1]
-    if plan.batch_invariant and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
+    if plan.query_tiles and T % plan.chunks.q:  # whole tiles: padded rows are computed, then dropped
         pad = -T % plan.chunks.q
         q = _pad_queries(q, pad, 0.0, xp=xp)
         mask, bias = (a if a is None or a.shape[1] == 1 else _pad_queries(a, pad, fill, xp=xp)  # kept if broadcast
@@ -180,6 +180,9 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
     nb, K, nt, G, _ = m.shape
     kv_chunk = kb.shape[-1]
     kb, vb = xp.astype(kb, qb.dtype, copy=False), xp.astype(vb, qb.dtype, copy=False)
+    if (bias is None and keep is None and softcap is None
+            and be.attend_chunk(qb, kb, vb, m, l, acc, allowed, fixed_order=fixed_order)):
+        return m, l, acc
     if tile is None:
         scores = be.matmul(qb, kb, fixed_order=fixed_order)
     else:

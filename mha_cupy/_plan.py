@@ -7,6 +7,7 @@ Letters as in ``mha_cupy.attention``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -80,9 +81,10 @@ class ChunkPlan:
     kv: int
 
 
-#: The tiles of ``batch_invariant`` calls: 32 queries (padded) by 512 keys. The products are fixed-order
-#: ones (``Backend.matmul``), row by row; the fixed key chunks give every row's reductions one length, and
-#: whole query tiles keep every element-wise pass free of a differently computed remainder.
+#: The tiles of ``batch_invariant`` calls: keys in chunks of 512 from 0 (every row's reductions have one length),
+#: queries in tiles of 32 (padded) where the chunk step runs as element-wise passes, whose vectorised remainders
+#: would otherwise compute some rows differently. Where the library fuses the step in one kernel that treats
+#: every query row alike (``Backend.fuses_fixed_order``), the query blocks are the budget's and nothing is padded.
 INVARIANT_CHUNKS = ChunkPlan(batch=1, q=32, kv=512)
 
 
@@ -142,9 +144,11 @@ class AttentionPlan:
     key_splits: int = 1
     #: Also return the log-sum-exp ``[B, T, N]`` of each query row's logits.
     with_lse: bool = False
-    #: Fixed tiles (queries padded to whole tiles, no key splits): every row's result is bitwise the
-    #: same whatever else is in the call.
+    #: Fixed key chunks and fixed-order products, no key splits: every row's result is bitwise the same whatever
+    #: else is in the call.
     batch_invariant: bool = False
+    #: Queries padded to whole tiles (``INVARIANT_CHUNKS``: the element-wise invariant step).
+    query_tiles: bool = False
     #: Query and key lengths ``(T, S)`` of the whole problem: the default row lengths and the alignment
     #: (None: those of the arrays ``attend`` is given).
     extent: tuple[int, int] | None = None
@@ -181,11 +185,15 @@ class AttentionPlan:
 
 
 def plan_attention(problem: Problem) -> AttentionPlan:
-    """The plan of a checked call: block sizes from its budget (``plan_chunks``), or ``INVARIANT_CHUNKS`` with
-    ``batch_invariant`` whatever the budget and chunk sizes say; key splits when blocks are fewer than workers."""
+    """The plan of a checked call: block sizes from its budget (``plan_chunks``); with ``batch_invariant``, key
+    chunks of ``INVARIANT_CHUNKS`` whatever the budget and chunk sizes say, and its query tiles unless the step
+    runs fused (``_fused``); key splits when blocks are fewer than workers."""
     B, T, S = problem.sizes.batch, problem.sizes.q_len, problem.sizes.kv_len
+    fused = problem.batch_invariant and _fused(problem)
+    if fused:
+        problem = dataclasses.replace(problem, kv_chunk=INVARIANT_CHUNKS.kv)
     chunks = plan_chunks(problem)
-    if problem.batch_invariant:
+    if problem.batch_invariant and not fused:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
     seed = problem.seed if problem.dropout_p > 0 else None
@@ -194,8 +202,16 @@ def plan_attention(problem: Problem) -> AttentionPlan:
         dropout_p=problem.dropout_p if seed is not None else 0.0,
         dropout_key=None if seed is None else (seed & 0xFFFFFFFF, seed >> 32),
         key_splits=1 if problem.batch_invariant else _key_splits(chunks, problem),
-        with_lse=problem.with_lse, batch_invariant=problem.batch_invariant, extent=(T, S),
+        with_lse=problem.with_lse, batch_invariant=problem.batch_invariant,
+        query_tiles=problem.batch_invariant and not fused, extent=(T, S),
         q_lengths=problem.q_lengths, kv_lengths=problem.kv_lengths, window=problem.window, softcap=problem.softcap)
+
+
+def _fused(problem: Problem) -> bool:
+    """Whether the chunk step of ``problem`` runs as one fused fixed-order kernel (``_core._online_softmax_step``
+    takes it without bias, dropout or soft-capping; the backward never does)."""
+    return (problem.be.fuses_fixed_order(problem.dtype) and not problem.biased and problem.softcap is None
+            and problem.dropout_p == 0 and not problem.backward)
 
 
 def _key_splits(chunks: ChunkPlan, problem: Problem) -> int:

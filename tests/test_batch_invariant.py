@@ -115,3 +115,56 @@ def test_half_precision_layer_rows_and_accuracy(name, dtype):
     err_invariant = np.abs(host(whole).astype(np.float64) - exact).max()
     err_plain = np.abs(host(layer(X, XKV)).astype(np.float64) - exact).max()
     assert err_invariant <= 2 * err_plain, (err_invariant, err_plain)
+
+
+@pytest.mark.parametrize("name", LIBRARIES)
+@pytest.mark.parametrize("causal", [False, True], ids=["lengths", "causal-lengths"])
+def test_rows_with_their_own_key_lengths_do_not_depend_on_the_other_rows(name, causal):
+    """A batch row with its own ``kv_seq_lengths`` gives the same bits alone as beside rows with other lengths: the
+    key chunks a row goes through end on the chunk grid, not where the longest row of its block ends (which made
+    a row's last sum run over another length)."""
+    be = lib(name)
+    rng = np.random.default_rng(7)
+    B, T, S = 4, 300, 600
+    q = rng.standard_normal((B, T, 2, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((B, S, 2, 16)).astype(np.float32) for _ in range(2))
+    lengths = np.array([600, 437, 212, 1])
+    Q, Kk, Vv = (be.from_numpy(a, be.default_device()) for a in (q, k, v))
+    kw = dict(batch_invariant=True, is_causal=causal)
+    whole = host(scaled_dot_product_attention(Q, Kk, Vv, kv_seq_lengths=be.from_numpy(lengths, be.default_device()),
+                                              **kw))
+    for b in range(B):
+        alone = scaled_dot_product_attention(Q[b:b + 1], Kk[b:b + 1], Vv[b:b + 1],
+                                             kv_seq_lengths=be.from_numpy(lengths[b:b + 1], be.default_device()), **kw)
+        np.testing.assert_array_equal(host(alone), whole[b:b + 1], err_msg=f"batch row {b}")
+        keys = np.arange(S) < lengths[b]
+        seen = keys & (np.arange(S)[None, :] <= np.arange(T)[:, None] + lengths[b] - T if causal else np.ones((T, 1), bool))
+        expected = naive_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask=seen[None, :, None, :])
+        rows = seen.any(axis=1)  # rows that see no key give 0 (the reference has NaN there)
+        np.testing.assert_allclose(whole[b][rows], expected[0][rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(local_window_size=(40, 3)), dict(mask=True),
+                                dict(kv_seq_lengths=True)], ids=["plain", "causal", "window", "mask", "lengths"])
+def test_fused_kernel_gives_the_bits_of_the_step_by_step_invariant_path(kw, monkeypatch):
+    """NumPy with numba runs the invariant chunk step as one kernel over the budget's query blocks; without it
+    (torch, or numba off) it runs step by step over tiles of 32 padded queries. Both give the same bits."""
+    require("numba")
+    from mha_cupy._backends import NumpyBackend, _numba
+
+    if _numba.load() is None:
+        pytest.skip("MHA_CUPY_NUMBA=0 is set: the compiled kernels are off")
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((2, 700, 4, 24)).astype(np.float32) for _ in range(3))
+    if kw.get("mask"):
+        kw = dict(mask=rng.random((2, 1, 1, 700)) > 0.3)
+    if kw.get("kv_seq_lengths"):
+        kw = dict(kv_seq_lengths=np.array([700, 333]))
+    ran = []
+    real = NumpyBackend.attend_chunk
+    monkeypatch.setattr(NumpyBackend, "attend_chunk", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    fused = scaled_dot_product_attention(q, k, v, batch_invariant=True, **kw)
+    assert ran, "the fused kernel did not run"
+    monkeypatch.setattr(NumpyBackend, "fuses_fixed_order", lambda self, dtype: False)
+    monkeypatch.setattr(NumpyBackend, "attend_chunk", lambda self, *a, **k: False)
+    np.testing.assert_array_equal(fused, scaled_dot_product_attention(q, k, v, batch_invariant=True, **kw))

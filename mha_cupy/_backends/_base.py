@@ -256,6 +256,19 @@ class Backend:
         acc *= xp.reshape(alpha, (acc.shape[0], acc.shape[1], acc.shape[2], 1))
         return p, m_new, l, acc
 
+    def fuses_fixed_order(self, dtype: Any) -> bool:
+        """Whether ``attend_chunk`` runs calls of ``dtype`` with ``fixed_order`` (one kernel that treats every query
+        row alike, whatever the block: ``batch_invariant`` then needs no query tiles)."""
+        return False
+
+    def attend_chunk(self, qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, allowed: Any, *,
+                     fixed_order: bool) -> bool:
+        """One key chunk of attention fused in one kernel, in place, where the library has one: scores
+        ``qb [b,K,t*G,H] @ kb [b,K,H,s]``, hidden where ``allowed [b|1,K|1,t|1,G|1,s]`` (or None) is False, then
+        ``online_softmax`` and ``acc += p @ vb [b,K,s,V]``, the products ``fixed_order`` ones or not. Returns
+        whether it ran (False: the caller runs the steps one by one). None here."""
+        return False
+
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
         """``fn`` made fast for this library (JAX: ``jax.jit``); as it is where arrays run eagerly."""
         return fn

@@ -66,4 +66,5 @@ def _build() -> SimpleNamespace:
 
     from . import _numba_kernels as k
 
-    return SimpleNamespace(softmax_chunk=k.softmax_chunk, matmul_fixed=k.matmul_fixed, version=numba.__version__)
+    return SimpleNamespace(softmax_chunk=k.softmax_chunk, matmul_fixed=k.matmul_fixed, attend_chunk=k.attend_chunk,
+                           version=numba.__version__)

@@ -42,6 +42,10 @@ def _compiled_matmul(a: numpy.ndarray, b: numpy.ndarray) -> bool:
             and a.shape[:-2] == b.shape[:-2])
 
 
+#: ``attend_chunk``'s mask when nothing is hidden (the kernel then does not read it).
+_ALL_ALLOWED = numpy.ones((1, 1, 1, 1, 1), dtype=bool)
+
+
 def _stack(a: numpy.ndarray) -> numpy.ndarray:
     """``a [..., M, D]`` as a contiguous stack ``[P, M, D]`` (a view where ``a`` is contiguous; P, M or D may be 0)."""
     return numpy.ascontiguousarray(a).reshape(math.prod(a.shape[:-2]), *a.shape[-2:])
@@ -109,6 +113,26 @@ class NumpyBackend(Backend):
             _numba.load().matmul_fixed(_stack(a), _stack(b), _stack(out))
         else:
             out[...] = super().matmul(a, b, fixed_order=True)
+
+    def fuses_fixed_order(self, dtype: Any) -> bool:
+        return _numba.load() is not None and dtype == numpy.float32
+
+    def attend_chunk(self, qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, allowed: Any, *,
+                     fixed_order: bool) -> bool:
+        kernels = _numba.load()
+        if kernels is None or not fixed_order or qb.dtype != numpy.float32 or kb.dtype != qb.dtype:
+            return False
+        if not all(a.flags.c_contiguous for a in (qb, m, l, acc)) or vb.dtype != qb.dtype:
+            return False
+        nb, K, R, H = qb.shape
+        s, V = kb.shape[-1], vb.shape[-1]
+        kt = numpy.ascontiguousarray(kb).reshape(nb * K, H, s)
+        v = numpy.ascontiguousarray(vb).reshape(nb * K, s, V)
+        mask = _ALL_ALLOWED if allowed is None else allowed
+        kernels.attend_chunk(qb.reshape(nb * K, R, H), kt, v, m.reshape(nb * K, R), l.reshape(nb * K, R),
+                             acc.reshape(nb * K, R, V), mask, allowed is not None, K, m.shape[3],
+                             numpy.empty((4, s), numpy.float32), numpy.empty((4, V), numpy.float32))
+        return True
 
     def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, scalars: tuple[Any, Any, Any]) -> tuple[Any, ...]:
         kernels = _numba.load()
