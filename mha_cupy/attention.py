@@ -76,10 +76,12 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, **options: Any) -> Any:
         masked logits.
     batch_invariant : bool
         Every output row is bitwise the same whatever else is in the call
-        (other batch rows, other queries, the query length, chunk sizes,
-        workers), on any CPU and BLAS: fixed-order products row by row, fixed
-        tiles of 32 queries (the last padded) by 512 keys, no key splits.
-        Costs ×3-4 on NumPy (see the README for what is promised).
+        (other batch rows and their lengths, other queries, the query length,
+        chunk sizes, workers) on the same machine and library versions:
+        fixed-order products row by row, whole key chunks of 512 from key 0,
+        no key splits (on NumPy with numba one fused kernel per chunk).
+        Costs ×1.2-1.7 on NumPy, more for a few queries over many keys (see
+        the README for what is promised).
     k_scale, v_scale : float or array, optional
         Keys and values stored quantized (TabPFN 9's KV caches): ``k`` of
         dtype int8 or float8_e4m3fn (NumPy's through ml_dtypes) holds

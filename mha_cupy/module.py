@@ -284,8 +284,8 @@ class MultiHeadAttention:
             growth) and attend to the whole updated cache.
         batch_invariant : bool
             Every output row bitwise the same whatever else is in the call, on
-            any CPU and BLAS: projections and attention as fixed-order products
-            row by row, attention in fixed tiles (see
+            the same machine and library versions: projections and attention as
+            fixed-order products row by row, attention in whole key chunks (see
             ``scaled_dot_product_attention`` and the README for what is promised).
         kv_seq_lengths : integer array ``[B]``, optional
             Keys per flattened batch row (cached ones included; array of the

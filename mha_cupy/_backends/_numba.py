@@ -1,8 +1,8 @@
 """Compiled CPU kernels for NumPy arrays (numba, the optional ``fast`` extra).
 
-Two kernels, used through the adapters only: ``softmax_chunk`` by NumPy's
+Three kernels, used through the adapters only: ``softmax_chunk`` by NumPy's
 ``Backend.online_softmax``, ``matmul_fixed`` by NumPy's and torch-CPU's
-``Backend.matmul(fixed_order=True)``:
+``Backend.matmul(fixed_order=True)``, ``attend_chunk`` by NumPy's ``Backend.attend_chunk``:
 
 - ``softmax_chunk``: one key chunk of the online softmax over a float32 score
   tile, fused row by row while the row is in L1: the running max, the
@@ -19,7 +19,16 @@ Two kernels, used through the adapters only: ``softmax_chunk`` by NumPy's
   and sum rounded (no FMA, no reassociation). A row's result then does not
   depend on its position in the product or on the other rows, on any CPU and
   whatever the BLAS (``batch_invariant``); the Array API version in
-  ``_base.fixed_order_matmul`` gives the same bits, slower.
+  ``_base.fixed_order_matmul`` gives the same bits, slower. Four rows at a
+  time share every element of ``b`` loaded, and four steps of the inner index
+  are added per store (``(((o + a0 b0) + a1 b1) + ...)`` rounds exactly as four
+  separate steps): the layout, not the order, makes it fast.
+- ``attend_chunk``: one key chunk of ``batch_invariant`` attention for every
+  (batch row, kv head) pair in one call: ``matmul_fixed``'s ``q k^T``, the hidden
+  keys at ``-inf``, ``softmax_chunk``'s update and ``acc += matmul_fixed(p, v)``,
+  per block of four query rows while their scores are in L1; element for
+  element the arithmetic of those steps run one by one, and the same for every
+  query row whatever its block.
 
 Compiled on first use and cached on disk (``cache=True``); ``nogil`` so that
 the thread pool over blocks runs them side by side. ``load()`` returns None
