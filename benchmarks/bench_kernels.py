@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import add_dispatch_argument, apply_dispatch, header, new_result, write_result
+from _common import add_dispatch_argument, apply_dispatch, header, median_time, new_result, write_result
 
 
 def _peak(contract: bool):
@@ -45,16 +43,6 @@ def _peak(contract: bool):
     return fn, 2 * 8 * 16  # flops per element and pass
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(repeats: int) -> list[dict]:
     import numpy as np
     from threadpoolctl import threadpool_limits
@@ -69,7 +57,7 @@ def measure(repeats: int) -> list[dict]:
     for contract in (True, False):
         fn, flops = _peak(contract)
         n = 200
-        dt = _timed(lambda fn=fn: fn(a, np.float32(0.999), np.float32(1e-3), n), repeats)
+        dt = median_time(lambda fn=fn: fn(a, np.float32(0.999), np.float32(1e-3), n), repeats)
         rows.append({"kernel": f"peak multiply-add loop ({'FMA' if contract else 'no FMA'})",
                      "gflops": flops * a.size * n / dt / 1e9, "seconds": dt})
     rng = np.random.default_rng(0)
@@ -94,13 +82,13 @@ def measure(repeats: int) -> list[dict]:
 
             for name, fn in (("attend_chunk (fused, fixed order)", fused), ("step by step (OpenBLAS, numba softmax)",
                                                                               steps)):
-                dt = _timed(fn, repeats)
+                dt = median_time(fn, repeats)
                 rows.append({"kernel": f"{name}, H={H}", "gflops": flops / dt / 1e9, "seconds": dt})
         x, w = rng.standard_normal((1, 24576, 192)).astype(np.float32), rng.standard_normal((1, 192, 576)).astype(np.float32)
         out = np.empty((1, 24576, 576), np.float32)
         for name, fn in (("matmul_fixed [24576, 192] @ [192, 576]", lambda: kernels.matmul_fixed(x, w, out)),
                          ("OpenBLAS sgemm, same shape", lambda: np.matmul(x[0], w[0], out=out[0]))):
-            dt = _timed(fn, repeats)
+            dt = median_time(fn, repeats)
             rows.append({"kernel": name, "gflops": 2 * 24576 * 192 * 576 / dt / 1e9, "seconds": dt})
     peak = rows[0]["gflops"]
     for r in rows:

@@ -85,7 +85,7 @@ def matmul_fixed(a: Any, b: Any, out: Any) -> None:  # pragma: no cover - compil
             out[p, :, :] = 0.0
             continue
         for i in range(0, a.shape[1], 4):
-            scores_rows(a[p], b[p], out[p, i:], i, min(4, a.shape[1] - i))
+            scores_rows(a[p, i:], b[p], out[p, i:], min(4, a.shape[1] - i))
 
 
 # -- the fused chunk: q k^T, the online softmax and p v per block of four query rows ------------------------------
@@ -95,22 +95,22 @@ def matmul_fixed(a: Any, b: Any, out: Any) -> None:  # pragma: no cover - compil
 # as four separate steps), and the vectorised loop runs over keys (q k^T) or the value size (p v).
 
 @numba.njit(nogil=True, cache=True)
-def scores4(q: Any, kt: Any, rows: Any, r0: Any) -> None:  # pragma: no cover - compiled
-    """``rows[r, j] = sum_d q[r0 + r, d] kt[d, j]`` for ``r < 4``, ``d`` in order from 0."""
+def scores4(q: Any, kt: Any, rows: Any) -> None:  # pragma: no cover - compiled
+    """``rows[r, j] = sum_d q[r, d] kt[d, j]`` for ``r < 4``, ``d`` in order from 0."""
     H, s = kt.shape
     o0, o1, o2, o3 = rows[0], rows[1], rows[2], rows[3]
     k0 = kt[0]
-    a0, a1, a2, a3 = q[r0, 0], q[r0 + 1, 0], q[r0 + 2, 0], q[r0 + 3, 0]
+    a0, a1, a2, a3 = q[0, 0], q[1, 0], q[2, 0], q[3, 0]
     for j in range(s):  # 0 + the first product, as matmul_fixed: -0 products give +0
         w = k0[j]
         o0[j], o1[j], o2[j], o3[j] = zero + a0 * w, zero + a1 * w, zero + a2 * w, zero + a3 * w
     d = 1
     while d + 4 <= H:
         k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
-        a0, b0, c0_, e0 = q[r0, d], q[r0, d + 1], q[r0, d + 2], q[r0, d + 3]
-        a1, b1, c1_, e1 = q[r0 + 1, d], q[r0 + 1, d + 1], q[r0 + 1, d + 2], q[r0 + 1, d + 3]
-        a2, b2, c2_, e2 = q[r0 + 2, d], q[r0 + 2, d + 1], q[r0 + 2, d + 2], q[r0 + 2, d + 3]
-        a3, b3, c3_, e3 = q[r0 + 3, d], q[r0 + 3, d + 1], q[r0 + 3, d + 2], q[r0 + 3, d + 3]
+        a0, b0, c0_, e0 = q[0, d], q[0, d + 1], q[0, d + 2], q[0, d + 3]
+        a1, b1, c1_, e1 = q[1, d], q[1, d + 1], q[1, d + 2], q[1, d + 3]
+        a2, b2, c2_, e2 = q[2, d], q[2, d + 1], q[2, d + 2], q[2, d + 3]
+        a3, b3, c3_, e3 = q[3, d], q[3, d + 1], q[3, d + 2], q[3, d + 3]
         for j in range(s):
             w0, w1, w2, w3 = k0[j], k1[j], k2[j], k3[j]
             o0[j] = o0[j] + a0 * w0 + b0 * w1 + c0_ * w2 + e0 * w3
@@ -120,7 +120,7 @@ def scores4(q: Any, kt: Any, rows: Any, r0: Any) -> None:  # pragma: no cover - 
         d += 4
     while d < H:
         k0 = kt[d]
-        a0, a1, a2, a3 = q[r0, d], q[r0 + 1, d], q[r0 + 2, d], q[r0 + 3, d]
+        a0, a1, a2, a3 = q[0, d], q[1, d], q[2, d], q[3, d]
         for j in range(s):
             w = k0[j]
             o0[j], o1[j], o2[j], o3[j] = o0[j] + a0 * w, o1[j] + a1 * w, o2[j] + a2 * w, o3[j] + a3 * w
@@ -128,99 +128,36 @@ def scores4(q: Any, kt: Any, rows: Any, r0: Any) -> None:  # pragma: no cover - 
 
 
 @numba.njit(nogil=True, cache=True)
-def scores1(q: Any, kt: Any, o: Any, i: Any) -> None:  # pragma: no cover - compiled
-    """``o[j] = sum_d q[i, d] kt[d, j]``: one row of ``scores4``, element for element the same arithmetic."""
+def scores1(q: Any, kt: Any, o: Any) -> None:  # pragma: no cover - compiled
+    """``o[j] = sum_d q[d] kt[d, j]``: one row of ``scores4``, element for element the same arithmetic."""
     H, s = kt.shape
-    a = q[i, 0]
+    a = q[0]
     for j in range(s):
         o[j] = zero + a * kt[0, j]
     d = 1
     while d + 4 <= H:
         k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
-        a, b, c, e = q[i, d], q[i, d + 1], q[i, d + 2], q[i, d + 3]
+        a, b, c, e = q[d], q[d + 1], q[d + 2], q[d + 3]
         for j in range(s):
             o[j] = o[j] + a * k0[j] + b * k1[j] + c * k2[j] + e * k3[j]
         d += 4
     while d < H:
-        a, k0 = q[i, d], kt[d]
+        a, k0 = q[d], kt[d]
         for j in range(s):
             o[j] = o[j] + a * k0[j]
         d += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def scores_rows(q: Any, kt: Any, rows: Any, r0: Any, n: Any) -> None:  # pragma: no cover - compiled
-    """``rows[r, j] = sum_d q[r0 + r, d] kt[d, j]`` for ``r < n``, ``d`` in order from 0, each product and sum
-    rounded: four rows at a time share every key loaded, four steps of ``d`` are added per store."""
+def scores_rows(q: Any, kt: Any, rows: Any, n: Any) -> None:  # pragma: no cover - compiled
+    """``rows[r, j] = sum_d q[r, d] kt[d, j]`` for ``r < n``, ``d`` in order from 0, each product and sum
+    rounded: four rows at a time share every key loaded, four steps of ``d`` are added per store. Also ``p v``
+    (``q`` the probabilities, ``kt`` the values) and ``matmul_fixed``."""
     if n == 4:
-        scores4(q, kt, rows, r0)
+        scores4(q, kt, rows)
     else:
         for r in range(n):
-            scores1(q, kt, rows[r], r0 + r)
-
-
-@numba.njit(nogil=True, cache=True)
-def values4(rows: Any, v: Any, out: Any) -> None:  # pragma: no cover - compiled
-    """``out[r, c] = sum_j rows[r, j] v[j, c]`` for ``r < 4``, ``j`` in order from 0."""
-    s, V = v.shape
-    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
-    v0 = v[0]
-    a0, a1, a2, a3 = rows[0, 0], rows[1, 0], rows[2, 0], rows[3, 0]
-    for c in range(V):
-        w = v0[c]
-        o0[c], o1[c], o2[c], o3[c] = zero + a0 * w, zero + a1 * w, zero + a2 * w, zero + a3 * w
-    j = 1
-    while j + 4 <= s:
-        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-        a0, b0, c0_, e0 = rows[0, j], rows[0, j + 1], rows[0, j + 2], rows[0, j + 3]
-        a1, b1, c1_, e1 = rows[1, j], rows[1, j + 1], rows[1, j + 2], rows[1, j + 3]
-        a2, b2, c2_, e2 = rows[2, j], rows[2, j + 1], rows[2, j + 2], rows[2, j + 3]
-        a3, b3, c3_, e3 = rows[3, j], rows[3, j + 1], rows[3, j + 2], rows[3, j + 3]
-        for c in range(V):
-            w0, w1, w2, w3 = v0[c], v1[c], v2[c], v3[c]
-            o0[c] = o0[c] + a0 * w0 + b0 * w1 + c0_ * w2 + e0 * w3
-            o1[c] = o1[c] + a1 * w0 + b1 * w1 + c1_ * w2 + e1 * w3
-            o2[c] = o2[c] + a2 * w0 + b2 * w1 + c2_ * w2 + e2 * w3
-            o3[c] = o3[c] + a3 * w0 + b3 * w1 + c3_ * w2 + e3 * w3
-        j += 4
-    while j < s:
-        v0 = v[j]
-        a0, a1, a2, a3 = rows[0, j], rows[1, j], rows[2, j], rows[3, j]
-        for c in range(V):
-            w = v0[c]
-            o0[c], o1[c], o2[c], o3[c] = o0[c] + a0 * w, o1[c] + a1 * w, o2[c] + a2 * w, o3[c] + a3 * w
-        j += 1
-
-
-@numba.njit(nogil=True, cache=True)
-def values1(p: Any, v: Any, o: Any) -> None:  # pragma: no cover - compiled
-    """``o[c] = sum_j p[j] v[j, c]``: one row of ``values4``, element for element the same arithmetic."""
-    s, V = v.shape
-    a = p[0]
-    for c in range(V):
-        o[c] = zero + a * v[0, c]
-    j = 1
-    while j + 4 <= s:
-        v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-        a, b, c_, e = p[j], p[j + 1], p[j + 2], p[j + 3]
-        for c in range(V):
-            o[c] = o[c] + a * v0[c] + b * v1[c] + c_ * v2[c] + e * v3[c]
-        j += 4
-    while j < s:
-        a, v0 = p[j], v[j]
-        for c in range(V):
-            o[c] = o[c] + a * v0[c]
-        j += 1
-
-
-@numba.njit(nogil=True, cache=True)
-def values_rows(rows: Any, v: Any, out: Any, n: Any) -> None:  # pragma: no cover - compiled
-    """``out[r, c] = sum_j rows[r, j] v[j, c]`` for ``r < n``, ``j`` in order from 0 (as ``scores_rows``)."""
-    if n == 4:
-        values4(rows, v, out)
-    else:
-        for r in range(n):
-            values1(rows[r], v, out[r])
+            scores1(q[r], kt, rows[r])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -237,7 +174,7 @@ def attend_chunk(q: Any, kt: Any, v: Any, m: Any, l: Any, acc: Any, allowed: Any
         ab, ak = min(b, allowed.shape[0] - 1), min(kh, allowed.shape[1] - 1)
         for r0 in range(0, R, 4):
             n = min(4, R - r0)
-            scores_rows(q[p], kt[p], rows, r0, n)
+            scores_rows(q[p, r0:], kt[p], rows, n)
             for r in range(n):
                 i = r0 + r
                 row = rows[r]
@@ -255,7 +192,7 @@ def attend_chunk(q: Any, kt: Any, v: Any, m: Any, l: Any, acc: Any, allowed: Any
                 m[p, i] = m_new
                 for c in range(acc.shape[2]):
                     acc[p, i, c] *= alpha
-            values_rows(rows, v[p], out, n)
+            scores_rows(rows, v[p], out, n)  # p v: the same product, the keys as its inner index
             for r in range(n):
                 for c in range(acc.shape[2]):
                     acc[p, r0 + r, c] += out[r, c]
