@@ -6,19 +6,27 @@
   tabpfn 9 cannot share an environment with tabpfn 2.2.1.
 - ``lint``: ruff over the repository and mypy over the public modules (both configured in ``pyproject.toml``), in
   a virtual environment of its own.
+- ``package``: the sdist and the wheel built (``python -m build``) and checked (``twine check``), then the wheel
+  installed in a virtual environment of its own and the reference fixtures replayed from it (package data
+  included), and the quickstart run on it.
 
 Arguments after ``--`` go to pytest in the two test sessions, for example ``python -m nox -- -m "not slow"``.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "tests", "tabpfn9"]
+nox.options.sessions = ["lint", "package", "tests", "tabpfn9"]
 nox.options.reuse_existing_virtualenvs = True
 
 #: The linters, pinned: a new release may add findings, which should come with a change of these lines.
 LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
+#: What builds and checks the package.
+PACKAGING = ("build>=1.2", "twine>=5")
 #: The tabpfn 9 environment: what ``mha_cupy.tabpfn`` is tested against.
 TABPFN9 = ("tabpfn==9.2.0", "torch==2.13.0", "pytest>=8")
 
@@ -29,6 +37,26 @@ def lint(session: nox.Session) -> None:
     session.install(*LINTERS)
     session.run("ruff", "check", ".")
     session.run("mypy")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """sdist and wheel built and checked; the installed wheel (not the source tree) replays the fixtures."""
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.install(*PACKAGING)
+    session.run("python", "-m", "build", "--outdir", str(dist), ".")
+    wheels = sorted(dist.glob("*.whl"))
+    session.run("twine", "check", "--strict", *map(str, sorted(dist.iterdir())))
+    session.install(f"{wheels[0]}[test]")
+    tests = str(Path("tests").resolve())
+    quickstart = str(Path("examples", "quickstart.py").resolve())
+    session.chdir(dist)  # away from the source tree, so that `import mha_cupy` finds the wheel
+    session.run("python", "-c", "import mha_cupy, sys; assert 'site-packages' in mha_cupy.__file__, mha_cupy.__file__;"
+                " print('installed wheel:', mha_cupy.__file__, mha_cupy.__version__)")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", f"{tests}/test_fixtures.py", "-k", "numpy or manifest",
+                env={"MHA_CUPY_REQUIRE_ALL_BACKENDS": ""})
+    session.run("python", quickstart)
 
 
 @nox.session(venv_backend="none")

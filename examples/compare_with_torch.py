@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 import mha_cupy
+from _needs import epilog, require
 
 
 def from_torch_nn(x: np.ndarray) -> mha_cupy.Comparison:
@@ -46,9 +47,10 @@ def from_tabpfn(x: np.ndarray) -> mha_cupy.Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog("reference"))
     parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
     args = parser.parse_args(argv)
+    require("reference", "torch", "tabpfn")
     x = np.random.default_rng(0).standard_normal((2, 32 if args.quick else 512, 64))
     results = {"torch.nn.MultiheadAttention": from_torch_nn(x), "tabpfn 2.2.1 MultiHeadAttention": from_tabpfn(x)}
     for name, c in results.items():

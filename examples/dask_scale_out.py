@@ -26,15 +26,17 @@ import time
 import numpy as np
 
 import mha_cupy
+from _needs import epilog, require
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog("dask"))
+    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
+    args = parser.parse_args(argv)
+    require("dask", "dask", "distributed")
     import dask.array as da
     from dask.distributed import Client, LocalCluster
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
     groups, n_train, n_test, step = (4, 2048, 128, 512) if args.quick else (16, 65536, 2048, 8192)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \

@@ -8,7 +8,7 @@ from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads
 from .weights import convert_torch_nn_multihead_attention_state_dict
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackendUnavailableError",

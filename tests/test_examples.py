@@ -19,7 +19,7 @@ ELSEWHERE = {"tabpfn_backend.py": "tests_tabpfn9/test_tabpfn.py::test_example_ru
 
 
 def test_every_example_is_listed_here_and_documented():
-    names = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    names = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))  # _needs.py: shared
     assert names == sorted({**CASES, **ELSEWHERE})
     root = EXAMPLES.parent
     for test in ELSEWHERE.values():
@@ -33,6 +33,16 @@ def test_every_example_is_listed_here_and_documented():
 CASES = {"quickstart.py": ["--quick"], "swap_backends.py": ["--quick"], "compare_with_torch.py": ["--quick"],
          "kv_cache_streaming.py": ["--quick"], "long_sequence_budget.py": ["--quick"],
          "compare_backends_dtypes.py": ["--quick"], "dask_scale_out.py": ["--quick"]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_help_works_and_names_the_extra(name, tmp_path):
+    """``--help`` needs nothing beyond the library, and an example that needs an extra says which."""
+    run = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if name in NEEDS:
+        assert 'python -m pip install ".[' in run.stdout, run.stdout
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
