@@ -31,10 +31,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--q-len", type=int_list, default=[4096], metavar="T[,T...]", help="query lengths (default 4096)")
     p.add_argument("--kv-len", type=int_list, default=None, metavar="S[,S...]",
                    help="key lengths: one for all, or one per --q-len (default: equal to each query length)")
-    for name, default, what in (("batch", 1, "batch size B"), ("heads", 6, "query heads N"),
-                                ("kv-heads", 6, "key/value heads K (N a multiple of K)"), ("dim", 32, "head size d"),
-                                ("repeats", 5, "timed calls of each side, after one warm-up")):
-        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
+    for names, default, what in ((("--batch",), 1, "batch size B"), (("--heads",), 6, "query heads N"),
+                                 (("--kv-heads",), 6, "key/value heads K (N a multiple of K)"),
+                                 (("--head-dim", "--dim"), 32, "head size d"),
+                                 (("--repeats",), 5, "timed calls of each side, after one warm-up")):
+        p.add_argument(*names, dest=names[-1][2:].replace("-", "_"), type=int, default=default,
+                       metavar=names[0][2:].replace("-", "_").upper(), help=f"{what} (default {default})")
     p.add_argument("--causal", action="store_true", help="causal mask, aligned bottom-right as in our SDPA")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -45,6 +47,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> Report:
     from .._validation import check_positive_int
 
+    if args.plot:  # before any work: a missing matplotlib is one line now, not after the measurements
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CliError('--plot needs matplotlib: python -m pip install ".[plot]"')
     pairs = _pairs(args)
     for name in ("batch", "heads", "kv_heads", "dim", "repeats"):
         check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
@@ -120,7 +127,7 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
 
     from torch.nn.attention.bias import causal_lower_right
 
-    tq, tk, tv = (torch.from_numpy(to_numpy(a)).transpose(1, 2) for a in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(to_numpy(a).copy()).transpose(1, 2) for a in (q, k, v))  # JAX's are read-only
     # Our causal mask is aligned bottom-right; torch's is_causal is top-left, so give it the same mask.
     with warnings.catch_warnings():  # "NaNs when seq_len_q > seq_len_kv": so are ours, for rows that see no key
         warnings.simplefilter("ignore", UserWarning)

@@ -30,21 +30,26 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(FLOAT_DTYPES),
                    help="default float32; bfloat16 needs a backend that has it (torch, jax): weights and inputs are "
                    "drawn in float32 and rounded to bfloat16 on each side")
-    for name, default, what in (("batch", 2, "batch size"), ("length", 128, "query length T"),
-                                ("emsize", 64, "embedding size E"), ("nhead", 4, "query heads N"),
-                                ("kv-share", 1, "query heads per key/value head (share_kv_across_n_heads)"),
-                                ("seed", 0, "seed of weights and inputs")):
-        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
-    p.add_argument("--d-k", type=int, default=None, help="key/query size per head H (default emsize // nhead; "
-                   "emsize need not be divisible by nhead when --d-k and --d-v are given)")
+    # The names `bench` uses first (--q-len, --heads, --head-dim, --kv-len); this command's older ones still work.
+    for names, default, what in ((("--batch",), 2, "batch size"), (("--q-len", "--length"), 128, "query length T"),
+                                 (("--emsize",), 64, "embedding size E"), (("--heads", "--nhead"), 4, "query heads N"),
+                                 (("--kv-share",), 1, "query heads per key/value head (share_kv_across_n_heads; or "
+                                  "--kv-heads)"), (("--seed",), 0, "seed of weights and inputs")):
+        p.add_argument(*names, dest=names[-1][2:].replace("-", "_"), type=int, default=default,
+                       metavar=names[0][2:].replace("-", "_").upper(), help=f"{what} (default {default})")
+    p.add_argument("--head-dim", "--d-k", dest="d_k", type=int, default=None, metavar="HEAD_DIM",
+                   help="key/query size per head H "
+                   "(default emsize // heads; emsize need not be divisible by heads when --head-dim and --d-v are "
+                   "given)")
     p.add_argument("--d-v", type=int, default=None, help="value size per head V (default: --d-k, else emsize // nhead)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default nhead // --kv-share); "
                    "nhead must be a multiple")
     p.add_argument("--rtol", type=float, default=None,
                    help="allowed scaled error (default: the tolerance of the lower precision, e.g. 1e-5 for float32)")
     p.add_argument("--atol", type=float, default=None, help="allowed absolute error on top (default 0)")
-    p.add_argument("--kv-length", type=int, default=None, help="key/value length S: cross-attention on a second "
-                   "input x_kv (default: self-attention)")
+    p.add_argument("--kv-len", "--kv-length", dest="kv_length", type=int, default=None, metavar="KV_LEN",
+                   help="key/value length S: "
+                   "cross-attention on a second input x_kv (default: self-attention)")
     p.add_argument("--save-peak-mem-factor", type=int, default=None, help="layer call keyword (default None)")
     p.add_argument("--reuse-first-head-kv", action="store_true", help="layer call keyword (needs --kv-length)")
     p.add_argument("--add-input", action="store_true", help="layer call keyword: add x to the output")
