@@ -231,9 +231,10 @@ def check_mask(x: Any, name: str, full: tuple[int, int, int, int], *, be: Backen
         raise TypeError(msg)
     shape = tuple(x.shape)
     if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
-        msg = (
-            f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape {shape_str(shape)}"
-        )
+        torch_like = len(shape) == 2 and shape == (full[1], full[3])  # torch's [q_len, kv_len]
+        hint = f"; a [q_len, kv_len] {name} (torch's layout) is {name}[None, :, None, :] here" if torch_like else ""
+        msg = (f"{name} must broadcast to [batch, q_len, heads, kv_len] = {shape_str(full)}, got shape "
+               f"{shape_str(shape)}{hint}")
         raise ValueError(msg)
     return xp.reshape(x, (1,) * (4 - len(shape)) + shape)
 

@@ -255,3 +255,22 @@ def test_backend_unavailable_error_is_public_under_its_name():
     assert repr(mha_cupy.BackendUnavailableError("x", library="cupy", reason="no-device")).startswith(
         "BackendUnavailableError(") and f"{mha_cupy.BackendUnavailableError.__module__}.BackendUnavailableError" == \
         "mha_cupy.BackendUnavailableError"
+
+
+def _torch_dtype_layer():
+    torch = require("torch")
+    return layer(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: layer(xp="pytorch"), ValueError, "got 'pytorch'; did you mean 'torch'\\?"),
+    (lambda: layer(xp="np"), ValueError, "did you mean 'numpy'\\?"),
+    (lambda: layer(xp="jaxx"), ValueError, "did you mean 'jax'\\?"),
+    (_torch_dtype_layer, TypeError, "got torch.float32 \\(a dtype of torch: pass xp='torch', or the dtype's name\\)"),
+    (lambda: sdpa(np.ones((1, 5, 2, 4)), np.ones((1, 7, 2, 4)), np.ones((1, 7, 2, 4)), mask=np.ones((5, 7), bool)),
+     ValueError, "a \\[q_len, kv_len\\] mask \\(torch's layout\\) is mask\\[None, :, None, :\\] here"),
+], ids=["pytorch", "np", "jaxx", "torch dtype", "torch mask"])
+def test_messages_say_what_was_meant(call, exc, match):
+    """The names and layouts of other libraries get the fix in the message."""
+    with pytest.raises(exc, match=match):
+        call()

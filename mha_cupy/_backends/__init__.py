@@ -8,6 +8,7 @@ imports NumPy, and it imports the other libraries only when asked for them.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from types import ModuleType
@@ -73,6 +74,11 @@ def _backend_for_namespace(xp: Any) -> Backend:
     return Backend(xp)
 
 
+#: Names people write for a library, and ours (``resolve_backend``'s hint).
+_XP_ALIASES = {"pytorch": "torch", "np": "numpy", "jnp": "jax", "jax.numpy": "jax", "cp": "cupy",
+               "dask.array": "dask", "da": "dask", "array-api-strict": "array_api_strict"}
+
+
 def resolve_backend(xp: Any = None) -> Backend:
     """The adapter for ``xp``: ``None`` (NumPy), a name in ``BACKEND_NAMES``, a library module
     (``numpy``, ``cupy``, ``torch``, ``jax``, ...) or any Array API namespace."""
@@ -81,7 +87,9 @@ def resolve_backend(xp: Any = None) -> Backend:
     if isinstance(xp, str):
         adapter = next((a for a in _ADAPTERS if a.name == xp), None)
         if adapter is None:
-            msg = f"xp must be a namespace module or one of {BACKEND_NAMES}, got {xp!r}"
+            close = _XP_ALIASES.get(xp.lower()) or next(iter(difflib.get_close_matches(xp, BACKEND_NAMES, n=1)), None)
+            hint = f"; did you mean {close!r}?" if close else ""
+            msg = f"xp must be a namespace module or one of {BACKEND_NAMES}, got {xp!r}{hint}"
             raise ValueError(msg)
         return _backend_for_namespace(adapter.load())
     if not isinstance(xp, ModuleType):

@@ -176,7 +176,10 @@ class Backend:
             with contextlib.suppress(TypeError):
                 name = numpy.dtype(spec).name
         if name not in available:
-            msg = f"dtype must be one of the floating dtypes {sorted(available)} of {self.name}, got {spec!r}"
+            library = type(spec).__module__.split(".")[0]
+            foreign = library not in ("builtins", "numpy", self.name) and not isinstance(spec, str)
+            hint = f" (a dtype of {library}: pass xp={library!r}, or the dtype's name)" if foreign else ""
+            msg = f"dtype must be one of the floating dtypes {sorted(available)} of {self.name}, got {spec!r}{hint}"
             raise TypeError(msg)
         return available[name]
 
