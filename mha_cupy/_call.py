@@ -144,8 +144,8 @@ def _check_shapes(q: Any, k: Any, v: Any, *, be: Backend) -> Sizes:
 
 
 def check_options(call: AttentionCall, *, be: Backend, device: Any, dtype: Any, sizes: Sizes, masked: bool = False,
-                  biased: bool = False, dequantized_key_bytes: int = 0, divisor: int = 1,
-                  backward: bool = False) -> Problem:
+                  biased: bool = False, dequantized_key_bytes: int = 0, divisor: int = 1, backward: bool = False,
+                  kv_axis: str = "kv_len") -> Problem:
     """The options of ``call`` (not its arrays) checked and resolved into the ``Problem`` of ``sizes``: the scale,
     the dropout seed (drawn when dropout runs without one; a ``backward`` needs the forward's), lengths as Python
     ints, the budget in bytes."""
@@ -167,6 +167,6 @@ def check_options(call: AttentionCall, *, be: Backend, device: Any, dtype: Any, 
         biased=biased, with_lse=check_bool(call.return_lse, "return_lse"),
         batch_invariant=check_bool(call.batch_invariant, "batch_invariant"),
         q_lengths=check_lengths(call.q_seq_lengths, "q_seq_lengths", sizes.batch, sizes.q_len, "q_len", be=be),
-        kv_lengths=check_lengths(call.kv_seq_lengths, "kv_seq_lengths", sizes.batch, sizes.kv_len, "kv_len", be=be),
+        kv_lengths=check_lengths(call.kv_seq_lengths, "kv_seq_lengths", sizes.batch, sizes.kv_len, kv_axis, be=be),
         window=check_window(call.local_window_size), softcap=check_softcap(call.softcap),
         dequantized_key_bytes=dequantized_key_bytes, backward=backward)

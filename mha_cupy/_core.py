@@ -111,7 +111,7 @@ class ChunkLoop(Blocks):
         super().__init__(q, k, v, **blocks)
         # Library fast paths: on JAX compiled once per shape instead of op by op.
         self.step = self.be.compile(_online_softmax_step,
-                                    static_argnames=("be", "keep_scale", "fixed_order", "softcap"))
+                                    static_argnames=("be", "keep_scale", "fixed_order", "softcap", "width"))
 
     def whole_block(self, b0: int, b1: int, t0: int, t1: int) -> tuple[Any, Any, Any]:
         """``block_state`` over every key the block's queries may see."""
@@ -141,7 +141,7 @@ class ChunkLoop(Blocks):
             out = None if tile is None else xp.reshape(tile[:rows * ns], (nb, K, nt * G, ns))
             m, l, acc = self.step(qb, kb, vb, m, l, acc, bias, allowed, keep, self.scalars, out,
                                   be=self.be, keep_scale=self.keep_scale, fixed_order=self.plan.batch_invariant,
-                                  softcap=self.plan.softcap)
+                                  softcap=self.plan.softcap, width=self.plan.chunks.kv)
         return m, l, acc
 
     def normalize(self, m: Any, l: Any, acc: Any, *, split: bool = False) -> tuple[Any, ...]:
@@ -166,14 +166,16 @@ class ChunkLoop(Blocks):
 
 def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bias: Any, allowed: Any, keep: Any,
                          scalars: Scalars, tile: Any, *, be: Backend, keep_scale: float,
-                         fixed_order: bool, softcap: float | None = None) -> tuple[Any, Any, Any]:
+                         fixed_order: bool, softcap: float | None = None, width: int = 0) -> tuple[Any, Any, Any]:
     """One key chunk of the online softmax: scores ``q k^T``, then the running max ``m [b,K,t,G,1]``, sum ``l``
     and rescaled accumulator ``acc [b,K,t*G,V]`` updated (in place where the library can).
 
     ``bias``, ``allowed`` and ``keep`` (dropout) are ``[b,K,t,G,s]`` blocks or None; ``scalars`` holds
     ``-inf``, 0 and 1 (``Scalars``); ``tile`` is a ``[b,K,t*G,s]`` buffer the scores
-    may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones; ``softcap``
-    caps the scaled logits (``c * tanh(logits / c)``) before bias and masks.
+    may be written into, or None; ``fixed_order`` makes both products ``batch_invariant`` ones, and the max and
+    sum of a chunk shorter than ``width`` (the grid's) run over ``width`` entries, -inf past the keys, so that a
+    row's sums do not depend on where the call's keys end; ``softcap`` caps the scaled logits
+    (``c * tanh(logits / c)``) before bias and masks.
     """
     xp = be.xp
     neg_inf, zero, _ = scalars
@@ -181,7 +183,7 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
     kv_chunk = kb.shape[-1]
     kb, vb = xp.astype(kb, qb.dtype, copy=False), xp.astype(vb, qb.dtype, copy=False)
     if (bias is None and keep is None and softcap is None
-            and be.attend_chunk(qb, kb, vb, m, l, acc, allowed, fixed_order=fixed_order)):
+            and be.attend_chunk(qb, kb, vb, m, l, acc, allowed, fixed_order=fixed_order, width=width)):
         return m, l, acc
     if tile is None:
         scores = be.matmul(qb, kb, fixed_order=fixed_order)
@@ -195,7 +197,11 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:
         scores = xp.where(allowed, scores, neg_inf)
+    if fixed_order and kv_chunk < width:
+        pad = xp.full((nb, K, nt, G, width - kv_chunk), -math.inf, dtype=scores.dtype, device=device_of(scores))
+        scores = xp.concat([scores, pad], axis=-1)
     p, m, l, acc = be.online_softmax(scores, m, l, acc, scalars)  # every array here is this block's own
+    p = p[..., :kv_chunk] if fixed_order and kv_chunk < width else p
     if keep is not None:
         p = xp.where(keep, p, zero) * keep_scale
     acc += be.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb, fixed_order=fixed_order)

@@ -165,7 +165,7 @@ def _attention_plan(layer: LayerState, opts: CallOptions, sizes: Sizes, *, batch
     )
     problem = check_options(call, be=layer.be, device=layer.device, dtype=layer.dtype,
                             sizes=sizes._replace(batch=batch), dequantized_key_bytes=dequantized, divisor=divisor,
-                            backward=backward)
+                            backward=backward, kv_axis="the keys' length, cached ones included")
     return plan_attention(dataclasses.replace(problem, sizes=sizes))
 
 

@@ -193,6 +193,8 @@ def plan_attention(problem: Problem) -> AttentionPlan:
     if fused:
         problem = dataclasses.replace(problem, kv_chunk=INVARIANT_CHUNKS.kv)
     chunks = plan_chunks(problem)
+    if fused:  # whole 512-key chunks even when the call has fewer keys: a row's sums have one width in every call
+        chunks = ChunkPlan(batch=chunks.batch, q=chunks.q, kv=INVARIANT_CHUNKS.kv)
     if problem.batch_invariant and not fused:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
@@ -294,7 +296,7 @@ def plan_chunks(problem: Problem) -> ChunkPlan:
     q_chunk = problem.q_chunk
     if q_chunk is None or kv_chunk < 1:
         if rows < 1 or kv_chunk < 1:
-            _too_small(problem, per_score, per_row)
+            _too_small(problem, per_score, per_row, deq)
         if on_cpu:
             rows = min(rows, max(1, TILE_ELEMENTS // (heads * kv_chunk)))
         per_worker = ceil_div(batch * q_len, max(1, problem.workers))
@@ -307,9 +309,11 @@ def plan_chunks(problem: Problem) -> ChunkPlan:
     return ChunkPlan(batch=b_chunk, q=q_chunk, kv=kv_chunk)
 
 
-def _too_small(problem: Problem, per_score: int, per_row: int) -> None:
+def _too_small(problem: Problem, per_score: int, per_row: int, per_key: int) -> None:
     heads, workers = problem.sizes.heads, problem.workers
-    need = heads * (min(max(problem.sizes.kv_len, 1), problem.kv_chunk or 1) * per_score + per_row) * max(1, workers)
+    keys = min(max(problem.sizes.kv_len, 1), problem.kv_chunk or 1)
+    need = (heads * (keys * per_score + per_row) + keys * per_key) * max(1, workers)
+    fix = "raise memory_budget" if problem.batch_invariant else "raise memory_budget or pass kv_chunk_size"
     msg = (f"memory_budget of {problem.budget} bytes is too small for one query row of {heads} heads "
-           f"(needs at least {need} bytes with {workers} worker(s)); raise memory_budget or pass kv_chunk_size")
+           f"(needs at least {need} bytes with {workers} worker(s)); {fix}")
     raise ValueError(msg)

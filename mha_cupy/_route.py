@@ -9,6 +9,7 @@ Letters as in ``mha_cupy.attention``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ._backends import Backend
@@ -41,18 +42,19 @@ def refuse(be: Backend, *, quantized: bool = False, gradient: bool = False, vjp_
 
 def forward(q: Any, k: Any, v: Any, *, be: Backend, plan: AttentionPlan, mask: Any = None, bias: Any = None,
             scales: tuple[Any, Any] = (None, None), offsets: tuple[int, int, int] = (0, 0, 0),
-            gradient: bool | None = None, backward_plan: AttentionPlan | None = None) -> Any:
+            gradient: bool | None = None, backward_plan: Callable[[], AttentionPlan] | None = None) -> Any:
     """The output (``(out, lse)`` with ``plan.with_lse``) of checked arrays under ``plan``. ``gradient``: join the
     library's autograd (None: when it would see the arrays, ``Backend.needs_grad``; the layer passes False, being
-    one node itself), whose backward follows ``backward_plan`` (default ``plan``). ``offsets``: the arrays' first
-    (batch, query, key) indices in the whole problem."""
+    one node itself), whose backward follows the plan ``backward_plan()`` makes when it runs (default ``plan``).
+    ``offsets``: the arrays' first (batch, query, key) indices in the whole problem."""
     quantized = any(s is not None for s in scales)
     gradient = be.needs_grad(q, k, v) if gradient is None else gradient
     refuse(be, quantized=quantized, gradient=gradient)
     if be.lazy_blocks:
         return attend_blocks(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets)
     if gradient:
-        return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias, backward_plan=backward_plan or plan)
+        return _with_gradient(be, q, k, v, plan=plan, mask=mask, bias=bias,
+                              backward_plan=backward_plan or (lambda: plan))
     if not compiles_whole(plan, (q.shape[0], q.shape[1], k.shape[1])):
         return attend(q, k, v, be=be, plan=plan, mask=mask, bias=bias, offsets=offsets, scales=scales)
     # The batch offset only counts for dropout and row lengths, which such plans lack: one program serves every
@@ -83,7 +85,7 @@ def compiles_whole(plan: AttentionPlan, sizes: tuple[int, int, int]) -> bool:
 
 
 def _with_gradient(be: Backend, q: Any, k: Any, v: Any, *, plan: AttentionPlan, mask: Any, bias: Any,
-                   backward_plan: AttentionPlan) -> Any:
+                   backward_plan: Callable[[], AttentionPlan]) -> Any:
     """The forward as one node of the library's autograd, whose backward is ``attend_backward``. Mask and bias
     are inputs of the node without gradients, not constants it closes over: under an outer ``jax.jit`` they are
     tracers, which a ``jax.custom_vjp`` cannot capture (jax-ml/jax#2912)."""
@@ -93,7 +95,7 @@ def _with_gradient(be: Backend, q: Any, k: Any, v: Any, *, plan: AttentionPlan, 
 
     def node_backward(saved: tuple[Any, ...], d_out: Any) -> tuple[Any, ...]:
         q, k, v, out, lse, mask, bias = saved
-        grads = attend_backward(q, k, v, out, lse, d_out, be=be, plan=backward_plan, mask=mask, bias=bias)
+        grads = attend_backward(q, k, v, out, lse, d_out, be=be, plan=backward_plan(), mask=mask, bias=bias)
         return (*grads, None, None)
 
     return be.differentiable(node_forward, node_backward, (q, k, v, mask, bias))

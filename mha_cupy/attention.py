@@ -119,7 +119,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, **options: Any) -> Any:
     checked = check_call(AttentionCall.of(q, k, v, options, where="scaled_dot_product_attention()"))
     be, problem = checked.be, checked.problem
     gradient = be.needs_grad(checked.q, checked.k, checked.v)
-    backward_plan = plan_attention(dataclasses.replace(problem, backward=True)) if gradient else None
+    def backward_plan() -> Any:  # planned when the backward runs: a forward alone keeps the forward's budget rules
+        return plan_attention(dataclasses.replace(problem, backward=True))
+
     return _route.forward(checked.q, checked.k, checked.v, be=be, plan=plan_attention(problem), mask=checked.mask,
                           bias=checked.bias, scales=checked.scales, gradient=gradient, backward_plan=backward_plan)
 

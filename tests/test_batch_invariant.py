@@ -168,3 +168,46 @@ def test_fused_kernel_gives_the_bits_of_the_step_by_step_invariant_path(kw, monk
     monkeypatch.setattr(NumpyBackend, "fuses_fixed_order", lambda self, dtype: False)
     monkeypatch.setattr(NumpyBackend, "attend_chunk", lambda self, *a, **k: False)
     np.testing.assert_array_equal(fused, scaled_dot_product_attention(q, k, v, batch_invariant=True, **kw))
+
+
+@pytest.mark.parametrize("name", LIBRARIES)
+def test_a_row_does_not_depend_on_how_far_the_calls_keys_run(name):
+    """The keys past a row's own length are padding whose extent the other rows set: a row with L keys gives
+    the same bits whatever the padded key length S (its last chunk's sums always run over the grid's 512)."""
+    be = lib(name)
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 9, 2, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 1100, 2, 8)).astype(np.float32) for _ in range(2))
+    Q, Kk, Vv = (be.from_numpy(a, be.default_device()) for a in (q, k, v))
+    for L in (200, 511, 513):
+        outs = [host(scaled_dot_product_attention(Q, Kk[:, :S], Vv[:, :S], batch_invariant=True,
+                                                  kv_seq_lengths=be.from_numpy(np.array([L, S]), be.default_device())))[0]
+                for S in (L, 600, 1024, 1100) if S >= L]
+        for got in outs[1:]:
+            np.testing.assert_array_equal(got, outs[0], err_msg=f"L={L}")
+        expected = naive_attention(q[:1], k[:1, :L], v[:1, :L])
+        np.testing.assert_allclose(outs[0], expected[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(mask="keys"), dict(q_seq_lengths=True), dict(head_size=0), dict(half=True)],
+                         ids=["mask broadcast over keys", "query lengths", "head size 0", "float16 causal"])
+def test_invariant_calls_of_every_shape_match_the_float64_reference(kw):
+    """Shapes the fused kernel must read right: a mask of one key column, the query-length condition (which has
+    one), head size 0, and float16 (computed in float32, through the kernel too)."""
+    rng = np.random.default_rng(10)
+    H = 0 if kw.get("head_size") == 0 else 8
+    dt = np.float16 if kw.get("half") else np.float32
+    q = rng.standard_normal((2, 37, 2, H)).astype(dt)
+    k = rng.standard_normal((2, 600, 2, H)).astype(dt)
+    v = rng.standard_normal((2, 600, 2, 4)).astype(dt)
+    call, ref = {}, {"scale": 1.0} if H == 0 else {}  # head size 0: the scale is 1 (no 1 / sqrt(0)), scores 0
+    if kw.get("mask"):
+        call["mask"] = ref["mask"] = rng.random((2, 37, 2, 1)) > 0.4
+    if kw.get("q_seq_lengths"):
+        call["q_seq_lengths"] = ref["q_lengths"] = np.array([30, 5])
+    if kw.get("half"):
+        call["is_causal"] = ref["is_causal"] = True
+    got = scaled_dot_product_attention(q, k, v, batch_invariant=True, **call)
+    expected = naive_attention(q, k, v, **ref)
+    tol = 2 * 2.0**-10 if kw.get("half") else 1e-5
+    np.testing.assert_allclose(got.astype(np.float64), np.nan_to_num(expected), rtol=0, atol=tol)

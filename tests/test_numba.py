@@ -143,9 +143,10 @@ def test_switch_off_by_environment():
 @pytest.mark.parametrize("sizes", [(2, 9, 5, 3, 7), (6, 4, 32, 512, 32), (1, 7, 37, 1, 24), (3, 1, 8, 70, 64)],
                          ids=lambda s: "P={} R={} H={} s={} V={}".format(*s))
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_chunk_is_the_step_by_step_chunk_element_for_element(kernels, sizes, masked):
-    """``attend_chunk`` = the fixed-order scores, the hidden keys at -inf, ``softmax_chunk`` and ``acc += p @ v``,
-    bit for bit, whatever the number of rows (blocks of four and the rest one by one) and the sizes' remainders;
+@pytest.mark.parametrize("pad", [0, 9], ids=["whole chunk", "short chunk"])
+def test_fused_chunk_is_the_step_by_step_chunk_element_for_element(kernels, sizes, masked, pad):
+    """``attend_chunk`` = the fixed-order scores, the hidden keys at -inf, ``softmax_chunk`` (over the grid's width
+    when the chunk is shorter) and ``acc += p @ v``, bit for bit, whatever the number of rows (blocks of four and the rest one by one) and the sizes' remainders;
     over two chunks, so the running max, sum and rescaled accumulator carry over."""
     P, R, H, s, V = sizes
     groups, kv_heads = (R, 1) if R > 1 else (1, 1)
@@ -157,16 +158,17 @@ def test_fused_chunk_is_the_step_by_step_chunk_element_for_element(kernels, size
     steps = [a.copy() for a in fused]
     for kt, v, allowed in chunks:
         mask = allowed if masked else np.ones((1, 1, 1, 1, 1), bool)
-        kernels.attend_chunk(q, kt, v, *fused, mask, masked, kv_heads, groups, np.empty((4, s), np.float32),
+        kernels.attend_chunk(q, kt, v, *fused, mask, masked, kv_heads, groups, np.empty((4, s + pad), np.float32),
                              np.empty((4, V), np.float32))
         scores = np.empty((P, R, s), np.float32)
         kernels.matmul_fixed(q, kt, scores)
         if masked:
             scores = np.where(allowed.reshape(P, R, s), scores, np.float32(-np.inf))
+        scores = np.concatenate([scores, np.full((P, R, pad), -np.inf, np.float32)], axis=2)  # the grid's width
         m, l, acc = steps
-        kernels.softmax_chunk(scores.reshape(P * R, s), m.reshape(-1), l.reshape(-1), acc.reshape(P * R, V))
+        kernels.softmax_chunk(scores.reshape(P * R, s + pad), m.reshape(-1), l.reshape(-1), acc.reshape(P * R, V))
         pv = np.empty((P, R, V), np.float32)
-        kernels.matmul_fixed(scores, v, pv)
+        kernels.matmul_fixed(np.ascontiguousarray(scores[..., :s]), v, pv)
         acc += pv
     for got, want in zip(fused, steps):
         np.testing.assert_array_equal(got, want)

@@ -265,11 +265,12 @@ class Backend:
         return False
 
     def attend_chunk(self, qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, allowed: Any, *,
-                     fixed_order: bool) -> bool:
+                     fixed_order: bool, width: int) -> bool:
         """One key chunk of attention fused in one kernel, in place, where the library has one: scores
-        ``qb [b,K,t*G,H] @ kb [b,K,H,s]``, hidden where ``allowed [b|1,K|1,t|1,G|1,s]`` (or None) is False, then
-        ``online_softmax`` and ``acc += p @ vb [b,K,s,V]``, the products ``fixed_order`` ones or not. Returns
-        whether it ran (False: the caller runs the steps one by one). None here."""
+        ``qb [b,K,t*G,H] @ kb [b,K,H,s]``, hidden where ``allowed [b|1,K|1,t|1,G|1,s|1]`` (or None) is False, then
+        ``online_softmax`` over ``width >= s`` entries (the chunk grid's: -inf past s) and ``acc += p @ vb [b,K,s,V]``,
+        the products ``fixed_order`` ones or not. Returns whether it ran (False: the caller runs the steps one by
+        one). None here."""
         return False
 
     def compile(self, fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:

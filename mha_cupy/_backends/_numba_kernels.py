@@ -166,9 +166,12 @@ def attend_chunk(q: Any, kt: Any, v: Any, m: Any, l: Any, acc: Any, allowed: Any
     """One key chunk of attention for every (batch row, kv head) pair ``p`` and query row ``i``, in place:
     ``q [P, R, H]`` (scaled, R = t * G rows), ``kt [P, H, s]``, ``v [P, s, V]``, ``m``, ``l [P, R]``,
     ``acc [P, R, V]``; ``allowed [b|1, K|1, t|1, G|1, s]`` (``masked``: read it; ``kv_heads`` K and ``groups``
-    G place ``p`` and ``i`` in it); ``rows [4, s]`` and ``out [4, V]`` scratch. The same arithmetic as
-    ``matmul_fixed``, then ``softmax_chunk``, then ``acc += matmul_fixed(p, v)``."""
+    G place ``p`` and ``i`` in it); ``rows [4, w]`` and ``out [4, V]`` scratch, ``w >= s`` the chunk grid's width:
+    a row's scores past ``s`` are -inf, so that its max and sum run over ``w`` entries however short the chunk
+    (the last one of a call) is. The same arithmetic as ``matmul_fixed``, then ``softmax_chunk`` over the ``w``
+    entries, then ``acc += matmul_fixed(p, v)``."""
     P, R, H = q.shape
+    s = kt.shape[2]
     for p in range(P):
         b, kh = p // kv_heads, p % kv_heads
         ab, ak = min(b, allowed.shape[0] - 1), min(kh, allowed.shape[1] - 1)
@@ -181,9 +184,11 @@ def attend_chunk(q: Any, kt: Any, v: Any, m: Any, l: Any, acc: Any, allowed: Any
                 if masked:
                     t, g = min(i // groups, allowed.shape[2] - 1), min(i % groups, allowed.shape[3] - 1)
                     seen = allowed[ab, ak, t, g]
-                    for j in range(row.shape[0]):
+                    for j in range(s):
                         if not seen[j]:
                             row[j] = neg_inf
+                for j in range(s, row.shape[0]):
+                    row[j] = neg_inf
                 m_new = row_max(row, m[p, i])
                 shift = zero if m_new == neg_inf else m_new
                 alpha = f32(math.exp(m[p, i] - shift))

@@ -115,23 +115,27 @@ class NumpyBackend(Backend):
             out[...] = super().matmul(a, b, fixed_order=True)
 
     def fuses_fixed_order(self, dtype: Any) -> bool:
-        return _numba.load() is not None and dtype == numpy.float32
+        return _numba.load() is not None and self.compute_dtype(dtype) == numpy.float32
 
     def attend_chunk(self, qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, allowed: Any, *,
-                     fixed_order: bool) -> bool:
+                     fixed_order: bool, width: int) -> bool:
         kernels = _numba.load()
+        # The same conditions as fuses_fixed_order (the plan left out the query tiles on that promise): the
+        # running state is the loop's own, C-contiguous, updated in place.
         if kernels is None or not fixed_order or qb.dtype != numpy.float32 or kb.dtype != qb.dtype:
             return False
-        if not all(a.flags.c_contiguous for a in (qb, m, l, acc)) or vb.dtype != qb.dtype:
-            return False
+        if not all(a.flags.c_contiguous for a in (m, l, acc)) or vb.dtype != qb.dtype or qb.shape[3] == 0:
+            return False  # (head size 0: the scores are 0, the step-by-step path takes it)
+        qb = numpy.ascontiguousarray(qb)
         nb, K, R, H = qb.shape
         s, V = kb.shape[-1], vb.shape[-1]
         kt = numpy.ascontiguousarray(kb).reshape(nb * K, H, s)
         v = numpy.ascontiguousarray(vb).reshape(nb * K, s, V)
-        mask = _ALL_ALLOWED if allowed is None else allowed
+        # A mask broadcast along the keys (a [.., 1] mask, the query-length condition) read as one of s keys.
+        mask = _ALL_ALLOWED if allowed is None else numpy.broadcast_to(allowed, (*allowed.shape[:-1], s))
         kernels.attend_chunk(qb.reshape(nb * K, R, H), kt, v, m.reshape(nb * K, R), l.reshape(nb * K, R),
                              acc.reshape(nb * K, R, V), mask, allowed is not None, K, m.shape[3],
-                             numpy.empty((4, s), numpy.float32), numpy.empty((4, V), numpy.float32))
+                             numpy.empty((4, max(s, width)), numpy.float32), numpy.empty((4, V), numpy.float32))
         return True
 
     def online_softmax(self, scores: Any, m: Any, l: Any, acc: Any, scalars: tuple[Any, Any, Any]) -> tuple[Any, ...]:
