@@ -190,14 +190,18 @@ def plan_attention(problem: Problem) -> AttentionPlan:
     runs fused (``_fused``); key splits when blocks are fewer than workers."""
     B, T, S = problem.sizes.batch, problem.sizes.q_len, problem.sizes.kv_len
     fused = problem.batch_invariant and _fused(problem)
+    # Key chunks of the grid's 512. With row lengths the call's keys run as far as its longest row, so a row's
+    # sums run over whole 512s even past them (-inf there: its bits do not depend on the other rows' lengths);
+    # without, every row has all S keys, and a chunk of a shorter call is S wide.
+    kv = INVARIANT_CHUNKS.kv if problem.kv_lengths is not None else min(INVARIANT_CHUNKS.kv, max(S, 1))
     if fused:
-        problem = dataclasses.replace(problem, kv_chunk=INVARIANT_CHUNKS.kv)
+        problem = dataclasses.replace(problem, kv_chunk=kv)
     chunks = plan_chunks(problem)
-    if fused:  # whole 512-key chunks even when the call has fewer keys: a row's sums have one width in every call
-        chunks = ChunkPlan(batch=chunks.batch, q=chunks.q, kv=INVARIANT_CHUNKS.kv)
+    if fused:
+        chunks = ChunkPlan(batch=chunks.batch, q=chunks.q, kv=kv)
     if problem.batch_invariant and not fused:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
-        chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=INVARIANT_CHUNKS.kv)
+        chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=kv)
     seed = problem.seed if problem.dropout_p > 0 else None
     return AttentionPlan(
         scale=problem.scale, chunks=chunks, workers=problem.workers, is_causal=problem.is_causal,
