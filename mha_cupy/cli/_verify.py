@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> Report:
         raise CliError(msg)
     names, skipped = _backends(args.xp)
     if "jax" in names:
-        note("verify: JAX compiles for every new shape: 15-20 s of the run on 2 cores")
+        note("verify: JAX compiles for every new shape: 10-30 s of the run on 2 cores (the first run the longest)")
     results = {}
     for name in progress(names, len(names), "verify"):
         start = time.perf_counter()
