@@ -69,8 +69,8 @@ def _block(core: Blocks, out: Any, lse: Any, d_out: Any, dk: Any, dv: Any, b0: i
     """One (batch, query) block over keys ``[s_lo, s_hi)``: its dq rows ``[b, t, N, H]``, and dk, dv with its
     contributions added (in place where arrays are writable)."""
     xp, plan = core.xp, core.plan
-    rows = _Rows(*(core.fold(a, b0, b1, t0, t1) for a in (core.q, d_out, lse)), d_row=None)
-    qs, do, l_row = rows.qs * plan.scale, rows.do, rows.l_row  # [b, K, t*G, H], [b, K, t*G, V], [b, K, t*G, 1]
+    qs, do, l_row = (core.fold(a, b0, b1, t0, t1) for a in (core.q, d_out, lse))  # [b,K,t*G,H|V|1]
+    qs = qs * plan.scale
     if core.limited or core.mask is not None:  # rows that see no key (padding, masked out) weigh 0 in dK and dV,
         dead = l_row == core.scalars.neg_inf  # and 0 * NaN would poison them (jax-ml/jax#26328): zero those rows
         qs, do = (xp.where(dead, core.scalars.zero, a) for a in (qs, do))

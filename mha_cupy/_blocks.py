@@ -61,7 +61,7 @@ class Blocks:
         self.N, self.H, self.S, self.K, self.V = q.shape[2], q.shape[3], k.shape[1], k.shape[2], v.shape[3]
         self.G = self.N // self.K
         self.delta = offsets[1] - offsets[2]  # this block's query index minus key index, in the whole problem
-        self.limited = any(x is not None for x in (plan.q_lengths, plan.kv_lengths, plan.window)) or plan.is_causal
+        self.limited = plan.limited
         # How far right of its position a query sees (causal: 0, window: its right), None: unbounded.
         rights = ([0] if plan.is_causal else []) + ([plan.window[1]] if plan.window is not None else [])
         self.right = min(rights) if rights else None

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._backends import Backend, backend_of, device_of
 from ._budget import resolve_memory_budget
-from ._plan import Problem, Sizes
+from ._plan import Problem, Sizes, dequantized_key_bytes
 from ._random import random_seed
 from ._validation import (check_array, check_bool, check_keywords, check_lengths, check_mask,
                           check_optional_positive_int, check_positive_int, check_probability, check_quantized,
@@ -121,9 +121,8 @@ def check_call(call: AttentionCall, *, d_out: Any = FORWARD) -> Checked:
     full = (sizes.batch, sizes.q_len, sizes.heads, sizes.kv_len)
     mask = check_mask(call.mask, "mask", full, be=be)
     bias = check_mask(call.bias, "bias", full, be=be, dtype=q.dtype)
-    # A dequantized chunk: the cast and the scaled copy of each quantized key's (or value's) K heads, in q's dtype.
-    dequantized = 2 * sizes.kv_heads * be.itemsize(q.dtype) * (
-        (call.k_scale is not None) * sizes.d_k + (call.v_scale is not None) * sizes.d_v)
+    dequantized = dequantized_key_bytes(sizes, be.itemsize(q.dtype), keys=call.k_scale is not None,
+                                        values=call.v_scale is not None)
     problem = check_options(call, be=be, device=device_of(q), dtype=q.dtype, sizes=sizes, masked=mask is not None,
                             biased=bias is not None, dequantized_key_bytes=dequantized, backward=gradient)
     return Checked(be=be, q=q, k=k, v=v, mask=mask, bias=bias, scales=scales, problem=problem,

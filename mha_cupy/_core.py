@@ -197,11 +197,12 @@ def _online_softmax_step(qb: Any, kb: Any, vb: Any, m: Any, l: Any, acc: Any, bi
         scores = scores + xp.astype(bias, qb.dtype)
     if allowed is not None:
         scores = xp.where(allowed, scores, neg_inf)
-    if fixed_order and kv_chunk < width:
+    padded = fixed_order and kv_chunk < width
+    if padded:
         pad = xp.full((nb, K, nt, G, width - kv_chunk), -math.inf, dtype=scores.dtype, device=device_of(scores))
         scores = xp.concat([scores, pad], axis=-1)
     p, m, l, acc = be.online_softmax(scores, m, l, acc, scalars)  # every array here is this block's own
-    p = p[..., :kv_chunk] if fixed_order and kv_chunk < width else p
+    p = p[..., :kv_chunk] if padded else p
     if keep is not None:
         p = xp.where(keep, p, zero) * keep_scale
     acc += be.matmul(xp.reshape(p, (nb, K, nt * G, kv_chunk)), vb, fixed_order=fixed_order)

@@ -15,7 +15,7 @@ from typing import Any
 from ._backends import Backend, backend_of, device_of, same_device
 from ._cache import KVCache
 from ._call import AttentionCall, check_options
-from ._plan import AttentionPlan, Sizes, ceil_div, plan_attention
+from ._plan import AttentionPlan, Sizes, ceil_div, dequantized_key_bytes, plan_attention
 from ._random import STREAMS, derive_seed
 from ._validation import (check_array, check_bool, check_keywords, check_optional_positive_int, check_shape_and_dtype,
                           shape_str)
@@ -160,9 +160,8 @@ def _attention_plan(layer: LayerState, opts: CallOptions, sizes: Sizes, *, batch
                          seed=seed, q_chunk_size=opts.q_chunk_size, kv_chunk_size=opts.kv_chunk_size,
                          memory_budget=opts.memory_budget, workers=opts.workers, batch_invariant=opts.batch_invariant,
                          kv_seq_lengths=opts.kv_seq_lengths)
-    dequantized = (
-        2 * sizes.kv_heads * (sizes.d_k + sizes.d_v) * layer.be.itemsize(layer.dtype) if reads_quantized else 0
-    )
+    dequantized = dequantized_key_bytes(sizes, layer.be.itemsize(layer.dtype), keys=reads_quantized,
+                                        values=reads_quantized)
     problem = check_options(call, be=layer.be, device=layer.device, dtype=layer.dtype,
                             sizes=sizes._replace(batch=batch), dequantized_key_bytes=dequantized, divisor=divisor,
                             backward=backward, kv_axis="the keys' length, cached ones included")

@@ -27,6 +27,7 @@ __all__ = [
     "Problem",
     "Sizes",
     "ceil_div",
+    "dequantized_key_bytes",
     "plan_attention",
     "plan_chunks",
 ]
@@ -126,7 +127,7 @@ class Problem:
     @property
     def limited(self) -> bool:
         """Whether some query may not see some key for a reason other than an explicit mask."""
-        return self.is_causal or self.window is not None or self.q_lengths is not None or self.kv_lengths is not None
+        return _limited(self)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,11 @@ class AttentionPlan:
     #: Logit soft-capping: logits (after the scale, before bias and masks) become ``c * tanh(logits / c)``.
     softcap: float | None = None
 
+    @property
+    def limited(self) -> bool:
+        """Whether some query may not see some key for a reason other than an explicit mask."""
+        return _limited(self)
+
     def row_lengths(self, b: int) -> tuple[int, int]:
         """``(queries, keys)`` of batch row ``b`` of the whole problem."""
         T, S = self.extent or (0, 0)
@@ -184,6 +190,17 @@ class AttentionPlan:
                 for b0 in range(0, batch, c.batch) for t0 in range(0, q_len, c.q)]
 
 
+def _limited(p: Problem | AttentionPlan) -> bool:
+    """Causal, a window or row lengths: some query may not see some key."""
+    return p.is_causal or p.window is not None or p.q_lengths is not None or p.kv_lengths is not None
+
+
+def dequantized_key_bytes(sizes: Sizes, itemsize: int, *, keys: bool, values: bool) -> int:
+    """What one key of one batch row costs when quantized keys (and or values) are dequantized chunk by chunk: the
+    cast and the scaled copy of its K heads, in q's dtype (``itemsize`` bytes). 0 when neither is quantized."""
+    return 2 * sizes.kv_heads * itemsize * (keys * sizes.d_k + values * sizes.d_v)
+
+
 def plan_attention(problem: Problem) -> AttentionPlan:
     """The plan of a checked call: block sizes from its budget (``plan_chunks``); with ``batch_invariant``, key
     chunks of ``INVARIANT_CHUNKS`` whatever the budget and chunk sizes say, and its query tiles unless the step
@@ -194,12 +211,10 @@ def plan_attention(problem: Problem) -> AttentionPlan:
     # sums run over whole 512s even past them (-inf there: its bits do not depend on the other rows' lengths);
     # without, every row has all S keys, and a chunk of a shorter call is S wide.
     kv = INVARIANT_CHUNKS.kv if problem.kv_lengths is not None else min(INVARIANT_CHUNKS.kv, max(S, 1))
-    if fused:
-        problem = dataclasses.replace(problem, kv_chunk=kv)
-    chunks = plan_chunks(problem)
+    chunks = plan_chunks(dataclasses.replace(problem, kv_chunk=kv) if fused else problem)
     if fused:
         chunks = ChunkPlan(batch=chunks.batch, q=chunks.q, kv=kv)
-    if problem.batch_invariant and not fused:
+    elif problem.batch_invariant:
         rows = chunks.batch * chunks.q // INVARIANT_CHUNKS.q
         chunks = ChunkPlan(batch=max(1, min(B, rows)), q=INVARIANT_CHUNKS.q, kv=kv)
     seed = problem.seed if problem.dropout_p > 0 else None
