@@ -1,4 +1,4 @@
-"""The test environments: ``python -m nox`` runs both (the README's test command does; CI runs that).
+"""The test environments: ``python -m nox`` runs them all (the README's test command does; CI runs that).
 
 - ``tests``: the main suite, in the environment nox itself runs in (the README's test extras, with tabpfn 2.2.1:
   the reference of everything else).
@@ -6,6 +6,9 @@
   tabpfn 9 cannot share an environment with tabpfn 2.2.1.
 - ``lint``: ruff over the repository and mypy over the public modules (both configured in ``pyproject.toml``), in
   a virtual environment of its own.
+- ``docs``: the documentation site built with warnings as errors, its gallery executed, the docstrings' examples
+  run as doctests, and two pages opened in headless Chromium (``docs/check_pages.py``), in a virtual environment
+  with tabpfn 9 (for the TabPFN example).
 - ``package``: the sdist and the wheel built (``python -m build``) and checked (``twine check``), then the wheel
   installed in a virtual environment of its own and the reference fixtures replayed from it (package data
   included), and the quickstart run on it.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "package", "tests", "tabpfn9"]
+nox.options.sessions = ["lint", "package", "docs", "tests", "tabpfn9"]
 nox.options.reuse_existing_virtualenvs = True
 
 #: The linters, pinned: a new release may add findings, which should come with a change of these lines.
@@ -29,6 +32,11 @@ LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
 PACKAGING = ("build>=1.2", "twine>=5")
 #: The tabpfn 9 environment: what ``mha_cupy.tabpfn`` is tested against.
 TABPFN9 = ("tabpfn==9.2.0", "torch==2.13.0", "pytest>=8")
+#: What builds and checks the documentation, pinned like the linters (a new release may add warnings).
+DOCS = ("sphinx==9.0.4", "pydata-sphinx-theme==0.24.0", "numpydoc==1.11.0", "sphinx-gallery==0.22.1",
+        "myst-parser==5.2.0", "sphinx-argparse==0.6.1", "playwright==1.65.3")
+#: The modules whose docstring examples run as doctests (the public API).
+DOCTESTED = ("attention", "module", "comparison", "testing", "views", "weights", "_budget", "tabpfn")
 
 
 @nox.session
@@ -57,6 +65,20 @@ def package(session: nox.Session) -> None:
     session.run("pytest", "-q", "-p", "no:cacheprovider", f"{tests}/test_fixtures.py", "-k", "numpy or manifest",
                 env={"MHA_CUPY_REQUIRE_ALL_BACKENDS": ""})
     session.run("python", quickstart)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site (``docs/_build/html``): docstring examples as doctests, then Sphinx with warnings as errors and the
+    gallery executed (in the tabpfn 9 environment, which its TabPFN example needs), then the front page and a
+    gallery page opened in headless Chromium."""
+    session.install(".[fast,jax,dask,plot,progress]", *TABPFN9, *DOCS)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--doctest-modules",
+                *(f"mha_cupy/{name}.py" for name in DOCTESTED))
+    out = Path("docs", "_build", "html")
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", str(out))
+    session.run("python", "docs/check_pages.py", str(out))
 
 
 @nox.session(venv_backend="none")

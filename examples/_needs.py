@@ -1,15 +1,66 @@
-"""What the examples share: the extra an example needs, said in one line before any work (and in its ``--help``)."""
+"""What the examples share: their command line (the extra an example needs, said in its ``--help`` and in one line
+before any work), progress for the long runs, and their exit."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def epilog(extra: str) -> str:
     """The ``--help`` line naming the extra."""
     return f'needs the "{extra}" extra: python -m pip install ".[{extra}]"'
+
+
+def command_line(doc: str | None, extra: str | None = None, *, plot: bool = False) -> argparse.ArgumentParser:
+    """The example's parser, described by the first line of its docstring (``doc`` is empty where sphinx-gallery
+    runs the example: the docstring became the page's text), with ``--quick`` (and ``--plot`` for those that
+    draw)."""
+    p = argparse.ArgumentParser(description=_summary(doc), epilog=extra and epilog(extra))
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests and the docs run)")
+    if plot:
+        p.add_argument("--plot", metavar="FILE.png", default=None,
+                       help='save the figure there (needs matplotlib: python -m pip install ".[plot]")')
+    return p
+
+
+def _summary(doc: str | None) -> str:
+    """The docstring's first paragraph after its title (the title is the gallery page's)."""
+    paragraphs = [p for p in (doc or "").split("\n\n") if p.strip()]
+    if paragraphs and set(paragraphs[0].splitlines()[-1].strip()) == {"="}:
+        paragraphs = paragraphs[1:]
+    return " ".join(paragraphs[0].split()) if paragraphs else ""
+
+
+def pyplot(path: str | None) -> Any:
+    """matplotlib's pyplot, or None where it is not installed. With ``--plot`` a missing matplotlib ends the run
+    before any work, in one line."""
+    if importlib.util.find_spec("matplotlib") is None:
+        if path:
+            sys.exit('--plot needs matplotlib (not installed): python -m pip install ".[plot]"')
+        return None
+    import matplotlib
+
+    if path:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig: Any, path: str | None) -> None:
+    """Write ``fig`` to ``path`` when given. The figure stays open: sphinx-gallery takes it into the page."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        print(f"figure: {path}")
 
 
 def require(extra: str, *modules: str) -> None:
@@ -18,3 +69,28 @@ def require(extra: str, *modules: str) -> None:
     if missing:
         sys.exit(f"{Path(sys.argv[0]).name} needs {', '.join(missing)} (not installed): "
                  f'python -m pip install ".[{extra}]"')
+
+
+def progress(items: Iterable[T], total: int, what: str) -> Iterator[T]:
+    """``items``, with a tqdm bar on stderr when tqdm is installed, else a line per item with the time so far."""
+    if importlib.util.find_spec("tqdm") is not None:
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=what, file=sys.stderr)
+        return
+    start = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        print(f"{what}: {i}/{total} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+def step(what: str) -> None:
+    """A progress line on stderr, at once (for a long step that has no parts to count)."""
+    print(f"... {what}", file=sys.stderr, flush=True)
+
+
+def finish(code: int) -> None:
+    """Exit with ``code`` when it says a check failed; return quietly otherwise (an ``exit(0)`` would end a
+    sphinx-gallery build)."""
+    if code:
+        sys.exit(code)

@@ -1,22 +1,30 @@
-"""Compare backends and dtypes with ``mha_cupy.compare``: every usable library, float64 / float32 / float16.
+"""Every backend and dtype, and the error against chunk size
+=========================================================
 
-Run: ``python examples/compare_backends_dtypes.py [--quick]``.
+Compare backends and dtypes with ``mha_cupy.compare``: every usable library, float64 / float32 / float16.
+
+Run: ``python examples/compare_backends_dtypes.py [--quick] [--plot FILE.png]``.
 One layer, one input; the reference is the float64 NumPy result. Each row is
 the layer moved to a backend and dtype, compared by ``mha_cupy.compare``:
 scaled error, ulps in the lower precision, and whether it is within the
 dtype's tolerance (float64 1e-10, float32 1e-5, float16 2**-9).
+
+Then the error against the key chunk size: ``scaled_dot_product_attention``
+on every backend and dtype at chunk sizes from a few keys to all of them,
+against attention computed directly in float64. The chunks change the
+rounding, never the result beyond it: every point stays under its dtype's
+tolerance (the dashed lines). With matplotlib installed it draws the figure.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
 import mha_cupy
+from _needs import command_line, finish, pyplot, save
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+DTYPES = ("float64", "float32", "float16")
 
 
 def layer_in(name: str, dtype: str, weights: dict) -> mha_cupy.MultiHeadAttention:
@@ -26,17 +34,15 @@ def layer_in(name: str, dtype: str, weights: dict) -> mha_cupy.MultiHeadAttentio
     return layer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
-    x = np.random.default_rng(0).standard_normal((2, 16 if args.quick else 512, 64))
+def layers(quick: bool) -> tuple[int, set[tuple[str, str]]]:
+    """The layer on every backend and dtype against float64 NumPy; the (backend, dtype) pairs that ran."""
+    x = np.random.default_rng(0).standard_normal((2, 16 if quick else 512, 64))
     base = mha_cupy.MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, dtype="float64", seed=0)
     weights = {"w_qkv": base.w_qkv, "w_out": base.w_out}
     reference = base(x)
-    failed = 0
+    failed, ran = 0, set()
     for name in BACKENDS:
-        for dtype in ("float64", "float32", "float16"):
+        for dtype in DTYPES:
             try:
                 layer = layer_in(name, dtype, weights)
             except (mha_cupy.BackendUnavailableError, TypeError) as exc:  # not installed, or no such dtype there
@@ -44,9 +50,71 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             c = mha_cupy.compare(layer(layer.xp.asarray(x.astype(dtype), device=layer.device)), reference)
             failed += not c.ok
+            ran.add((name, dtype))
             print(f"{name:16s} {dtype:8s} {c}")
-    return 1 if failed else 0
+    return failed, ran
+
+
+def direct(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Attention in float64, the whole score matrix at once: the independent reference."""
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnv->btnv", w / w.sum(-1, keepdims=True), v)
+
+
+def chunk_sweep(quick: bool, ran: set[tuple[str, str]]) -> tuple[int, dict, list[int]]:
+    """Scaled error of every (backend, dtype) that ran, at each key chunk size."""
+    S = 64 if quick else 1024
+    sizes = [2**i for i in range(2, S.bit_length())]
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, S, 4, 16)) for _ in range(3))
+    reference = direct(q, k, v)
+    errors, failed = {}, 0
+    for name, dtype in sorted(ran):
+        xp = mha_cupy.MultiHeadAttention(emsize=8, nhead=1, d_k=8, d_v=8, dtype=dtype, xp=name).xp
+        args = [xp.asarray(a.astype(dtype)) for a in (q, k, v)]
+        errors[name, dtype] = []
+        for size in sizes:
+            c = mha_cupy.compare(mha_cupy.scaled_dot_product_attention(*args, kv_chunk_size=size), reference)
+            failed += not c.ok
+            errors[name, dtype].append((c.scaled_error, c.tolerance))
+        print(f"{name:16s} {dtype:8s} scaled error over key chunks of {sizes[0]}-{sizes[-1]}: "
+              f"{min(e for e, _ in errors[name, dtype]):.1e}-{max(e for e, _ in errors[name, dtype]):.1e}")
+    return failed, errors, sizes
+
+
+def draw(errors: dict, sizes: list[int], path: str | None) -> None:
+    plt = pyplot(path)
+    if plt is None:
+        print('no figure: matplotlib is not installed (python -m pip install ".[plot]")')
+        return
+    fig, axes = plt.subplots(1, len(DTYPES), figsize=(12, 3.8), sharex=True, constrained_layout=True)
+    handles: dict = {}
+    for ax, dtype in zip(axes, DTYPES):
+        for (name, d), points in sorted(errors.items()):
+            if d == dtype:
+                color = f"C{BACKENDS.index(name)}"
+                handles[name] = ax.plot(sizes, [max(e, 1e-18) for e, _ in points], "o-", color=color, alpha=0.8)[0]
+                tol = points[0][1]
+        handles["tolerance"] = ax.axhline(tol, color="k", ls="--", lw=1)
+        ax.set(xscale="log", yscale="log", title=dtype, xlabel="key chunk size (kv_chunk_size)")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("scaled error vs float64 (0 drawn at 1e-18)")
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="small")
+    fig.suptitle("scaled_dot_product_attention: error against key chunk size, every backend and dtype")
+    save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line(__doc__, plot=True).parse_args(argv)
+    pyplot(args.plot)  # a missing matplotlib under --plot ends the run here, before the work
+    failed, ran = layers(args.quick)
+    more, errors, sizes = chunk_sweep(args.quick, ran)
+    draw(errors, sizes, args.plot)
+    print("ok" if not failed + more else f"FAILED: {failed + more} comparisons beyond their tolerance")
+    return 1 if failed + more else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -1,21 +1,25 @@
-"""Load a ``torch.nn.MultiheadAttention`` and a tabpfn 2.2.1 layer into ours, and compare the outputs.
+"""torch and tabpfn layers loaded into ours
+========================================
+
+Load a ``torch.nn.MultiheadAttention`` and a tabpfn 2.2.1 layer into ours, and compare the outputs.
 
 Run: ``python examples/compare_with_torch.py [--quick]`` (needs ``pip install ".[reference]"``).
 The torch module's state dict converts with
 ``convert_torch_nn_multihead_attention_state_dict``; a tabpfn layer's weights
 are already in our layout (``w_qkv [3, N, H, E]``, ``w_out [N, V, E]``).
+
+The documentation site shows this script without running it: tabpfn 2.2.1 cannot share the site's environment
+with the tabpfn 9 of the TabPFN example. The tests run it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
 import mha_cupy
-from _needs import epilog, require
+from _needs import command_line, finish, require
 
 
 def from_torch_nn(x: np.ndarray) -> mha_cupy.Comparison:
@@ -47,9 +51,7 @@ def from_tabpfn(x: np.ndarray) -> mha_cupy.Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog("reference"))
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, "reference").parse_args(argv)
     require("reference", "torch", "tabpfn")
     x = np.random.default_rng(0).standard_normal((2, 32 if args.quick else 512, 64))
     results = {"torch.nn.MultiheadAttention": from_torch_nn(x), "tabpfn 2.2.1 MultiHeadAttention": from_tabpfn(x)}
@@ -59,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

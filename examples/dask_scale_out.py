@@ -1,4 +1,7 @@
-"""Scale out on Dask: a batch and a context larger than one worker should hold, on a LocalCluster.
+"""Scale out on Dask
+=================
+
+Scale out on Dask: a batch and a context larger than one worker should hold, on a LocalCluster.
 
 Run: ``python examples/dask_scale_out.py [--quick]`` (needs ``pip install ".[dask]"``).
 
@@ -19,23 +22,19 @@ path has not been run here (no GPU).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
 import numpy as np
 
 import mha_cupy
-from _needs import epilog, require
+from _needs import command_line, finish, require
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog("dask"))
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, "dask").parse_args(argv)
     require("dask", "dask", "distributed")
     import dask.array as da
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client, LocalCluster, progress
 
     groups, n_train, n_test, step = (4, 2048, 128, 512) if args.quick else (16, 65536, 2048, 8192)
 
@@ -43,25 +42,29 @@ def main(argv: list[str] | None = None) -> int:
             Client(cluster) as client:
         layer = mha_cupy.MultiHeadAttention(emsize=96, nhead=4, d_k=24, d_v=24, dtype="float32", seed=0)
         lazy = layer.to("dask")
-        rng = np.random.default_rng(0)
-        train = rng.standard_normal((groups, n_train, 96), dtype=np.float32)
-        test = rng.standard_normal((groups, n_test, 96), dtype=np.float32)
+        # Drawn where they are used (a graph holding the arrays would ship them all through the scheduler).
         # Feature groups split between tasks; the training rows split along the sequence.
-        d_train = da.from_array(train, chunks=(groups // 2, step, 96))
-        d_test = da.from_array(test, chunks=(groups // 2, n_test, 96))
+        rng = da.random.default_rng(0)
+        d_train = rng.standard_normal((groups, n_train, 96), chunks=(groups // 2, step, 96), dtype=np.float32)
+        d_test = rng.standard_normal((groups, n_test, 96), chunks=(groups // 2, n_test, 96), dtype=np.float32)
 
         lazy(d_train, cache_kv=True)                      # lazy: nothing computed yet
         print(f"cached keys/values: {lazy.kv_cache.shape}, chunks {lazy.kv_cache.chunksize} (lazy)")
         y = lazy(d_test, use_cached_kv=True)
         print(f"output {y.shape}: {len(y.__dask_graph__())} tasks")
         t0 = time.perf_counter()
-        result = client.compute(y).result()
+        future = client.compute(y)
+        if not args.quick:
+            progress(future)  # a progress bar while the tasks run (a minute and more)
+            print()
+        result = future.result()
         print(f"computed on {len(client.scheduler_info()['workers'])} workers in {time.perf_counter() - t0:.2f} s")
 
+        train, test = client.compute([d_train, d_test], sync=True)
         c = mha_cupy.compare(result, layer(test, train))  # the same call on one machine, in memory
         print(f"dask vs one NumPy call: {c}")
         return 0 if c.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

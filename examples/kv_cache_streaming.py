@@ -1,4 +1,7 @@
-"""KV cache and streaming: cache the context once, then answer queries against it; append as rows arrive.
+"""Streaming with a KV cache
+=========================
+
+KV cache and streaming: cache the context once, then answer queries against it; append as rows arrive.
 
 Run: ``python examples/kv_cache_streaming.py [--quick]``.
 TabPFN caches its training rows' keys and values and reuses them for test
@@ -9,18 +12,15 @@ rows so far: the result equals one call over the whole sequence.
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 import numpy as np
 
 import mha_cupy
+from _needs import command_line, finish
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__).parse_args(argv)
     n_train, n_test, step = (64, 8, 16) if args.quick else (4096, 512, 256)
     rng = np.random.default_rng(0)
     layer = mha_cupy.MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, dtype="float64", seed=0)
@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

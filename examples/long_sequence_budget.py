@@ -1,4 +1,7 @@
-"""A long sequence under a memory budget: the score matrix is never built, the working set stays bounded.
+"""A long sequence under a memory budget
+=====================================
+
+A long sequence under a memory budget: the score matrix is never built, the working set stays bounded.
 
 Run: ``python examples/long_sequence_budget.py [--quick]``.
 At L=16384 and 6 heads the float32 score matrix alone would be 6.4 GB. The
@@ -10,20 +13,17 @@ includes the output itself.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import tracemalloc
 
 import numpy as np
 
 import mha_cupy
+from _needs import command_line, finish
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__).parse_args(argv)
     L, N, d = (2048, 2, 32) if args.quick else (16384, 6, 32)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, L, N, d), dtype=np.float32) for _ in range(3))
@@ -56,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -1,27 +1,27 @@
-"""Quickstart: TabPFN's attention on NumPy, checked against a fixture made by tabpfn 2.2.1.
+"""Quickstart
+==========
+
+Quickstart: TabPFN's attention on NumPy, checked against a fixture made by tabpfn 2.2.1.
 
 Run: ``python examples/quickstart.py`` (the fixtures ship with the package, so any directory works).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 import mha_cupy
+from _needs import command_line, finish
 from mha_cupy.testing import assert_close
 
 FIXTURES = Path(mha_cupy.__file__).parent / "fixtures"  # installed with the package
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="accepted like every example's; this one is small already")
-    parser.parse_args()
+    command_line(__doc__).parse_args()
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["case_id"] == "basic_self_attn_small")
     cfg = case["config"]
@@ -54,4 +54,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -1,4 +1,7 @@
-"""Swap NumPy and CuPy: one layer, the same weights, moved with ``.to()``; the numbers agree.
+"""Swap backends: NumPy and CuPy
+=============================
+
+Swap NumPy and CuPy: one layer, the same weights, moved with ``.to()``; the numbers agree.
 
 Run: ``python examples/swap_backends.py [--quick]``. Without a usable GPU (no
 CuPy, no driver, no device) it says why and runs the same code on a second CPU
@@ -8,12 +11,11 @@ so the script shows the swap on any machine.
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 import numpy as np
 
 import mha_cupy
+from _needs import command_line, finish
 
 
 def other_backend() -> str:
@@ -27,9 +29,7 @@ def other_backend() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__).parse_args(argv)
     batch, length = (2, 64) if args.quick else (16, 1024)
 
     layer = mha_cupy.MultiHeadAttention(emsize=192, nhead=6, d_k=32, d_v=32, dtype="float32", seed=0)
@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -1,4 +1,7 @@
-"""mha_cupy as the attention of today's TabPFN (tabpfn 9): register it, then use TabPFN as usual.
+"""mha_cupy as TabPFN 9's attention
+================================
+
+mha_cupy as the attention of today's TabPFN (tabpfn 9): register it, then use TabPFN as usual.
 
 Needs tabpfn 9 and torch (``pip install "tabpfn>=9" ".[fast]"``; tabpfn 9 cannot share an environment with the
 tabpfn 2.2.1 of ``.[reference]``). This script builds a TabPFN-3 with random weights (no checkpoint download),
@@ -19,28 +22,27 @@ if TYPE_CHECKING:
 ``register(policy="all")`` takes every attention call, ``register(batch_invariant=True)`` makes each call's rows
 independent of the others in it.
 
-Run: ``python examples/tabpfn_backend.py`` (TabPFN-3's default 24 layers, 20,000 training rows: minutes) or with
-``--quick`` (seconds), in an environment with tabpfn 9.
+Run: ``python examples/tabpfn_backend.py [--plot FILE.png]`` (TabPFN-3's default 24 layers, 20,000 training
+rows: minutes, each step announced) or with ``--quick`` (seconds), in an environment with tabpfn 9.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import sys
 import time
 from typing import TYPE_CHECKING
 
 import mha_cupy.tabpfn
+from _needs import command_line, pyplot, save, step
 
 if TYPE_CHECKING:
     import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model and dataset (seconds)")
-    args = parser.parse_args()
+    args = command_line(__doc__, plot=True).parse_args()
+    pyplot(args.plot)  # a missing matplotlib under --plot ends the run here, before the work
     try:
         import torch
         from tabpfn.architectures import tabpfn_v3
@@ -68,9 +70,12 @@ def main() -> None:
     y = torch.randint(0, 3, (n_train,), generator=gen).float()
 
     with torch.no_grad():
+        step(f"fitting: {n_train:,} training rows through {nlayers} layers into an int8 KV cache")
         _, cache = model(x[:n_train], y, return_kv_cache=True,
                          performance_options=PerformanceOptions(kv_cache_dtype=torch.int8))
+        step("predicting with TabPFN's own attention (twice)")
         theirs, t_theirs = predict(model, x[n_train:], y, cache)
+        step("predicting with mha_cupy's (twice)")
 
         backend = mha_cupy.tabpfn.register()  # policy="auto"
         try:
@@ -85,8 +90,22 @@ def main() -> None:
     print(f"{status}: TabPFN-3 ({nlayers} layers), {n_train} training rows in an int8 cache, {n_test} test rows: "
           f"{taken} of {len(calls) // 2} attention calls ran in mha_cupy ({mha_cupy.tabpfn.AUTO_RULE}); "
           f"scaled error {error:.1e} against TabPFN's own attention; predict {t_ours:.2f} s (TabPFN {t_theirs:.2f} s)")
+    draw(t_theirs, t_ours, error, f"TabPFN-3 ({nlayers} layers), {n_train:,} training rows, {n_test} test rows",
+         args.plot)
     if status != "ok":
         raise SystemExit(1)
+
+
+def draw(t_theirs: float, t_ours: float, error: float, title: str, path: str | None) -> None:
+    plt = pyplot(path)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 2.6), constrained_layout=True)
+    bars = ax.barh(["TabPFN's own attention", "mha_cupy"], [t_theirs, t_ours], color=["C7", "C0"])
+    ax.bar_label(bars, fmt="%.2f s", padding=3)
+    ax.set(xlabel="predict from the int8 cache (s)", xlim=(0, 1.25 * max(t_theirs, t_ours)),
+           title=f"{title}\nscaled error against TabPFN's own: {error:.1e}")
+    save(fig, path)
 
 
 def predict(model: torch.nn.Module, x_test: torch.Tensor, y: torch.Tensor, cache: object) -> tuple[torch.Tensor, float]:

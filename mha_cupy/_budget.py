@@ -60,6 +60,17 @@ def get_memory_budget(xp: Any = None, device: Any = None) -> int:
 
     That is the value given to ``set_memory_budget`` if any, else the device's
     default: 32 MiB on CPUs, a quarter of the free memory on accelerators.
+
+    Examples
+    --------
+    >>> import mha_cupy
+    >>> mha_cupy.get_memory_budget() // 2**20              # MiB, on the CPU
+    32
+    >>> previous = mha_cupy.set_memory_budget("8MiB")      # every later call that names none
+    >>> mha_cupy.get_memory_budget() // 2**20
+    8
+    >>> mha_cupy.set_memory_budget(previous)               # back to the per-device defaults
+    8388608
     """
     be = resolve_backend(xp)
     return resolve_memory_budget(None, be=be, device=be.default_device() if device is None else device)

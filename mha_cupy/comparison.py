@@ -113,6 +113,19 @@ def compare(actual: Any, reference: Any, *, rtol: float | None = None, atol: flo
     -------
     Comparison
         The errors, where the worst one is, the tolerance used and ``ok``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_cupy
+    >>> reference = np.linspace(-2.0, 2.0, 5)
+    >>> c = mha_cupy.compare(reference.astype(np.float32), reference)
+    >>> c.ok, c.precision, c.tolerance
+    (True, 'float32', 1e-05)
+    >>> mha_cupy.compare(reference + 1e-3, reference).ok        # float64 is held to 1e-10
+    False
+    >>> mha_cupy.compare(reference + 1e-3, reference, rtol=1e-2).ok
+    True
     """
     precisions = [_precision(x, name) for x, name in ((actual, "actual"), (reference, "reference"))]
     precision = min(precisions, key=lambda name: FLOAT_DTYPES[name].mantissa_bits)

@@ -69,7 +69,7 @@ class MultiHeadAttention:
         dtype of ``xp``); default ``numpy.float32``, meaning float32 of ``xp``.
     xp : module or str, optional
         Array namespace: a module or ``"numpy"``, ``"cupy"``, ``"torch"``,
-        ``"array_api_strict"``, ``"jax"``. Default: the namespace of the precomputed
+        ``"array_api_strict"``, ``"jax"``, ``"dask"``. Default: the namespace of the precomputed
         arrays if given, else NumPy.
     device : optional
         Device of the weights; default the namespace's default (or the
@@ -93,6 +93,21 @@ class MultiHeadAttention:
     ``d_k == d_v``, ``K == N`` and nothing is precomputed; otherwise
     ``w_q [1, N, H, E]`` with ``w_kv [2, K, H, E]`` (``d_k == d_v``) or
     ``w_k [K, H, E]`` and ``w_v [K, V, E]``; always ``w_out [N, V, E]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_cupy
+    >>> layer = mha_cupy.MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((8, 128, 64)).astype(np.float32)   # [batch, T, E]
+    >>> y = layer(x)                                  # self-attention
+    >>> y.shape, y.dtype, layer.w_qkv.shape
+    ((8, 128, 64), dtype('float32'), (3, 4, 16, 64))
+    >>> _ = layer(x, cache_kv=True)                   # keep the keys and values of x
+    >>> layer(x[:, :5], use_cached_kv=True).shape     # five new rows attend over them
+    (8, 5, 64)
+    >>> mha_cupy.compare(layer(x[:, :5], use_cached_kv=True), layer(x[:, :5], x)).ok
+    True
     """
 
     @keyword_hints

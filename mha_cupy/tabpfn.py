@@ -70,7 +70,7 @@ __all__ = ["POLICIES", "AUTO_RULE", "CUDA_ENABLED", "CUDA_ROUTE", "CUDA_ROUTES",
            "TabPFNAttentionBackend", "register", "registered", "reset_stats", "stats", "unregister"]
 
 #: Whether CUDA calls are taken at all (``policy="all"`` only). Flipped only after a GPU campaign run passed
-#: (``benchmarks/gpu/tabpfn9_gpu.py``; see benchmarks/results/gpu-*); until then TabPFN runs CUDA calls itself.
+#: (``benchmarks/gpu/tabpfn9_gpu.py``; see ``benchmarks/results/gpu-*``); until then TabPFN runs CUDA calls itself.
 #: Read at every call: the campaign sets ``mha_cupy.tabpfn.CUDA_ENABLED = True`` in its own process.
 CUDA_ENABLED = False
 #: The routes a CUDA call can take: CuPy arrays viewing the tensors through DLPack, or our torch adapter on them.
@@ -444,6 +444,16 @@ def register(*, policy: str = "auto", batch_invariant: bool = False,
     ``UserWarning`` (once per registration) names the decline reasons when the
     first forward pass of a TabPFN model over test rows after registering
     took no call at all (see ``_watch_first_predict``).
+
+    Examples
+    --------
+    >>> import mha_cupy.tabpfn
+    >>> backend = mha_cupy.tabpfn.register(policy="all")
+    >>> mha_cupy.tabpfn.registered() is backend, mha_cupy.tabpfn.stats()
+    (True, {'taken': 0, 'declined': {}})
+    >>> mha_cupy.tabpfn.unregister()
+    >>> mha_cupy.tabpfn.registered() is None
+    True
     """
     global _latest  # noqa: PLW0603
     if policy not in POLICIES:

@@ -27,6 +27,18 @@ def assert_close(actual: Any, desired: Any, *, rtol: float | None = None, atol: 
     namespace, device, dtype or shape. Then ``max |actual - desired|`` must be
     at most ``atol + rtol * max(1, max |desired|)``, with ``rtol`` defaulting
     to ``tolerance(dtype)`` and ``atol`` to 0. NaNs never compare equal.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mha_cupy.testing import assert_close
+    >>> x = np.zeros(4)
+    >>> assert_close(x + 1e-12, x)                # returns the scaled error
+    1e-12
+    >>> assert_close(x.astype(np.float32), x)
+    Traceback (most recent call last):
+    ...
+    AssertionError: result: dtype float32, desired float64
     """
     a_be = backend_of(actual, names=("actual",))
     d_be = backend_of(desired, names=("desired",))

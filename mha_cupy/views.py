@@ -30,6 +30,15 @@ def broadcast_kv_across_heads(kv: Any, n: int) -> Any:
         ``k``, the grouping TabPFN and ``torch`` (``enable_gqa``) use.
         Reshaping the result to ``[..., K * n, H]`` would copy; the attention
         core never does that, it folds the ``n`` query heads into GEMM rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mha_cupy import broadcast_kv_across_heads
+    >>> kv = np.zeros((2, 128, 2, 16), dtype=np.float32)      # [B, S, K, H]
+    >>> view = broadcast_kv_across_heads(kv, 4)
+    >>> view.shape, view.strides[-2], np.shares_memory(view, kv)
+    ((2, 128, 2, 4, 16), 0, True)
     """
     check_array(kv, "kv")
     xp = backend_of(kv, names=("kv",)).xp

@@ -197,6 +197,23 @@ def convert_torch_nn_multihead_attention_state_dict(
     dict
         ``{"w_qkv", "w_out"}`` or ``{"w_q", "w_kv", "w_out"}``, with
         ``w_out [N, H, E]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import mha_cupy
+    >>> _ = torch.manual_seed(0)
+    >>> nn = torch.nn.MultiheadAttention(64, 4, bias=False, batch_first=True, dtype=torch.float64)
+    >>> weights = mha_cupy.convert_torch_nn_multihead_attention_state_dict(nn.state_dict(), 4, xp="numpy")
+    >>> {name: w.shape for name, w in weights.items()}
+    {'w_qkv': (3, 4, 16, 64), 'w_out': (4, 16, 64)}
+    >>> layer = mha_cupy.MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, dtype="float64")
+    >>> layer.set_parameters(**weights)
+    >>> x = torch.randn(2, 10, 64, dtype=torch.float64)
+    >>> with torch.no_grad():
+    ...     expected = nn(x, x, x, need_weights=False)[0]
+    >>> mha_cupy.compare(layer(x.numpy()), expected).ok
+    True
     """
     nhead = check_positive_int(nhead, "nhead")
     check_bool(disable_stacked_w_qkv, "disable_stacked_w_qkv")

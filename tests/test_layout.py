@@ -79,9 +79,10 @@ def test_no_module_takes_another_modules_private_names():
 
 
 def test_readme_layout_lists_each_modules_imports():
-    """The README's Layout table names, for every module file, the package modules it imports."""
-    readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme[readme.index("## Layout"):readme.index("## Testing")]
+    """The Layout table of the docs' development page names, for every module file, the package modules it
+    imports."""
+    page = (PACKAGE.parent / "docs" / "development.md").read_text()
+    table = page[page.index("## Layout"):page.index("## Testing")]
     actual: dict[str, set[str]] = {}
     for module, edges in _imports().items():
         parts = module.split(".")
@@ -99,8 +100,8 @@ def test_readme_layout_lists_each_modules_imports():
         if name not in actual or not (cell.startswith("`") or cell == "nothing"):
             continue  # "all of the above", "everything above"
         listed = set() if cell == "nothing" else {c.strip().strip("`") for c in cell.split(",")}
-        assert listed == actual[name], f"README Layout row {name}.py lists {sorted(listed)}, imports {sorted(actual[name])}"
+        assert listed == actual[name], f"docs/development.md Layout row {name}.py lists {sorted(listed)}, imports {sorted(actual[name])}"
         below = [m for m in listed if order.index(m) > order.index(name)]
-        assert not below, f"README Layout: {name}.py imports {below}, listed below it (imports only go down the table)"
+        assert not below, f"docs/development.md Layout: {name}.py imports {below}, listed below it (imports only go down the table)"
         checked += 1
     assert checked >= 15, rows

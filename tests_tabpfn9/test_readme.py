@@ -31,10 +31,8 @@ def readme_snippet(readme: str) -> str:
     return readme[start + len("```python\n"):end + 1]
 
 
-def test_readme_names_tabpfns_default_file():
-    section = (ROOT / "README.md").read_text()
-    section = section[section.index(SECTION):section.index("### Rules worth knowing")]
-    assert ModelSource.get_v3_5().default_filename in section
+def test_docs_name_tabpfns_default_file():
+    assert ModelSource.get_v3_5().default_filename in (ROOT / "docs" / "guide" / "tabpfn9.md").read_text()
 
 
 def test_readme_snippet_runs(tmp_path):
