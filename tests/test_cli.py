@@ -364,3 +364,18 @@ def test_tabpfns_own_refusal_is_one_line(capsys):
 def test_compare_head_size_refusals(argv, match, capsys):
     assert exit_code(["compare", "--against", "float64", *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("xp", "dtype"), [("numpy", "float16"), ("torch", "bfloat16"), ("numpy", "float64")])
+def test_bench_takes_every_dtype_its_backend_has(xp, dtype, capsys):
+    require("torch")
+    code, data = run_json(["bench", "--xp", xp, "--dtype", dtype, "--q-len", "24", "--heads", "2", "--kv-heads", "1", "--repeats", "1",
+                           "--no-memory"], capsys)
+    comparison = data["rows"][0]["comparison"]
+    assert code == 0 and data["config"]["dtype"] == dtype
+    assert comparison["precision"] == comparison["reference_dtype"] == dtype and comparison["ok"]
+
+
+def test_bench_refuses_a_dtype_its_backend_lacks_before_any_work(capsys):
+    code, data = run_json(["bench", "--xp", "numpy", "--dtype", "bfloat16", "--q-len", "8"], capsys)
+    assert code == 2 and "--dtype bfloat16 needs a backend that has it, got --xp numpy" in data["error"]

@@ -18,6 +18,7 @@ _CHILD = "from mha_cupy.cli._bench import child; child()"
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     from .._backends import BACKEND_NAMES
+    from .._backends._dtypes import FLOAT_DTYPES
 
     p = sub.add_parser("bench", parents=parents, help="time our attention beside torch's SDPA (outputs checked first)",
                        description="Time scaled_dot_product_attention on --xp beside torch's SDPA on the CPU, on the "
@@ -27,7 +28,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                        "of one call after a tiny warm-up call, in a fresh process. Lists such as --q-len 1024,4096 "
                        "sweep.")
     p.add_argument("--xp", default="numpy", choices=BACKEND_NAMES, help="our backend (default numpy)")
-    p.add_argument("--dtype", default="float32", choices=("float64", "float32"), help="default float32")
+    p.add_argument("--dtype", default="float32", choices=tuple(FLOAT_DTYPES),
+                   help="of q, k, v and the output on both sides (default float32; bfloat16 where --xp has it: "
+                   "torch, jax); outputs are compared within the dtype's tolerance")
     p.add_argument("--q-len", type=int_list, default=[4096], metavar="T[,T...]", help="query lengths (default 4096)")
     p.add_argument("--kv-len", type=int_list, default=None, metavar="S[,S...]",
                    help="key lengths: one for all, or one per --q-len (default: equal to each query length)")
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> Report:
     if args.heads % args.kv_heads:
         msg = f"--heads must be a multiple of --kv-heads, got --heads {args.heads} --kv-heads {args.kv_heads}"
         raise CliError(msg)
+    _check_dtype(args)
     torch = _torch()
     rows = []
     for T, S in progress(pairs, len(pairs), "bench"):
@@ -86,6 +90,18 @@ def _pairs(args: argparse.Namespace) -> list[tuple[int, int]]:
     return list(zip(qs, ks))
 
 
+def _check_dtype(args: argparse.Namespace) -> None:
+    from .._backends import resolve_backend
+
+    be = resolve_backend(args.xp)
+    if args.dtype == "float64":
+        be.enable_float64()  # a whole-process tool: JAX's jax_enable_x64, as --dtype float64 asks
+    dtypes = be.float_dtypes()
+    if args.dtype not in dtypes:
+        msg = f"--dtype {args.dtype} needs a backend that has it, got --xp {args.xp} with {', '.join(sorted(dtypes))}"
+        raise CliError(msg)
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("xp", "dtype", "batch", "heads", "kv_heads", "dim", "causal", "repeats")}
 
@@ -107,7 +123,9 @@ def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, Any, Any]:
         be.enable_float64()  # a whole-process tool: JAX's jax_enable_x64, as --dtype float64 asks
     xp = be.xp
     B, N, K, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["dim"]
-    return tuple(uniform(1, i, shape, getattr(xp, cfg["dtype"]), xp=xp, device=None)
+    # Drawn in float32 (or float64) and rounded once to a half dtype: the same numbers on every library.
+    drawn = getattr(xp, "float64" if cfg["dtype"] == "float64" else "float32")
+    return tuple(xp.astype(uniform(1, i, shape, drawn, xp=xp, device=None), getattr(xp, cfg["dtype"]), copy=False)
                  for i, shape in ((1, (B, T, N, d)), (2, (B, S, K, d)), (3, (B, S, K, d))))
 
 
@@ -127,7 +145,10 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
 
     from torch.nn.attention.bias import causal_lower_right
 
-    tq, tk, tv = (torch.from_numpy(to_numpy(a).copy()).transpose(1, 2) for a in (q, k, v))  # JAX's are read-only
+    # Through float32 (or float64) host copies, exact for every dtype (NumPy has no bfloat16); JAX's are read-only.
+    wide = "float64" if cfg["dtype"] == "float64" else "float32"
+    tq, tk, tv = (torch.from_numpy(to_numpy(_widened(a, wide)).copy()).to(getattr(torch, cfg["dtype"])).transpose(1, 2)
+                  for a in (q, k, v))
     # Our causal mask is aligned bottom-right; torch's is_causal is top-left, so give it the same mask.
     with warnings.catch_warnings():  # "NaNs when seq_len_q > seq_len_kv": so are ours, for rows that see no key
         warnings.simplefilter("ignore", UserWarning)
@@ -138,6 +159,13 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
             return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **mask).transpose(1, 2)
 
     return ours, theirs
+
+
+def _widened(a: Any, dtype: str) -> Any:
+    from .._backends import backend_of
+
+    xp = backend_of(a, names=("a",)).xp
+    return xp.astype(a, getattr(xp, dtype), copy=False)
 
 
 def _measure(args: argparse.Namespace, T: int, S: int, torch: Any) -> dict[str, Any]:
