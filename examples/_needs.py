@@ -1,17 +1,13 @@
 """What the examples share: their command line (the extra an example needs, said in its ``--help`` and in one line
-before any work), progress for the long runs, and their exit."""
+before any work), figures, progress lines for the long steps, and their exit."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import sys
-import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 def epilog(extra: str) -> str:
@@ -69,19 +65,6 @@ def require(extra: str, *modules: str) -> None:
     if missing:
         sys.exit(f"{Path(sys.argv[0]).name} needs {', '.join(missing)} (not installed): "
                  f'python -m pip install ".[{extra}]"')
-
-
-def progress(items: Iterable[T], total: int, what: str) -> Iterator[T]:
-    """``items``, with a tqdm bar on stderr when tqdm is installed, else a line per item with the time so far."""
-    if importlib.util.find_spec("tqdm") is not None:
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=what, file=sys.stderr)
-        return
-    start = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        print(f"{what}: {i}/{total} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
 
 def step(what: str) -> None:
