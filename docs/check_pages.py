@@ -1,11 +1,12 @@
-"""Open the built site's front page and a gallery page in headless Chromium; fail on any page error.
+"""Open the built site's front page, the API reference and every gallery page in headless Chromium; fail on any
+page error.
 
 ``python docs/check_pages.py docs/_build/html`` (the ``docs`` nox session runs it after the build). A page fails
 on a JavaScript exception, a console error, a request that fails or answers 400 or more, a request that leaves
-localhost, or an image that did not load. The pages are served from a local HTTP server, as a user's
-``python -m http.server`` or a static host would. Chromium is Debian's (``apt-get install chromium``), driven by
-Playwright; where it is missing the check says so and exits 0, unless ``MHA_CUPY_REQUIRE_BROWSER=1`` (CI) makes
-that a failure. Screenshots go to ``<site>/_check/``.
+localhost, an image that did not load, or (for the examples that draw) no figure. The pages are served from a
+local HTTP server, as ``python -m http.server`` or a static host would. Chromium is Debian's (``apt-get install
+chromium``), driven by Playwright; where it is missing the check says so and exits 0, unless
+``MHA_CUPY_REQUIRE_BROWSER=1`` (CI) makes that a failure. Screenshots go to ``<site>/../check/``, beside the site.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-#: The pages checked: the front page, and the gallery page whose figure is drawn at build time.
-PAGES = ("index.html", "gallery/compare_backends_dtypes.html")
+#: The pages checked beside every gallery page.
+PAGES = ("index.html", "api/mha_cupy.html", "gallery/index.html")
+#: The gallery pages that must show a figure their example drew at build time.
+FIGURES = ("compare_backends_dtypes", "time_and_memory_vs_length", "tabpfn_backend")
 #: Chromium as Debian installs it, with the flags a closed machine needs (no background connections).
 CHROMIUM_FLAGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
@@ -42,7 +45,7 @@ def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def check(page, url: str, shot: Path) -> list[str]:  # noqa: ANN001  a Playwright page
+def check(page, url: str, shot: Path, *, figure: bool) -> list[str]:  # noqa: ANN001  a Playwright page
     problems: list[str] = []
     host = urlparse(url).netloc
     page.on("pageerror", lambda exc: problems.append(f"JavaScript error: {exc}"))
@@ -54,6 +57,8 @@ def check(page, url: str, shot: Path) -> list[str]:  # noqa: ANN001  a Playwrigh
     page.goto(url, wait_until="networkidle")
     broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
     problems += [f"image not loaded: {src}" for src in broken]
+    if figure and not page.locator("img.sphx-glr-single-img, img.sphx-glr-multi-img").count():
+        problems.append("no figure: the example drew none")
     if not page.title():
         problems.append("the page has no title")
     page.screenshot(path=str(shot), full_page=False)
@@ -72,20 +77,22 @@ def main(argv: list[str]) -> int:
         return 0
     from playwright.sync_api import sync_playwright
 
-    missing = [p for p in PAGES if not (site / p).is_file()]
+    gallery = sorted(f"gallery/{p.name}" for p in (site / "gallery").glob("*.html") if p.name != "index.html")
+    missing = [p for p in (*PAGES, *(f"gallery/{f}.html" for f in FIGURES)) if not (site / p).is_file()]
     if missing:
         print(f"check_pages: not built: {missing} under {site}", file=sys.stderr)
         return 1
-    shots = site / "_check"
+    shots = site.parent / "check"
     shots.mkdir(exist_ok=True)
     server, base = serve(site)
     failed = 0
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=list(CHROMIUM_FLAGS))
-            for name in PAGES:
+            for name in (*PAGES, *gallery):
                 page = browser.new_page()
-                problems = check(page, base + name, shots / (Path(name).stem + ".png"))
+                shot = shots / (name.replace("/", "-").removesuffix(".html") + ".png")
+                problems = check(page, base + name, shot, figure=Path(name).stem in FIGURES)
                 page.close()
                 failed += bool(problems)
                 print(f"check_pages: {name}: " + ("ok" if not problems else "FAILED\n  " + "\n  ".join(problems)))

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout documented, as the doctests test it
 sys.path.insert(0, str(ROOT / "examples"))  # the examples' shared `_needs` module
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gallery_argv
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gallery_helpers
 
 import mha_cupy  # noqa: E402
 
@@ -53,8 +53,9 @@ sphinx_gallery_conf = {
     # with the tabpfn 9 that tabpfn_backend.py needs (the tests run it in the reference environment).
     "filename_pattern": r"(?<!compare_with_torch)\.py$",
     "ignore_pattern": r"_needs\.py$",
-    "reset_argv": "gallery_argv.quick",
-    "within_subsection_order": "FileNameSortKey",
+    "reset_argv": "gallery_helpers.quick",
+    "write_computation_times": False,  # its page loads scripts from CDNs, and the times say nothing to a user
+    "within_subsection_order": "gallery_helpers.ExampleOrder",
     "download_all_examples": False,
     "remove_config_comments": True,
     "abort_on_example_error": True,

@@ -15,12 +15,13 @@ def epilog(extra: str) -> str:
     return f'needs the "{extra}" extra: python -m pip install ".[{extra}]"'
 
 
-def command_line(doc: str | None, extra: str | None = None, *, plot: bool = False) -> argparse.ArgumentParser:
-    """The example's parser, described by the first line of its docstring (``doc`` is empty where sphinx-gallery
-    runs the example: the docstring became the page's text), with ``--quick`` (and ``--plot`` for those that
-    draw)."""
-    p = argparse.ArgumentParser(description=_summary(doc), epilog=extra and epilog(extra))
-    p.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests and the docs run)")
+def command_line(doc: str | None, extra: str | None = None, *, needs: str | None = None, plot: bool = False,
+                 quick: str = "small sizes (seconds; what the tests and the docs run)") -> argparse.ArgumentParser:
+    """The example's parser, described by the first paragraph of its docstring after the title (``doc`` is empty
+    where sphinx-gallery runs the example: the docstring became the page's text), with ``--quick`` (and ``--plot``
+    for those that draw). Its help ends with what the example needs: the ``extra``, or ``needs`` in words."""
+    p = argparse.ArgumentParser(description=_summary(doc), epilog=needs or (extra and epilog(extra)))
+    p.add_argument("--quick", action="store_true", help=quick)
     if plot:
         p.add_argument("--plot", metavar="FILE.png", default=None,
                        help='save the figure there (needs matplotlib: python -m pip install ".[plot]")')
@@ -52,7 +53,8 @@ def pyplot(path: str | None) -> Any:
 
 
 def save(fig: Any, path: str | None) -> None:
-    """Write ``fig`` to ``path`` when given. The figure stays open: sphinx-gallery takes it into the page."""
+    """Write ``fig`` to ``path`` when given (``--plot``). The figure stays open: sphinx-gallery takes it into the
+    page; a plain run without ``--plot`` draws it and leaves it."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)

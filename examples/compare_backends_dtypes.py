@@ -1,36 +1,50 @@
 """Every backend and dtype, and the error against chunk size
 =========================================================
 
-Compare backends and dtypes with ``mha_cupy.compare``: every usable library, float64 / float32 / float16.
+Compare backends and dtypes with ``mha_cupy.compare``: every usable library, float64 / float32 / float16 /
+bfloat16.
 
 Run: ``python examples/compare_backends_dtypes.py [--quick] [--plot FILE.png]``.
 One layer, one input; the reference is the float64 NumPy result. Each row is
 the layer moved to a backend and dtype, compared by ``mha_cupy.compare``:
 scaled error, ulps in the lower precision, and whether it is within the
-dtype's tolerance (float64 1e-10, float32 1e-5, float16 2**-9).
+dtype's tolerance (float64 1e-10, float32 1e-5, float16 2**-9, bfloat16 2**-6).
 
 Then the error against the key chunk size: ``scaled_dot_product_attention``
 on every backend and dtype at chunk sizes from a few keys to all of them,
-against attention computed directly in float64. The chunks change the
-rounding, never the result beyond it: every point stays under its dtype's
-tolerance (the dashed lines). With matplotlib installed it draws the figure.
+against attention computed directly in float64 on the unrounded inputs (so in half precision the error is
+mostly that of rounding the inputs). The chunks change the rounding, never the result beyond it: every point
+stays under its dtype's tolerance (the dashed lines). With matplotlib installed it draws the figure (``--plot``
+saves it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+
 import numpy as np
 
 import mha_cupy
+import mha_cupy.testing
 from _needs import command_line, finish, pyplot, save
 
-BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
-DTYPES = ("float64", "float32", "float16")
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "dask", "cupy")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+MARKERS = "os^vDx"
+
+
+def on(xp: object, a: np.ndarray, dtype: str) -> object:
+    """NumPy array ``a`` on ``xp`` in ``dtype``: moved in float64 or float32, rounded there (NumPy has no
+    bfloat16)."""
+    wide = "float64" if dtype == "float64" else "float32"
+    return xp.astype(xp.asarray(a.astype(wide)), getattr(xp, dtype))
 
 
 def layer_in(name: str, dtype: str, weights: dict) -> mha_cupy.MultiHeadAttention:
     layer = mha_cupy.MultiHeadAttention(emsize=64, nhead=4, d_k=16, d_v=16, dtype=dtype, xp=name)
-    xp = layer.xp
-    layer.set_parameters(**{n: xp.asarray(w.astype(dtype), device=layer.device) for n, w in weights.items()})
+    layer.set_parameters(**{n: on(layer.xp, w, dtype) for n, w in weights.items()})
     return layer
 
 
@@ -45,10 +59,10 @@ def layers(quick: bool) -> tuple[int, set[tuple[str, str]]]:
         for dtype in DTYPES:
             try:
                 layer = layer_in(name, dtype, weights)
-            except (mha_cupy.BackendUnavailableError, TypeError) as exc:  # not installed, or no such dtype there
-                print(f"{name:16s} {dtype:8s} skipped: {str(exc).splitlines()[0][:100]}")
+            except (mha_cupy.BackendUnavailableError, TypeError, AttributeError) as exc:  # absent, or no such dtype
+                print(f"{name:16s} {dtype:8s} skipped: {str(exc).split('; ')[0].splitlines()[0]}")
                 continue
-            c = mha_cupy.compare(layer(layer.xp.asarray(x.astype(dtype), device=layer.device)), reference)
+            c = mha_cupy.compare(layer(on(layer.xp, x, dtype)), reference)
             failed += not c.ok
             ran.add((name, dtype))
             print(f"{name:16s} {dtype:8s} {c}")
@@ -72,7 +86,7 @@ def chunk_sweep(quick: bool, ran: set[tuple[str, str]]) -> tuple[int, dict, list
     errors, failed = {}, 0
     for name, dtype in sorted(ran):
         xp = mha_cupy.MultiHeadAttention(emsize=8, nhead=1, d_k=8, d_v=8, dtype=dtype, xp=name).xp
-        args = [xp.asarray(a.astype(dtype)) for a in (q, k, v)]
+        args = [on(xp, a, dtype) for a in (q, k, v)]
         errors[name, dtype] = []
         for size in sizes:
             c = mha_cupy.compare(mha_cupy.scaled_dot_product_attention(*args, kv_chunk_size=size), reference)
@@ -83,20 +97,36 @@ def chunk_sweep(quick: bool, ran: set[tuple[str, str]]) -> tuple[int, dict, list
     return failed, errors, sizes
 
 
+@contextlib.contextmanager
+def jax_float64() -> Iterator[None]:
+    """JAX with float64 (``jax_enable_x64``, a process-wide switch) while the comparisons run, as it was after."""
+    if importlib.util.find_spec("jax") is None:
+        yield
+        return
+    import jax
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 def draw(errors: dict, sizes: list[int], path: str | None) -> None:
     plt = pyplot(path)
     if plt is None:
         print('no figure: matplotlib is not installed (python -m pip install ".[plot]")')
         return
-    fig, axes = plt.subplots(1, len(DTYPES), figsize=(12, 3.8), sharex=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, len(DTYPES), figsize=(14, 3.8), sharex=True, constrained_layout=True)
     handles: dict = {}
     for ax, dtype in zip(axes, DTYPES):
         for (name, d), points in sorted(errors.items()):
             if d == dtype:
-                color = f"C{BACKENDS.index(name)}"
-                handles[name] = ax.plot(sizes, [max(e, 1e-18) for e, _ in points], "o-", color=color, alpha=0.8)[0]
-                tol = points[0][1]
-        handles["tolerance"] = ax.axhline(tol, color="k", ls="--", lw=1)
+                i = BACKENDS.index(name)  # a colour and a marker each: equal errors overlap
+                handles[name] = ax.plot(sizes, [max(e, 1e-18) for e, _ in points], f"{MARKERS[i]}-", color=f"C{i}",
+                                        alpha=0.8, markersize=9 - i, markerfacecolor="none")[0]
+        handles["tolerance"] = ax.axhline(mha_cupy.testing.tolerance(dtype), color="k", ls="--", lw=1)
         ax.set(xscale="log", yscale="log", title=dtype, xlabel="key chunk size (kv_chunk_size)")
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
@@ -109,8 +139,9 @@ def draw(errors: dict, sizes: list[int], path: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = command_line(__doc__, plot=True).parse_args(argv)
     pyplot(args.plot)  # a missing matplotlib under --plot ends the run here, before the work
-    failed, ran = layers(args.quick)
-    more, errors, sizes = chunk_sweep(args.quick, ran)
+    with jax_float64():
+        failed, ran = layers(args.quick)
+        more, errors, sizes = chunk_sweep(args.quick, ran)
     draw(errors, sizes, args.plot)
     print("ok" if not failed + more else f"FAILED: {failed + more} comparisons beyond their tolerance")
     return 1 if failed + more else 0

@@ -21,7 +21,7 @@ FIXTURES = Path(mha_cupy.__file__).parent / "fixtures"  # installed with the pac
 
 
 def main() -> int:
-    command_line(__doc__).parse_args()
+    command_line(__doc__, quick="accepted like every example's; this one is small already").parse_args()
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     case = next(c for c in manifest["cases"] if c["case_id"] == "basic_self_attn_small")
     cfg = case["config"]

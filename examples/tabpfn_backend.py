@@ -1,17 +1,14 @@
 """mha_cupy as TabPFN 9's attention
 ================================
 
-mha_cupy as the attention of today's TabPFN (tabpfn 9): register it, then use TabPFN as usual.
+mha_cupy as the attention of TabPFN 9 (tabpfn 9.x): register it, then use TabPFN as usual.
 
-Needs tabpfn 9 and torch (``pip install "tabpfn>=9" ".[fast]"``; tabpfn 9 cannot share an environment with the
+Needs tabpfn 9 and torch (``python -m pip install ".[fast]" "tabpfn>=9"``; tabpfn 9 cannot share an environment with the
 tabpfn 2.2.1 of ``.[reference]``). This script builds a TabPFN-3 with random weights (no checkpoint download),
 fits it with an int8 KV cache, predicts from the cache through mha_cupy and through TabPFN's own attention, and
 checks that the two agree. With a fitted classifier it is the same two lines::
 
     import mha_cupy.tabpfn
-
-if TYPE_CHECKING:
-    import torch
     from tabpfn import TabPFNClassifier
 
     mha_cupy.tabpfn.register()                      # policy="auto": the calls over quantized KV caches
@@ -41,7 +38,8 @@ if TYPE_CHECKING:
 
 
 def main() -> None:
-    args = command_line(__doc__, plot=True).parse_args()
+    args = command_line(__doc__, plot=True, needs='needs tabpfn 9 and torch, in an environment of their own: '
+                        'python -m pip install ".[fast]" "tabpfn>=9"').parse_args()
     pyplot(args.plot)  # a missing matplotlib under --plot ends the run here, before the work
     try:
         import torch
@@ -100,7 +98,7 @@ def draw(t_theirs: float, t_ours: float, error: float, title: str, path: str | N
     plt = pyplot(path)
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 2.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(7.5, 2.8), constrained_layout=True)
     bars = ax.barh(["TabPFN's own attention", "mha_cupy"], [t_theirs, t_ours], color=["C7", "C0"])
     ax.bar_label(bars, fmt="%.2f s", padding=3)
     ax.set(xlabel="predict from the int8 cache (s)", xlim=(0, 1.25 * max(t_theirs, t_ours)),

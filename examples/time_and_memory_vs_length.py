@@ -21,8 +21,8 @@ from _needs import command_line, finish, pyplot, save
 
 
 def bench(lengths: list[int], repeats: int) -> list[dict]:
-    """The rows of ``mha-cupy bench --json`` over ``lengths``, run as a user would run it (its progress shows on
-    stderr)."""
+    """The rows of ``mha-cupy bench --json`` over ``lengths``, run as a user would run it (its progress goes to
+    stderr: a tqdm bar on a terminal, else a line per length)."""
     run = subprocess.run([sys.executable, "-m", "mha_cupy", "bench", "--q-len", ",".join(map(str, lengths)),
                           "--repeats", str(repeats), "--json"], stdout=subprocess.PIPE, text=True, check=False)
     data = json.loads(run.stdout)
@@ -56,7 +56,8 @@ def draw(rows: list[dict], path: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = command_line(__doc__, plot=True).parse_args(argv)
+    args = command_line(__doc__, plot=True, needs='torch adds its side (python -m pip install torch, or the '
+                        '"reference" extra); matplotlib draws the figure (the "plot" extra)').parse_args(argv)
     pyplot(args.plot)  # a missing matplotlib under --plot ends the run here, before the work
     lengths = [256, 512, 1024] if args.quick else [1024, 2048, 4096, 8192]
     rows = bench(lengths, 3 if args.quick else 5)

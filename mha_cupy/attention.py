@@ -80,8 +80,9 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, **options: Any) -> Any:
         chunk sizes, workers) on the same machine and library versions:
         fixed-order products row by row, whole key chunks of 512 from key 0,
         no key splits (on NumPy with numba one fused kernel per chunk).
-        Costs ×1.1-1.7 on NumPy, more for a few queries over many keys (see
-        the README for what is promised).
+        Costs ×1.1-1.7 on NumPy, more for a few queries over many keys (the
+        user guide's "Batch invariance", ``docs/guide/options.md``, says what
+        is promised).
     k_scale, v_scale : float or array, optional
         Keys and values stored quantized (TabPFN 9's KV caches): ``k`` of
         dtype int8 or float8_e4m3fn (NumPy's through ml_dtypes) holds

@@ -301,7 +301,8 @@ class MultiHeadAttention:
             Every output row bitwise the same whatever else is in the call, on
             the same machine and library versions: projections and attention as
             fixed-order products row by row, attention in whole key chunks (see
-            ``scaled_dot_product_attention`` and the README for what is promised).
+            ``scaled_dot_product_attention`` and the user guide's "Batch
+            invariance" for what is promised).
         kv_seq_lengths : integer array ``[B]``, optional
             Keys per flattened batch row (cached ones included; array of the
             layer's library): keys past a row's length are padding, never

@@ -1,4 +1,4 @@
-"""mha_cupy as an attention backend of TabPFN 9 (``tabpfn>=9``; today's TabPFN-2.5, 2.6, 3 and 3.5 models).
+"""mha_cupy as an attention backend of TabPFN 9 (``tabpfn>=9``: the TabPFN-2.5, 2.6, 3 and 3.5 models).
 
 Every attention call of those models goes through
 ``tabpfn.architectures.shared.scaled_dot_product_attention``, which asks
@@ -94,11 +94,13 @@ OP_NAME = "mha_cupy::tabpfn_attention"
 #: 0.14-0.89 in float32 up to 256 rows but 1.08-1.17 at 1024, and 0.96-4.3 in bfloat16; the training rows over
 #: themselves 1.08-1.20 and 0.97-1.03. Below ``AUTO_MIN_KEYS`` per-call overheads dominate.
 AUTO_MIN_KEYS = 8192
+#: Calls with more query rows (batch × queries) than this are left to TabPFN (where we measured no gain).
 AUTO_MAX_QUERY_ROWS = 1024
+#: Calls with narrower heads are left to TabPFN (per-call overheads dominate there).
 AUTO_MIN_HEAD_DIM = 32
 #: Dense calls without grouped heads (as many key heads as query heads) are taken in float32 up to this many rows.
 AUTO_MAX_UNGROUPED_ROWS = 256
-#: What ``policy="auto"`` takes, in words (the numbers are in the README and ``benchmarks/results``).
+#: What ``policy="auto"`` takes, in words (the numbers are in ``docs/guide/tabpfn9.md`` and ``benchmarks/results``).
 AUTO_RULE = (f"calls over at least {AUTO_MIN_KEYS} keys (training rows), outside grad mode, on the CPU: those "
              f"from a quantized (int8 or float8_e4m3fn) KV cache, and dense float32 or bfloat16 ones of at most "
              f"{AUTO_MAX_QUERY_ROWS} query rows with heads of {AUTO_MIN_HEAD_DIM} or more, grouped (fewer key heads "

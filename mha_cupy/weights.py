@@ -17,16 +17,9 @@ from ._random import STREAMS, uniform
 from ._validation import (check_bool, check_positive_int, check_shape_and_dtype, check_weight_combination,
                           keyword_hints, shape_str)
 
-__all__ = [
-    "WEIGHT_NAMES",
-    "Weights",
-    "checked_weights",
-    "input_weight_bound",
-    "output_weight_bound",
-    "init_uniform",
-    "initial_weights",
-    "convert_torch_nn_multihead_attention_state_dict",
-]
+#: The public names; ``Weights``, ``checked_weights`` and the initialisers are the layer's machinery.
+__all__ = ["WEIGHT_NAMES", "input_weight_bound", "output_weight_bound",
+           "convert_torch_nn_multihead_attention_state_dict"]
 
 #: The weight arrays a layer may have, in the order the reference lists them.
 WEIGHT_NAMES = ("w_out", "w_q", "w_k", "w_v", "w_kv", "w_qkv")

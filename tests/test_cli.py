@@ -270,9 +270,9 @@ def test_every_option_has_help():
         (["bench", "--dtype", "int8"], "argument --dtype: invalid choice"),
         (["bench", "--xp", "tensorflow"], "argument --xp: invalid choice"),
         (["bench", "--q-len", "1,2", "--kv-len", "3,4,5"], "--kv-len must give one length or one per --q-len"),
-        (["compare", "--against", "float64", "--nhead", "0"], "--nhead must be an int >= 1, got 0"),
+        (["compare", "--against", "float64", "--nhead", "0"], "--heads must be an int >= 1, got 0"),
         (["compare", "--against", "float64", "--emsize", "-4"], "--emsize must be an int >= 1, got -4"),
-        (["compare", "--against", "float64", "--emsize", "10", "--nhead", "4"], "--emsize must be a multiple of --nhead"),
+        (["compare", "--against", "float64", "--emsize", "10", "--nhead", "4"], "--emsize must be a multiple of --heads"),
         (["compare", "--against", "float64", "--save-peak-mem-factor", "2"], "needs allow_inplace=True"),
         (["compare", "--xp", "numpy"], "one of the arguments --other --against is required"),
         (["compare", "--dtype", "bfloat16", "--against", "float64"],
@@ -326,7 +326,7 @@ def test_verify_reports_each_backend_as_it_finishes(tmp_path):
 
 def test_errors_in_json_mode_are_json_too(capsys):
     code, data = run_json(["compare", "--against", "float64", "--nhead", "0"], capsys)
-    assert code == 2 and data == {"command": "compare", "exit_code": 2, "error": "--nhead must be an int >= 1, got 0"}
+    assert code == 2 and data == {"command": "compare", "exit_code": 2, "error": "--heads must be an int >= 1, got 0"}
 
 
 def test_version(capsys):
@@ -356,17 +356,17 @@ def test_tabpfns_own_refusal_is_one_line(capsys):
 
 
 @pytest.mark.parametrize(("argv", "match"), [
-    (["--kv-heads", "3"], "--nhead must be a multiple of --kv-heads"),
+    (["--kv-heads", "3"], "--heads must be a multiple of --kv-heads"),
     (["--kv-heads", "2", "--kv-share", "2"], "give --kv-heads or --kv-share"),
-    (["--emsize", "30"], "or give the head sizes with --d-k and --d-v"),
-    (["--d-k", "0"], "--d-k must be an int >= 1, got 0"),
+    (["--emsize", "30"], "or give the head sizes with --head-dim and --d-v"),
+    (["--d-k", "0"], "--head-dim must be an int >= 1, got 0"),
 ])
 def test_compare_head_size_refusals(argv, match, capsys):
     assert exit_code(["compare", "--against", "float64", *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize(("xp", "dtype"), [("numpy", "float16"), ("torch", "bfloat16"), ("numpy", "float64")])
+@pytest.mark.parametrize(("xp", "dtype"), [("numpy", "float16"), ("torch", "bfloat16"), ("jax", "bfloat16"), ("numpy", "float64")])
 def test_bench_takes_every_dtype_its_backend_has(xp, dtype, capsys):
     require("torch")
     code, data = run_json(["bench", "--xp", xp, "--dtype", dtype, "--q-len", "24", "--heads", "2", "--kv-heads", "1", "--repeats", "1",
@@ -379,3 +379,4 @@ def test_bench_takes_every_dtype_its_backend_has(xp, dtype, capsys):
 def test_bench_refuses_a_dtype_its_backend_lacks_before_any_work(capsys):
     code, data = run_json(["bench", "--xp", "numpy", "--dtype", "bfloat16", "--q-len", "8"], capsys)
     assert code == 2 and "--dtype bfloat16 needs a backend that has it, got --xp numpy" in data["error"]
+    assert "rows" not in data  # nothing measured

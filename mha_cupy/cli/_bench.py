@@ -43,7 +43,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--causal", action="store_true", help="causal mask, aligned bottom-right as in our SDPA")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot time and memory against length (needs matplotlib: pip install \".[plot]\")")
+                   help="plot time and memory against length (needs matplotlib: python -m pip install \".[plot]\")")
     p.set_defaults(run=run)
 
 

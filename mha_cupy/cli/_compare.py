@@ -41,9 +41,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="key/query size per head H "
                    "(default emsize // heads; emsize need not be divisible by heads when --head-dim and --d-v are "
                    "given)")
-    p.add_argument("--d-v", type=int, default=None, help="value size per head V (default: --d-k, else emsize // nhead)")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default nhead // --kv-share); "
-                   "nhead must be a multiple")
+    p.add_argument("--d-v", type=int, default=None,
+                   help="value size per head V (default: --head-dim, else emsize // heads)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default heads // --kv-share); "
+                   "--heads must be a multiple")
     p.add_argument("--rtol", type=float, default=None,
                    help="allowed scaled error (default: the tolerance of the lower precision, e.g. 1e-5 for float32)")
     p.add_argument("--atol", type=float, default=None, help="allowed absolute error on top (default 0)")
@@ -98,7 +99,7 @@ def _our_layer(args: argparse.Namespace) -> Any:
 
     optional = [n for n in ("kv_length", "d_k", "d_v", "kv_heads") if getattr(args, n) is not None]
     for name in ("batch", "length", "emsize", "nhead", "kv_share", *optional):
-        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+        check_positive_int(getattr(args, name), OPTION_NAMES.get(name, "--" + name.replace("_", "-")))
     d_k, d_v, share = head_sizes(args)
     return MultiHeadAttention(emsize=args.emsize, nhead=args.nhead, d_k=d_k, d_v=d_v, share_kv_across_n_heads=share,
                               dtype=_host_dtype(args), xp="numpy", seed=args.seed)
@@ -131,12 +132,16 @@ def _check_backends(args: argparse.Namespace) -> None:
             raise CliError(msg)
 
 
+#: The option a value is named by in messages, where its ``dest`` is an older spelling.
+OPTION_NAMES = {"length": "--q-len", "nhead": "--heads", "d_k": "--head-dim", "kv_length": "--kv-len"}
+
+
 def head_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
-    """``(d_k, d_v, share_kv_across_n_heads)`` from the options: --d-k/--d-v, else emsize // nhead; --kv-heads or
-    --kv-share."""
+    """``(d_k, d_v, share_kv_across_n_heads)`` from the options: --head-dim/--d-v, else emsize // heads; --kv-heads
+    or --kv-share."""
     if args.d_k is None and args.d_v is None and args.emsize % args.nhead:
-        msg = (f"--emsize must be a multiple of --nhead, got --emsize {args.emsize} --nhead {args.nhead}; "
-               "or give the head sizes with --d-k and --d-v")
+        msg = (f"--emsize must be a multiple of --heads, got --emsize {args.emsize} --heads {args.nhead}; "
+               "or give the head sizes with --head-dim and --d-v")
         raise CliError(msg)
     d_k = args.d_k or args.d_v or args.emsize // args.nhead
     d_v = args.d_v or d_k
@@ -145,7 +150,7 @@ def head_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     if args.kv_share != 1:
         raise CliError(f"give --kv-heads or --kv-share, got --kv-heads {args.kv_heads} and --kv-share {args.kv_share}")
     if args.nhead % args.kv_heads:
-        raise CliError(f"--nhead must be a multiple of --kv-heads, got --nhead {args.nhead} --kv-heads {args.kv_heads}")
+        raise CliError(f"--heads must be a multiple of --kv-heads, got --heads {args.nhead} --kv-heads {args.kv_heads}")
     return d_k, d_v, args.nhead // args.kv_heads
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Iterable, Iterator
@@ -38,11 +39,16 @@ def int_list(text: str) -> list[int]:
 
 
 def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
-    """``items`` with a tqdm progress bar on stderr when tqdm is installed and stderr is a terminal."""
+    """``items`` with a tqdm progress bar on stderr when tqdm is installed and stderr is a terminal; without tqdm,
+    a line on stderr per item done (stdout keeps the result)."""
     try:
         from tqdm import tqdm
     except ImportError:
-        yield from items
+        start = time.perf_counter()
+        for i, item in enumerate(items, 1):
+            yield item
+            if total > 1:
+                note(f"{desc}: {i}/{total} done ({time.perf_counter() - start:.0f} s)")
         return
     yield from tqdm(items, total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
 

@@ -1,7 +1,7 @@
-"""The README's TabPFN 9 snippet runs as written.
+"""The TabPFN 9 guide's snippet runs as written.
 
-The snippet (the first ```python block after "## Use with TabPFN 9" in README.md) is run verbatim, in a fresh
-interpreter, with a random-weight TabPFN-3.5 standing in for the real weights the way the README tells offline
+The snippet (the first ```python block of docs/guide/tabpfn9.md) is run verbatim, in a fresh interpreter, with a
+random-weight TabPFN-3.5 standing in for the real weights the way that page tells offline
 users to: the file under TabPFN's default file name in a folder that ``TABPFN_MODEL_CACHE_DIR`` names (TabPFN's
 own setting), so ``TabPFNClassifier()`` loads it and downloads nothing.
 """
@@ -18,25 +18,25 @@ from checkpoints import write_checkpoint
 from tabpfn.model_loading import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Use with TabPFN 9"
+PAGE = ROOT / "docs" / "guide" / "tabpfn9.md"
 
 
-def readme_snippet(readme: str) -> str:
-    """The first ```python block after ``SECTION`` (ValueError when there is none)."""
-    start = readme.find("```python\n", readme.index(SECTION))
-    end = readme.find("\n```", start + 1)
+def page_snippet(page: str) -> str:
+    """The first ```python block of ``page`` (ValueError when there is none)."""
+    start = page.find("```python\n")
+    end = page.find("\n```", start + 1)
     if start < 0 or end < 0:
-        msg = f"README.md has no ```python block after {SECTION!r}"
+        msg = f"{PAGE.name} has no ```python block"
         raise ValueError(msg)
-    return readme[start + len("```python\n"):end + 1]
+    return page[start + len("```python\n"):end + 1]
 
 
-def test_docs_name_tabpfns_default_file():
-    assert ModelSource.get_v3_5().default_filename in (ROOT / "docs" / "guide" / "tabpfn9.md").read_text()
+def test_the_page_names_tabpfns_default_file():
+    assert ModelSource.get_v3_5().default_filename in PAGE.read_text()
 
 
-def test_readme_snippet_runs(tmp_path):
-    snippet = readme_snippet((ROOT / "README.md").read_text())
+def test_the_page_snippet_runs(tmp_path):
+    snippet = page_snippet(PAGE.read_text())
     assert "TabPFNClassifier(" in snippet and "X_train" in snippet  # the block found is the estimator's
     cache = tmp_path / "tabpfn-cache"
     write_checkpoint(cache / ModelSource.get_v3_5().default_filename, "v3.5")
