@@ -380,3 +380,9 @@ def test_bench_refuses_a_dtype_its_backend_lacks_before_any_work(capsys):
     code, data = run_json(["bench", "--xp", "numpy", "--dtype", "bfloat16", "--q-len", "8"], capsys)
     assert code == 2 and "--dtype bfloat16 needs a backend that has it, got --xp numpy" in data["error"]
     assert "rows" not in data  # nothing measured
+
+
+def test_bench_kv_heads_default_to_the_heads(capsys):
+    require("torch")
+    code, data = run_json(["bench", "--q-len", "16", "--heads", "2", "--repeats", "1", "--no-memory"], capsys)
+    assert code == 0 and data["config"]["kv_heads"] == 2 and data["rows"][0]["agree"]

@@ -35,11 +35,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-len", type=int_list, default=None, metavar="S[,S...]",
                    help="key lengths: one for all, or one per --q-len (default: equal to each query length)")
     for names, default, what in ((("--batch",), 1, "batch size B"), (("--heads",), 6, "query heads N"),
-                                 (("--kv-heads",), 6, "key/value heads K (N a multiple of K)"),
                                  (("--head-dim", "--dim"), 32, "head size d"),
                                  (("--repeats",), 5, "timed calls of each side, after one warm-up")):
         p.add_argument(*names, dest=names[-1][2:].replace("-", "_"), type=int, default=default,
                        metavar=names[0][2:].replace("-", "_").upper(), help=f"{what} (default {default})")
+    p.add_argument("--kv-heads", type=int, default=None, metavar="KV_HEADS",
+                   help="key/value heads K, --heads a multiple of it (default: --heads)")
     p.add_argument("--causal", action="store_true", help="causal mask, aligned bottom-right as in our SDPA")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -56,8 +57,10 @@ def run(args: argparse.Namespace) -> Report:
         if importlib.util.find_spec("matplotlib") is None:
             raise CliError('--plot needs matplotlib: python -m pip install ".[plot]"')
     pairs = _pairs(args)
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
     for name in ("batch", "heads", "kv_heads", "dim", "repeats"):
-        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+        check_positive_int(getattr(args, name), "--head-dim" if name == "dim" else "--" + name.replace("_", "-"))
     if args.heads % args.kv_heads:
         msg = f"--heads must be a multiple of --kv-heads, got --heads {args.heads} --kv-heads {args.kv_heads}"
         raise CliError(msg)
