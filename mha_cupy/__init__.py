@@ -7,6 +7,7 @@ from .comparison import Comparison, compare
 from .module import MultiHeadAttention
 from .views import broadcast_kv_across_heads
 from .weights import convert_torch_nn_multihead_attention_state_dict
+from . import testing as testing  # so that `import mha_cupy` is enough for mha_cupy.testing
 
 __version__ = "0.2.0"
 

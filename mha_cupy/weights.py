@@ -79,7 +79,9 @@ def checked_weights(given: dict[str, Any], *, sizes: tuple[int, int, int, int, i
         raise ValueError(msg)
     found = backend_of(*given.values(), names=tuple(given))
     if found.xp is not be.xp:
-        msg = f"weights must be arrays of the layer's namespace {be.name}, got {found.name}"
+        msg = (f"weights must be arrays of the layer's namespace {be.name}, got {found.name}: convert them "
+               f"(convert_torch_nn_multihead_attention_state_dict(..., xp={be.name!r})), or move the layer to "
+               f"theirs first (layer.to({found.name!r}))")
         raise TypeError(msg)
     for name, a in given.items():
         if a is not None and not same_device(device_of(a), device):

@@ -386,3 +386,26 @@ def test_bench_kv_heads_default_to_the_heads(capsys):
     require("torch")
     code, data = run_json(["bench", "--q-len", "16", "--heads", "2", "--repeats", "1", "--no-memory"], capsys)
     assert code == 0 and data["config"]["kv_heads"] == 2 and data["rows"][0]["agree"]
+
+
+def test_verify_xp_repeated_runs_each(capsys):
+    require("array_api_strict")
+    code, data = run_json(["verify", "--xp", "numpy", "--xp", "array_api_strict"], capsys)
+    assert code == 0 and data["failed"] == {"numpy": 0, "array_api_strict": 0}
+
+
+def test_bench_plot_without_memory_draws_time_alone(tmp_path, capsys):
+    require("torch")
+    require("matplotlib")
+    import warnings
+
+    png = tmp_path / "time.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" for an empty memory panel
+        code, data = run_json(["bench", "--q-len", "16,32", "--heads", "2", "--repeats", "1", "--no-memory",
+                               "--plot", str(png)], capsys)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert width < 1.5 * height  # one panel, not two

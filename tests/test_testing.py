@@ -47,3 +47,12 @@ def test_metadata_mismatches_fail_before_values():
         assert_close(a, a[None])
     with pytest.raises(TypeError, match="desired must be an array"):
         assert_close(a, [0.0, 1.0, 2.0])
+
+
+def test_import_mha_cupy_is_enough_for_testing():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import mha_cupy; print(mha_cupy.testing.assert_close.__name__)"],
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "assert_close", run.stderr

@@ -132,3 +132,13 @@ def test_weights_layout_reads_queries_keys_and_values_from_every_layout():
     doubled = split.map(lambda a: a * 2)
     assert set(doubled.present()) == {"w_out", "w_q", "w_k", "w_v"} and set(WEIGHT_NAMES) >= set(doubled.present())
     np.testing.assert_array_equal(doubled.w_k, 2 * w_k)
+
+
+def test_weights_of_another_library_get_the_way_to_convert_them():
+    torch = require("torch")
+    state = torch.nn.MultiheadAttention(32, 4, batch_first=True).state_dict()
+    layer = MultiHeadAttention(emsize=32, nhead=4, d_k=8, d_v=8)
+    with pytest.raises(TypeError, match=r"got torch: convert them \(convert_torch_nn_multihead_attention_state_dict"
+                                        r"\(\.\.\., xp='numpy'\)\), or move the layer to theirs first"):
+        layer.set_parameters(**convert_sd(state, 4))
+    layer.set_parameters(**convert_sd(state, 4, xp="numpy"))  # the way the message gives

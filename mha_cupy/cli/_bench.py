@@ -232,7 +232,7 @@ def _text(data: dict[str, Any]) -> str:
         f"mha_cupy on {cfg['xp']} beside torch {data['torch'] or '(not installed)'} SDPA (CPU), {cfg['dtype']}, "
         f"B={cfg['batch']} N={cfg['heads']} K={cfg['kv_heads']} d={cfg['dim']}"
         + (", causal" if cfg["causal"] else "")
-        + f"; medians of {cfg['repeats']} interleaved calls"
+        + (f"; medians of {cfg['repeats']} interleaved calls" if cfg["repeats"] > 1 else "; one timed call each")
     )
     lines = [head]
     body = []

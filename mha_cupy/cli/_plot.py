@@ -17,18 +17,22 @@ def plot(rows: list[dict[str, Any]], config: dict[str, Any], path: str) -> str:
         import matplotlib.ticker
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise CliError(f"--plot needs matplotlib: pip install \".[plot]\" ({exc})") from exc
+        raise CliError(f"--plot needs matplotlib: python -m pip install \".[plot]\" ({exc})") from exc
     key = "q_len" if len({r["q_len"] for r in rows}) > 1 or len({r["kv_len"] for r in rows}) == 1 else "kv_len"
     x = [r[key] for r in rows]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    memory = "ours_peak_bytes" in rows[0]  # not with --no-memory, nor off the CPU
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(10 if memory else 5.5, 4), constrained_layout=True,
+                             squeeze=False)
+    ax_t, ax_m = axes[0][0], (axes[0][1] if memory else None)
     for side, label, style in (("ours", f"mha_cupy ({config['xp']})", "o-"), ("torch", "torch SDPA", "s--")):
         if f"{side}_s" in rows[0]:
             ax_t.plot(x, [r[f"{side}_s"] for r in rows], style, label=label)
-        if f"{side}_peak_bytes" in rows[0]:
+        if memory and f"{side}_peak_bytes" in rows[0]:
             ax_m.plot(x, [r[f"{side}_peak_bytes"] / 2**20 for r in rows], style, label=label)
     ax_t.set(yscale="log", ylabel="median time per call (s)", title="time")
-    ax_m.set(ylabel="peak RSS growth of one call (MiB)", title="peak memory", ylim=(0, None))
-    for ax in (ax_t, ax_m):
+    if memory:
+        ax_m.set(ylabel="peak RSS growth of one call (MiB)", title="peak memory", ylim=(0, None))
+    for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [str(v) for v in x])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

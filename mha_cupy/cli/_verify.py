@@ -19,7 +19,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                        description="Replay the reference fixtures made by tabpfn 2.2.1 (by default those installed "
                        "with mha_cupy) on each backend and compare every output and cache within the dtype's "
                        f"tolerance ({fixtures}, relative to max(1, the largest absolute reference value)).")
-    p.add_argument("--xp", nargs="+", choices=BACKEND_NAMES, metavar="NAME", default=None,
+    p.add_argument("--xp", nargs="+", action="extend", choices=BACKEND_NAMES, metavar="NAME", default=None,
                    help=f"backends to run on, from {', '.join(BACKEND_NAMES)} (default: every usable one; "
                    "the others are listed with the reason)")
     p.add_argument(
