@@ -38,16 +38,17 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+def progress(items: Iterable[Any], total: int, desc: str, *, lines: bool = True) -> Iterator[Any]:
     """``items`` with a tqdm progress bar on stderr when tqdm is installed and stderr is a terminal; without tqdm,
-    a line on stderr per item done (stdout keeps the result)."""
+    a line on stderr per item done (stdout keeps the result), unless ``lines`` is False (the caller writes its
+    own)."""
     try:
         from tqdm import tqdm
     except ImportError:
         start = time.perf_counter()
         for i, item in enumerate(items, 1):
             yield item
-            if total > 1:
+            if lines and total > 1:
                 note(f"{desc}: {i}/{total} done ({time.perf_counter() - start:.0f} s)")
         return
     yield from tqdm(items, total=total, desc=desc, file=sys.stderr, disable=None, leave=False)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> Report:
     if "jax" in names:
         note("verify: JAX compiles for every new shape: 10-30 s of the run on 2 cores (the first run the longest)")
     results = {}
-    for name in progress(names, len(names), "verify"):
+    for name in progress(names, len(names), "verify", lines=False):  # its own line per backend follows
         start = time.perf_counter()
         results[name] = _replay(directory, name)
         failed = sum(not r["ok"] for r in results[name])
