@@ -24,7 +24,6 @@ version = release = mha_cupy.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
     "numpydoc",
     "myst_parser",
@@ -38,13 +37,10 @@ exclude_patterns = ["_build", "gallery/*.ipynb", "gallery/*.py", "gallery/*.md5"
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
-autosummary_generate = True
 autodoc_typehints = "none"  # the numpydoc Parameters sections say the types, with shapes
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
-
-
 
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),

@@ -12,7 +12,6 @@ rows so far: the result equals one call over the whole sequence.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 import mha_cupy

@@ -11,7 +11,6 @@ so the script shows the swap on any machine.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 import mha_cupy

@@ -59,9 +59,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = tabpfn_v3.get_architecture(tabpfn_v3.TabPFNV3Config(max_num_classes=10, nlayers=nlayers)).eval()
     gen = torch.Generator().manual_seed(0)
-    with (
-        torch.no_grad()
-    ):  # random weights everywhere: TabPFN's initialisation zeroes projections that would hide attention
+    # Random weights everywhere: TabPFN's initialisation zeroes projections that would hide attention.
+    with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / max(1, p.shape[-1]) ** 0.5))
     x = torch.randn(n_train + n_test, 1, 10, generator=gen)  # [rows, batch, features]

@@ -37,15 +37,17 @@ def draw(rows: list[dict], path: str | None) -> None:
         print('no figure: matplotlib is not installed (python -m pip install ".[plot]")')
         return
     x = [r["q_len"] for r in rows]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    memory = "ours_peak_bytes" in rows[0]  # measured only under Linux
+    fig, axes = plt.subplots(1, 1 + memory, figsize=(5 + 5 * memory, 3.8), constrained_layout=True, squeeze=False)
     for side, label, style in (("ours", "mha_cupy (NumPy)", "o-"), ("torch", "torch SDPA", "s--")):
         if f"{side}_s" in rows[0]:
-            ax_t.plot(x, [r[f"{side}_s"] * 1e3 for r in rows], style, label=label)
-        if f"{side}_peak_bytes" in rows[0]:
-            ax_m.plot(x, [r[f"{side}_peak_bytes"] / 2**20 for r in rows], style, label=label)
-    ax_t.set(yscale="log", ylabel="median time per call (ms)", title="time")
-    ax_m.set(ylabel="peak RSS growth of one call (MiB)", title="peak memory", ylim=(0, None))
-    for ax in (ax_t, ax_m):
+            axes[0][0].plot(x, [r[f"{side}_s"] * 1e3 for r in rows], style, label=label)
+        if memory and f"{side}_peak_bytes" in rows[0]:
+            axes[0][1].plot(x, [r[f"{side}_peak_bytes"] / 2**20 for r in rows], style, label=label)
+    axes[0][0].set(yscale="log", ylabel="median time per call (ms)", title="time")
+    if memory:
+        axes[0][1].set(ylabel="peak RSS growth of one call (MiB)", title="peak memory", ylim=(0, None))
+    for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [str(v) for v in x])
         ax.set_xlabel("sequence length T = S")

@@ -117,7 +117,9 @@ def _torch() -> Any:
     return torch
 
 
-def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, Any, Any]:
+def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, tuple[Any, Any, Any]]:
+    """--xp's namespace and q, k, v on it, drawn in float32 (float64 for --dtype float64): each side rounds them
+    once to --dtype, so both get the same numbers (NumPy has no bfloat16 to carry them to torch)."""
     from .._backends import resolve_backend
     from .._random import uniform
 
@@ -126,10 +128,9 @@ def _inputs(cfg: dict[str, Any], T: int, S: int) -> tuple[Any, Any, Any]:
         be.enable_float64()  # a whole-process tool: JAX's jax_enable_x64, as --dtype float64 asks
     xp = be.xp
     B, N, K, d = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["dim"]
-    # Drawn in float32 (or float64) and rounded once to a half dtype: the same numbers on every library.
     drawn = getattr(xp, "float64" if cfg["dtype"] == "float64" else "float32")
-    return tuple(xp.astype(uniform(1, i, shape, drawn, xp=xp, device=None), getattr(xp, cfg["dtype"]), copy=False)
-                 for i, shape in ((1, (B, T, N, d)), (2, (B, S, K, d)), (3, (B, S, K, d))))
+    return xp, tuple(uniform(1, i, shape, drawn, xp=xp, device=None)
+                     for i, shape in ((1, (B, T, N, d)), (2, (B, S, K, d)), (3, (B, S, K, d))))
 
 
 def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callable, Callable | None]:
@@ -137,7 +138,8 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
     from .._backends import to_numpy
     from ..attention import scaled_dot_product_attention
 
-    q, k, v = _inputs(cfg, T, S)
+    xp, wide = _inputs(cfg, T, S)
+    q, k, v = (xp.astype(a, getattr(xp, cfg["dtype"]), copy=False) for a in wide)
 
     def ours() -> Any:
         return to_numpy(scaled_dot_product_attention(q, k, v, is_causal=cfg["causal"]))
@@ -148,10 +150,8 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
 
     from torch.nn.attention.bias import causal_lower_right
 
-    # Through float32 (or float64) host copies, exact for every dtype (NumPy has no bfloat16); JAX's are read-only.
-    wide = "float64" if cfg["dtype"] == "float64" else "float32"
-    tq, tk, tv = (torch.from_numpy(to_numpy(_widened(a, wide)).copy()).to(getattr(torch, cfg["dtype"])).transpose(1, 2)
-                  for a in (q, k, v))
+    # Host copies of the wide draws, rounded by torch (JAX's arrays are read-only: copied).
+    tq, tk, tv = (torch.from_numpy(to_numpy(a).copy()).to(getattr(torch, cfg["dtype"])).transpose(1, 2) for a in wide)
     # Our causal mask is aligned bottom-right; torch's is_causal is top-left, so give it the same mask.
     with warnings.catch_warnings():  # "NaNs when seq_len_q > seq_len_kv": so are ours, for rows that see no key
         warnings.simplefilter("ignore", UserWarning)
@@ -162,13 +162,6 @@ def _callables(cfg: dict[str, Any], T: int, S: int, torch: Any) -> tuple[Callabl
             return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True, **mask).transpose(1, 2)
 
     return ours, theirs
-
-
-def _widened(a: Any, dtype: str) -> Any:
-    from .._backends import backend_of
-
-    xp = backend_of(a, names=("a",)).xp
-    return xp.astype(a, getattr(xp, dtype), copy=False)
 
 
 def _measure(args: argparse.Namespace, T: int, S: int, torch: Any) -> dict[str, Any]:
